@@ -1,0 +1,7 @@
+"""Backbones cut into stages with declared taps; `build_backbone(name)` is the way in."""
+from ._base import (InputPreset, StagedBackbone, Tap, WeightsUnavailable, backbone_family, build_backbone,
+                    list_backbones, register_backbone)
+from . import cifar  # noqa: F401  (registers the built-in family)
+
+__all__ = ["InputPreset", "StagedBackbone", "Tap", "WeightsUnavailable", "backbone_family", "build_backbone",
+           "list_backbones", "register_backbone"]

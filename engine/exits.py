@@ -1,0 +1,94 @@
+"""Exit heads. Each head is `post(pre(features))`: `pre` is what a feature cache stores, so
+retraining a head never re-runs the frozen backbone; `post` is what training updates.
+Heads size themselves from the tap they attach to; nothing hard-codes a width.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .backbones import Tap
+
+HEAD_KINDS = ("linear", "conv", "original")
+
+
+@dataclass(frozen=True)
+class ExitSpec:
+    """What rebuilds one exit head: where it sits and how it is made."""
+
+    stage: int  # index of the stage whose output (tap) the head reads
+    kind: str  # "linear" (pool + linear), "conv" (DyCE-style conv + pool + MLP), "original"
+    channels: int
+    num_classes: int
+    hidden: int = 0  # width of the conv head; 0 for others
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ExitSpec":
+        return cls(**{k: d[k] for k in ("stage", "kind", "channels", "num_classes", "hidden")})
+
+
+class ExitHead(nn.Module):
+    def __init__(self, spec: ExitSpec, pre: nn.Module, post: nn.Module):
+        super().__init__()
+        self.spec = spec
+        self.pre = pre
+        self.post = post
+
+    def forward(self, x):  # (batch, channels, h, w) -> (batch, num_classes)
+        return self.post(self.pre(x))
+
+
+def _pool() -> nn.Module:
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+
+
+def make_exit(tap: Tap, stage: int, kind: str, num_classes: int, hidden: int | None = None) -> ExitHead:
+    """A new exit head of `kind` for `tap`. Raises ValueError for an unknown kind."""
+    if kind == "linear":
+        spec = ExitSpec(stage, kind, tap.channels, num_classes)
+        return ExitHead(spec, _pool(), nn.Linear(tap.channels, num_classes))
+    if kind == "conv":
+        h = hidden or min(max(tap.channels, 32), 256)
+        spec = ExitSpec(stage, kind, tap.channels, num_classes, h)
+        return ExitHead(spec, nn.Identity(), nn.Sequential(
+            nn.Conv2d(tap.channels, h, 3, stride=2 if tap.stride < 8 else 1, padding=1, bias=False),
+            nn.BatchNorm2d(h), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(1),
+            nn.Linear(h, h), nn.ReLU(inplace=True), nn.Linear(h, num_classes)))
+    raise ValueError(f"unknown exit head kind {kind!r}; choose 'linear' or 'conv'")
+
+
+def original_exit(classifier: nn.Module, tap: Tap, stage: int, num_classes: int) -> ExitHead:
+    """Wrap a backbone's own classifier (it must start with global pooling) as the last exit."""
+    spec = ExitSpec(stage, "original", tap.channels, num_classes)
+    pre, post = split_pool(classifier)
+    return ExitHead(spec, pre, post)
+
+
+def split_pool(classifier: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """Split a pool-first classifier into (pool + flatten, rest) so its input can be cached."""
+    layers = list(classifier.children()) if isinstance(classifier, nn.Sequential) else [classifier]
+    if layers and isinstance(layers[0], (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+        rest = layers[1:]
+        if rest and isinstance(rest[0], nn.Flatten):
+            rest = rest[1:]
+        return nn.Sequential(layers[0], nn.Flatten(1)), nn.Sequential(*rest)
+    return nn.Identity(), classifier
+
+
+def head_input_shape(spec: ExitSpec, tap_hw: tuple[int, int]) -> tuple[int, ...]:
+    """Shape of one sample's cached `pre` output for this head, given the tap's spatial size."""
+    if spec.kind == "conv":
+        return (spec.channels, *tap_hw)
+    return (spec.channels,)
+
+
+@torch.no_grad()
+def reset_parameters(module: nn.Module) -> None:
+    for m in module.modules():
+        if m is not module and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
