@@ -4,10 +4,19 @@ sample that takes exit e, counting every exit head that ran before it and did no
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Sequence
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .model import Evidence
+
+if TYPE_CHECKING:
+    from .model import MultiExitNet
+    from .policies import Policy
 
 
 @dataclass
@@ -36,16 +45,18 @@ class CostTable:
 
     def _path(self, part_stage: Sequence[float], part_exit: Sequence[float], part_policy: Sequence[float],
               active: Sequence[bool] | None) -> list[float]:
-        """Cumulative cost of a sample that takes exit e, for every e (decisions at the last exit cost 0)."""
+        """Cumulative cost of a sample that takes exit e, for every e: stages up to e, the head and decision
+        at every active exit up to e (the last exit decides nothing). Inactive exits cost nothing on the way."""
         active = list(active) if active is not None else [True] * self.num_exits
         out, acc, prev_stage = [], 0.0, -1
         for e, s in enumerate(self.exit_stages):
             acc += sum(part_stage[prev_stage + 1: s + 1])
             prev_stage = s
-            here = acc + part_exit[e]
+            # A sample leaving at e paid for the head and the decision there; the last exit decides nothing.
+            here = acc + part_exit[e] + (part_policy[e] if e < self.num_exits - 1 else 0.0)
             out.append(here)
-            if active[e] or e == self.num_exits - 1:
-                acc = here + (part_policy[e] if e < self.num_exits - 1 else 0.0)
+            if active[e]:
+                acc = here
         return out
 
     def cumulative_flops(self, active: Sequence[bool] | None = None) -> list[float]:
@@ -79,3 +90,135 @@ class CostTable:
     @classmethod
     def from_json(cls, d: dict) -> "CostTable":
         return cls(**{k: d.get(k, []) if k != "device" else d.get(k, "") for k in cls.__dataclass_fields__})
+
+
+# -- measuring ------------------------------------------------------------------------------------
+def _flops_and_output(fn: Callable, *inputs):
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        out = fn(*inputs)
+    return float(counter.get_total_flops()), out
+
+
+def count_flops(module: Callable, *inputs) -> float:
+    """FLOPs (a multiply-add counts 2) of one call `module(*inputs)`; any callable will do.
+
+    Counted by torch.utils.flop_counter: convolutions and matrix products, not element-wise work.
+    """
+    return _flops_and_output(module, *inputs)[0]
+
+
+def _example_input(model: "MultiExitNet", input_size: int | tuple[int, int] | None, device) -> torch.Tensor:
+    """A batch-1 image (1, 3, h, w) at the preset's crop size unless `input_size` says otherwise."""
+    size = input_size or model.backbone.preset.crop
+    h, w = (size, size) if isinstance(size, int) else size
+    generator = torch.Generator().manual_seed(0)  # the same evidence every time
+    return torch.randn(1, 3, h, w, generator=generator).to(device)
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def measure_costs(model: "MultiExitNet", policy: "Policy | None" = None,
+                  input_size: int | tuple[int, int] | None = None, device=None) -> CostTable:
+    """FLOPs of every stage, exit head and (with `policy`) decision for one image of the preset's crop
+    size (or `input_size`), each part fed the real output of the parts before it.
+
+    `device` is where the example image is made: None = where the model is. A model on the "meta"
+    device is counted without computing anything. Returns a CostTable without latencies.
+    """
+    device = device or _model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        x = _example_input(model, input_size, device)
+        stage_flops, taps = [], []
+        for stage in model.backbone.stages:
+            flops, x = _flops_and_output(stage, x)  # x: (1, channels, h, w) of this tap
+            stage_flops.append(flops)
+            taps.append(x)
+        exit_flops = [count_flops(head, taps[head.spec.stage]) for head in model.exits]
+        policy_flops = measure_policy_flops(policy, model, taps) if policy is not None else []
+    finally:
+        model.train(was_training)
+    return CostTable(model.exit_stages, stage_flops, exit_flops, policy_flops)
+
+
+@torch.no_grad()
+def measure_policy_flops(policy: "Policy", model: "MultiExitNet", taps: Sequence[torch.Tensor] | None = None,
+                         input_size: int | tuple[int, int] | None = None) -> list[float]:
+    """FLOPs of `policy.decide` at every exit (0 at the last exit and at exits the policy leaves
+    inactive), on the evidence of one real forward pass (`taps` = stage outputs, made when not given).
+
+    Threshold policies cost ~0 (no matrix products); learned policies cost their layers. Policies
+    that need labels (the oracle) are for evaluation only and cost 0.
+    """
+    n = model.num_exits
+    active = policy.active_exits(n)
+    if policy.evaluation_only:
+        return [0.0] * n
+    if taps is None:
+        x = _example_input(model, input_size, _model_device(model))
+        taps = []
+        for stage in model.backbone.stages:
+            x = stage(x)
+            taps.append(x)
+    flops, logits, run = [], [], []
+    for e, head in enumerate(model.exits):
+        if e == n - 1 or not active[e]:
+            flops.append(0.0)
+            continue
+        tap = taps[head.spec.stage]
+        logits.append(head(tap) / model.temperature[e])  # calibrated, as run() gives the policy
+        run.append(e)
+        features = tap.mean(dim=(2, 3)) if tap.dim() == 4 else tap  # (1, channels)
+        evidence = Evidence(e, n, list(logits), list(run), features, torch.arange(1, device=tap.device))
+        flops.append(count_flops(policy.decide, evidence))
+    return flops
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _median_ms(fn: Callable, x: torch.Tensor, device: torch.device, repeats: int, warmup: int):
+    """Median wall time of `fn(x)` in milliseconds, and its output."""
+    for _ in range(warmup):
+        fn(x)
+    times = []
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        out = fn(x)
+        _synchronize(device)  # CUDA calls return before the work is done
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), out
+
+
+def profile_latency(model: "MultiExitNet", table: CostTable, device="cpu", repeats: int = 30, warmup: int = 5,
+                    input_size: int | tuple[int, int] | None = None) -> CostTable:
+    """A copy of `table` with the median batch-1 latency of every stage and exit head on `device`.
+
+    The model is moved to `device` (and stays there) and put in eval mode for the measurement.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, not {repeats}")
+    device = torch.device(device)
+    was_training = model.training
+    model.to(device).eval()
+    try:
+        with torch.no_grad(), torch.inference_mode():
+            x = _example_input(model, input_size, device)
+            stage_ms, taps = [], []
+            for stage in model.backbone.stages:
+                ms, x = _median_ms(stage, x, device, repeats, warmup)
+                stage_ms.append(ms)
+                taps.append(x)
+            exit_ms = [_median_ms(head, taps[head.spec.stage], device, repeats, warmup)[0] for head in model.exits]
+    finally:
+        model.train(was_training)
+    return replace(table, stage_ms=stage_ms, exit_ms=exit_ms, device=str(device))

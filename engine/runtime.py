@@ -3,7 +3,23 @@ policy, and keep running totals. What it returns (`InferenceResult`) is all the 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+import os
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Sequence, Union
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .backbones import InputPreset
+from .bundle import Bundle, BundleError, default_bundle_path, load_bundle
+from .cost import CostTable
+from .model import MultiExitNet, StagedOutput
+from .policies import MEASURES, Policy, ThresholdPolicy, confidence
 
 
 @dataclass(frozen=True)
@@ -56,3 +72,383 @@ class InferenceResult:
     @property
     def saved(self) -> float:
         return 1.0 - self.flops / self.full_flops if self.full_flops else 0.0
+
+
+# -- preprocessing --------------------------------------------------------------------------------
+Frame = Union[np.ndarray, Image.Image, str, os.PathLike, torch.Tensor]
+
+
+def load_frame(path: str | os.PathLike) -> np.ndarray:
+    """An image file as an HxWx3 uint8 RGB array (EXIF orientation applied).
+
+    Raises ValueError naming the file when it is missing or not a readable image.
+    """
+    try:
+        with Image.open(path) as im:
+            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read image {os.fspath(path)}: {e}") from None
+
+
+def _as_array(frame: Frame, rgb: bool) -> tuple[np.ndarray, bool]:
+    """(HxW or HxWxC uint8 array, whether its first three channels are BGR)."""
+    if isinstance(frame, (str, os.PathLike)):
+        return load_frame(frame), False
+    if isinstance(frame, Image.Image):
+        return np.asarray(frame if frame.mode in ("RGB", "L") else frame.convert("RGB")), False
+    if not isinstance(frame, np.ndarray):
+        raise TypeError(f"cannot use a {type(frame).__name__} as a frame; give a numpy array, a PIL image or a path")
+    if frame.dtype != np.uint8:
+        if not np.issubdtype(frame.dtype, np.floating):
+            raise ValueError(f"frames must be uint8 (0..255) or float (0..1), not {frame.dtype}")
+        frame = (np.clip(frame, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    if frame.ndim == 3 and frame.shape[2] == 1:
+        frame = frame[:, :, 0]
+    if not (frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] in (3, 4))) or 0 in frame.shape[:2]:
+        raise ValueError(f"a frame must be HxW (grey), HxWx3 or HxWx4, not shape {frame.shape}")
+    return frame, not rgb
+
+
+def _resize_crop(img: np.ndarray, resize: int, crop: int) -> np.ndarray:
+    """Shorter side to `resize`, then the centre `crop`x`crop`, as torchvision's Resize + CenterCrop.
+
+    Only the part of the image that survives the crop is resampled: integer area-averaging first
+    (antialiased and fast in OpenCV), then bilinear for the last factor below 2.
+    """
+    h, w = img.shape[:2]
+    if min(h, w) == resize:
+        new_h, new_w = h, w
+    elif h <= w:
+        new_h, new_w = resize, int(resize * w / h)
+    else:
+        new_h, new_w = int(resize * h / w), resize
+    top, left = int(round((new_h - crop) / 2.0)), int(round((new_w - crop) / 2.0))
+    sy, sx = h / new_h, w / new_w
+    y0, y1 = max(0, round(top * sy)), min(h, round((top + crop) * sy))
+    x0, x1 = max(0, round(left * sx)), min(w, round((left + crop) * sx))
+    box = img[y0:y1, x0:x1]
+    bh, bw = box.shape[:2]
+    if (bh, bw) == (crop, crop):
+        return box
+    k = min(bh // crop, bw // crop)
+    if k >= 2:  # an exact integer factor takes OpenCV's fast area-averaging path
+        box = cv2.resize(box[: bh - bh % k, : bw - bw % k], ((bw - bw % k) // k, (bh - bh % k) // k),
+                         interpolation=cv2.INTER_AREA)
+    if box.shape[:2] != (crop, crop):
+        box = cv2.resize(box, (crop, crop), interpolation=cv2.INTER_LINEAR)
+    return box
+
+
+def preprocess(frame: Frame, preset: InputPreset, rgb: bool = False) -> torch.Tensor:
+    """The (1, 3, crop, crop) float32 CPU tensor the backbone expects for one frame.
+
+    `frame`: numpy HxWx3 uint8 (BGR as OpenCV gives it, RGB when `rgb`), HxW grey, HxWx4 (alpha
+    dropped), float arrays in 0..1, a PIL image, or an image path. A 4-D or 3-D float tensor is
+    taken as already preprocessed. Raises ValueError for unreadable files and unusable arrays.
+    """
+    if isinstance(frame, torch.Tensor):
+        return frame if frame.dim() == 4 else frame.unsqueeze(0)
+    img, bgr = _as_array(frame, rgb)
+    img = _resize_crop(img, preset.resize, preset.crop)
+    if img.ndim == 2:
+        chw = np.broadcast_to(img, (3, *img.shape))
+    else:
+        chw = img.transpose(2, 0, 1)[:3]  # (channels, h, w), alpha dropped
+        if bgr:
+            chw = chw[::-1]
+    x = np.ascontiguousarray(chw, dtype=np.float32)
+    std = np.asarray(preset.std, dtype=np.float32)[:, None, None]
+    mean = np.asarray(preset.mean, dtype=np.float32)[:, None, None]
+    # the same arithmetic as torchvision's ToTensor + Normalize, so training and live inference agree
+    x /= 255.0
+    x -= mean
+    x /= std
+    return torch.from_numpy(x).unsqueeze(0)
+
+
+# -- the engine -----------------------------------------------------------------------------------
+class Engine:
+    """A loaded bundle ready to classify frames on one device under one active policy.
+
+    Thread-safe for one producer: a worker thread may call `infer` while the GUI thread changes
+    thresholds (never blocked by a running inference), the policy or the device (these wait for
+    the frame in flight).
+    """
+
+    def __init__(self, bundle: Bundle | str | os.PathLike | None = None, device: str = "auto", *,
+                 latency_repeats: int = 20):
+        """`bundle`: a Bundle, a bundle file, or None for the default bundle (`default_bundle_path()`).
+
+        Raises BundleError when the bundle is missing or damaged, ValueError for a device this
+        machine does not have.
+        """
+        target = _resolve_device(device)
+        if bundle is None:
+            path = default_bundle_path()
+            if not path.is_file():
+                raise BundleError(f"there is no default bundle at {path}; pass a bundle file or set "
+                                  "OFFRAMP_DEFAULT_BUNDLE to one")
+            bundle = path
+        if not isinstance(bundle, Bundle):
+            bundle = load_bundle(bundle, device="cpu")
+        self.bundle = bundle
+        self.model = bundle.model.eval()
+        self._repeats = latency_repeats
+        self._run_lock = threading.Lock()  # held while the model runs, moves or is profiled
+        self._lock = threading.Lock()  # held briefly to read or swap the policy, cost and totals
+        self._device = str(next(self.model.parameters()).device)
+        name = bundle.default_policy
+        if bundle.policies[name].evaluation_only:  # e.g. an oracle saved for reference: never live
+            name = next((n for n, p in bundle.policies.items() if not p.evaluation_only), None)
+            if name is None:
+                raise ValueError("the bundle has only evaluation-only policies; add a threshold policy to use it live")
+        self._policy: Policy = bundle.policies[name]
+        self._policy_name: str | None = name
+        self._cost = _with_flops(bundle.cost, self.model, self._policy)
+        self._totals = RunningTotals(exit_counts=[0] * self.model.num_exits)
+        self.set_device(target)
+
+    # -- facts ------------------------------------------------------------------------------------
+    @staticmethod
+    def available_devices() -> list[str]:
+        """Devices this machine can run on: always "cpu", then "cuda" and "mps" when present."""
+        out = ["cpu"]
+        if torch.cuda.is_available():
+            out.append("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            out.append("mps")
+        return out
+
+    @property
+    def device(self) -> str:
+        return self._device
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.model.class_names
+
+    @property
+    def num_exits(self) -> int:
+        return self.model.num_exits
+
+    @property
+    def preset(self) -> InputPreset:
+        return self.model.backbone.preset
+
+    @property
+    def cost(self) -> CostTable:
+        """FLOPs of the model and active policy, with the latency profile measured on this device."""
+        with self._lock:
+            return self._cost
+
+    @property
+    def policy(self) -> Policy:
+        with self._lock:
+            return self._policy
+
+    @property
+    def policy_name(self) -> str | None:
+        """The bundle's name for the active policy; None for a policy given as an instance."""
+        with self._lock:
+            return self._policy_name
+
+    @property
+    def thresholds(self) -> list[float | None] | None:
+        """The active thresholds (one per exit), or None when the policy has none."""
+        policy = self.policy
+        return list(policy.thresholds) if isinstance(policy, ThresholdPolicy) else None
+
+    @property
+    def totals(self) -> RunningTotals:
+        """A snapshot of the running totals since the engine started or `reset_totals`."""
+        with self._lock:
+            return _snapshot(self._totals)
+
+    # -- changing what runs -----------------------------------------------------------------------
+    def set_device(self, name: str) -> None:
+        """Move the model to `name` ("auto", "cpu", "cuda", "mps", "cuda:1") and re-profile latency.
+
+        Raises ValueError for a device this machine does not have.
+        """
+        device = _resolve_device(name)
+        with self._run_lock:
+            self.model.to(device)
+            with self._lock:
+                self._policy.to(device)
+                cost = self._cost
+            cost = _with_latency(self.model, cost, device, self._repeats)
+            with self._lock:
+                self._device, self._cost = device, cost
+
+    def set_policy(self, policy: str | Policy) -> None:
+        """Make `policy` (a name from the bundle, or a Policy) the active one, from the next frame on.
+
+        Raises ValueError for an unknown name, an evaluation-only policy (the oracle) or a policy
+        that does not fit this model's exits.
+        """
+        if isinstance(policy, str):
+            if policy not in self.bundle.policies:
+                raise ValueError(f"unknown policy {policy!r}; the bundle has: {', '.join(self.bundle.policies)}")
+            name, policy = policy, self.bundle.policies[policy]
+        elif isinstance(policy, Policy):
+            name = next((n for n, p in self.bundle.policies.items() if p is policy), None)
+        else:
+            raise TypeError(f"set_policy takes a policy name or a Policy, not {type(policy).__name__}")
+        if policy.evaluation_only:
+            raise ValueError(f"the {policy.kind!r} policy needs the labels and is for evaluation only; "
+                             "choose another policy")
+        policy.active_exits(self.num_exits)  # raises ValueError when it does not fit the exits
+        with self._run_lock:
+            policy.to(self._device).eval()
+            flops = _policy_flops(policy, self.model)
+            with self._lock:
+                self._policy, self._policy_name = policy, name
+                if flops is not None:
+                    self._cost = replace(self._cost, policy_flops=list(flops))
+
+    def set_thresholds(self, thresholds: Sequence[float | None]) -> None:
+        """Replace the active threshold policy's thresholds (None = exit off), from the next frame on.
+
+        Raises ValueError when the active policy has no thresholds, for a wrong count or a value
+        outside 0..1.
+        """
+        if len(thresholds) != self.num_exits:
+            raise ValueError(f"give {self.num_exits} thresholds (one per exit), not {len(thresholds)}")
+        with self._lock:
+            policy = self._policy
+        if not isinstance(policy, ThresholdPolicy):
+            raise ValueError(f"the active policy ({policy.describe()}) has no thresholds; "
+                             "choose a threshold policy first")
+        checked = ThresholdPolicy(thresholds, policy.measure).thresholds
+        # a new object rather than an edit: a frame in flight keeps the policy it started with
+        edited = copy.copy(policy)
+        edited.thresholds = checked
+        with self._lock:
+            if self._policy is policy:
+                self._policy = edited
+
+    def reset_totals(self) -> None:
+        with self._lock:
+            self._totals = RunningTotals(exit_counts=[0] * self.num_exits)
+
+    # -- running ----------------------------------------------------------------------------------
+    def preprocess(self, frame: Frame, rgb: bool = False) -> torch.Tensor:
+        """(1, 3, crop, crop) CPU tensor for `frame`; see `preprocess` in this module."""
+        return preprocess(frame, self.preset, rgb)
+
+    def infer(self, frame: Frame, rgb: bool = False) -> InferenceResult:
+        """Classify one frame (BGR numpy by default; `rgb=True` for RGB; PIL image; path) with the
+        active policy, stopping at the exit that fires. Raises ValueError for unreadable frames."""
+        return self._run(self.preprocess(frame, rgb))[0]
+
+    def infer_batch(self, frames: Sequence[Frame], rgb: bool = False) -> list[InferenceResult]:
+        """Classify frames as one staged batch (samples leave as their exit fires); one result per
+        frame, each with ms = batch time / number of frames."""
+        if len(frames) == 0:
+            return []
+        return self._run(torch.cat([self.preprocess(f, rgb) for f in frames]))
+
+    def _run(self, x: torch.Tensor) -> list[InferenceResult]:
+        with self._run_lock:
+            with self._lock:
+                policy, cost, device = self._policy, self._cost, self._device
+            x = x.to(device)
+            _sync(device)
+            start = time.perf_counter()
+            with torch.inference_mode():
+                out = self.model.run(x, policy)
+            _sync(device)
+            ms = (time.perf_counter() - start) * 1000.0 / x.shape[0]
+        return self._results(out, policy, cost, ms)
+
+    def _results(self, out: StagedOutput, policy: Policy, cost: CostTable, ms: float) -> list[InferenceResult]:
+        model, n_exits = self.model, self.model.num_exits
+        flops_at = cost.cumulative_flops(policy.active_exits(n_exits))
+        full_flops, full_ms = cost.full_flops, (cost.full_ms if cost.has_latency else 0.0)
+        measure = getattr(policy, "measure", "max_prob")
+        limits = policy.thresholds if isinstance(policy, ThresholdPolicy) else [None] * n_exits
+        logits = out.exit_logits.float().cpu()  # (batch, exits, classes), NaN where an exit did not run
+        probs = torch.softmax(logits, dim=-1)
+        conf = confidence(logits, measure if measure in MEASURES else "max_prob").tolist()
+        top_p, top_i = probs.topk(min(3, model.num_classes), dim=-1)
+        top_p, top_i = top_p.tolist(), top_i.tolist()
+        ran, fired_at, stages = out.ran.cpu().tolist(), out.exit_index.cpu().tolist(), out.stages_run.cpu().tolist()
+        names = model.class_names
+        results = []
+        for i, fired in enumerate(fired_at):
+            readings = [ExitReading(e, model.exit_stages[e], conf[i][e],
+                                    [(names[c], p) for c, p in zip(top_i[i][e], top_p[i][e])],
+                                    limits[e] if e < n_exits - 1 else None, e == fired)
+                        for e in range(n_exits) if ran[i][e]]
+            with self._lock:
+                t = self._totals
+                t.frames += 1
+                t.flops += flops_at[fired]
+                t.full_flops += full_flops
+                t.ms += ms
+                t.full_ms += full_ms
+                t.exit_counts[fired] += 1
+                totals = _snapshot(t)
+            results.append(InferenceResult(
+                exit_index=fired, num_exits=n_exits, class_index=top_i[i][fired][0],
+                label=names[top_i[i][fired][0]], confidence=top_p[i][fired][0], exits=readings,
+                stages_run=stages[i], num_stages=model.backbone.num_stages, flops=flops_at[fired],
+                full_flops=full_flops, ms=ms, full_ms=full_ms, totals=totals))
+        return results
+
+
+def _snapshot(t: RunningTotals) -> RunningTotals:
+    return replace(t, exit_counts=list(t.exit_counts))
+
+
+def _resolve_device(name: str) -> str:
+    """"auto" → cuda, then mps, then cpu; otherwise `name` checked against this machine."""
+    available = Engine.available_devices()
+    if name == "auto":
+        return next(d for d in ("cuda", "mps", "cpu") if d in available)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {name!r}; available: {', '.join(available)}") from None
+    if device.type not in available or (device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device {name!r} is not available on this machine; available: {', '.join(available)}")
+    return str(device)
+
+
+def _sync(device: str) -> None:
+    """Wait for queued GPU work, so perf_counter measures the computation and not its launch."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    elif device.startswith("mps"):
+        torch.mps.synchronize()
+
+
+def _has_flops(table: CostTable, model: MultiExitNet) -> bool:
+    return (list(table.exit_stages) == model.exit_stages and len(table.exit_flops) == model.num_exits
+            and len(table.stage_flops) == model.backbone.num_stages and sum(table.stage_flops) > 0)
+
+
+def _with_flops(table: CostTable, model: MultiExitNet, policy: Policy) -> CostTable:
+    """`table` if it has FLOPs for this model, else a freshly measured one."""
+    if _has_flops(table, model):
+        return table
+    from .cost import measure_costs  # imported here: cost.py's measuring half is optional for the rest
+
+    return measure_costs(model, policy)
+
+
+def _with_latency(model: MultiExitNet, table: CostTable, device: str, repeats: int) -> CostTable:
+    try:
+        from .cost import profile_latency
+    except ImportError:  # a cost module without a profiler: FLOPs only, no ms figures
+        return table
+    return profile_latency(model, table, device=device, repeats=repeats, warmup=3)
+
+
+def _policy_flops(policy: Policy, model: MultiExitNet) -> list[float] | None:
+    try:
+        from .cost import measure_policy_flops
+    except ImportError:
+        return None
+    return measure_policy_flops(policy, model)

@@ -86,5 +86,7 @@ cifar_resnet56 = _variant("cifar_resnet56", (9, 9, 9), (16, 32, 64), 3,
                           "ResNet-56 for 32×32 images (0.85 M parameters), 9 stages")
 cifar_resnet_wide = _variant("cifar_resnet_wide", (2, 2, 2, 2), (64, 128, 256, 512), 2,
                              "ResNet-18-style 4-group network for 32×32 images (11 M parameters), 8 stages")
+cifar_resnet10 = _variant("cifar_resnet10", (1, 1, 1, 1), (16, 32, 64, 128), 1,
+                           "A narrow 4-group ResNet-10 for 32×32 images (0.3 M parameters), 4 stages")
 cifar_resnet_small = _variant("cifar_resnet_small", (1, 1, 1), (16, 32, 64), 1,
                               "A tiny 3-stage ResNet for 32×32 images (tests and quick demos)")

@@ -1,0 +1,454 @@
+"""Labelled images: class folders (torchvision ImageFolder layout), the CIFAR-10 JPEG zip read in
+place, folder checks that report bad files instead of crashing, stratified splits, and the
+transforms that turn an image into what a backbone expects.
+
+Layouts `open_dataset` understands:
+  folder/<class>/**/<image>                 a plain labelled folder (split=None)
+  folder/{train,test}/<class>/**/<image>    an extracted split layout (split="train" or "test")
+  archive.zip with either layout inside     read directly from the zip, never extracted
+"""
+from __future__ import annotations
+
+import io
+import os
+import threading
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from .backbones import InputPreset
+from .progress import CancelFlag, ProgressFn, report
+
+SPLITS = ("train", "test", "val")
+ImageSource = str | os.PathLike | bytes | BinaryIO
+
+
+# -- images -------------------------------------------------------------------------------------
+def load_image(src: ImageSource) -> Image.Image:
+    """Open an image file, bytes or file object as an 8-bit RGB PIL image.
+
+    Grayscale, palette, CMYK and 16-/32-bit images are converted; transparency is composited on
+    white; EXIF orientation is applied. Raises OSError/ValueError (PIL's) when it is no image.
+    """
+    return _open(src)[0]
+
+
+def _open(src: ImageSource, draft: int | None = None) -> tuple[Image.Image, str]:
+    """(RGB image, the file's own mode). `draft` lets JPEG decode at reduced size (checks only)."""
+    if isinstance(src, (bytes, bytearray)):
+        src = io.BytesIO(src)
+    with Image.open(src) as img:
+        mode = img.mode
+        if draft is not None and img.format == "JPEG":
+            img.draft(None, (draft, draft))
+        img.load()  # decode now: a truncated or corrupt file fails here, not later
+        return _to_rgb(ImageOps.exif_transpose(img)), mode
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img.copy()
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        a = np.asarray(img).astype(np.float64)
+        # 16-bit files hold 0..65535; a 32-bit "I" image that stays below 256 is already 8-bit.
+        if img.mode.startswith("I;16") or a.max(initial=0) > 255:
+            a = a / 257.0
+        elif img.mode == "F" and a.max(initial=0) <= 1.0:
+            a = a * 255.0
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _hidden(part: str) -> bool:
+    return part.startswith(".") or part == "__MACOSX"
+
+
+# -- where the images are -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Location:
+    """A class-folder tree: a directory on disk, or a member prefix inside a zip archive."""
+
+    root: str  # directory path, or the member prefix ("" or "train/") inside `archive`
+    archive: str | None = None
+
+    @property
+    def display(self) -> str:
+        return f"{self.archive}:{self.root}" if self.archive else self.root
+
+
+@dataclass
+class _Listing:
+    files: dict[str, list[tuple[str, int]]]  # class -> [(src, size in bytes)]
+    loose: int = 0  # image files directly in the root (not in a class folder)
+    ignored: list[str] = field(default_factory=list)  # files without an image extension
+
+
+def _list(loc: _Location) -> _Listing:
+    out = _Listing({})
+    if loc.archive is None:
+        with os.scandir(loc.root) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            if _hidden(entry.name):
+                continue
+            if entry.is_dir():
+                out.files[entry.name] = _walk(entry.path, out.ignored)
+            elif _is_image_name(entry.name):
+                out.loose += 1
+        return out
+    with zipfile.ZipFile(loc.archive) as zf:
+        for info in zf.infolist():
+            if not info.filename.startswith(loc.root):
+                continue
+            parts = info.filename[len(loc.root):].rstrip("/").split("/")
+            if not parts[0] or any(_hidden(p) for p in parts):
+                continue
+            if info.is_dir() or len(parts) > 1:
+                files = out.files.setdefault(parts[0], [])
+                if not info.is_dir():
+                    (files.append((info.filename, info.file_size)) if _is_image_name(parts[-1])
+                     else out.ignored.append(info.filename))
+            elif _is_image_name(parts[0]):
+                out.loose += 1
+    out.files = {c: sorted(out.files[c]) for c in sorted(out.files)}
+    return out
+
+
+def _walk(folder: str, ignored: list[str]) -> list[tuple[str, int]]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+        for name in sorted(filenames):
+            if _hidden(name):
+                continue
+            path = os.path.join(dirpath, name)
+            if _is_image_name(name):
+                found.append((path, os.path.getsize(path)))
+            else:
+                ignored.append(path)
+    return found
+
+
+def _locate(path: str | os.PathLike, split: str | None) -> tuple[_Location, list[_Location]]:
+    """(the tree to read, every split tree of the same layout) — or ValueError naming the path."""
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{p} does not exist; choose a folder with one sub-folder per class, or a dataset zip.")
+    if p.is_dir():
+        splits = [s for s in SPLITS if (p / s).is_dir()]
+        whole, make = _Location(str(p)), (lambda s: _Location(str(p / s)))
+    elif zipfile.is_zipfile(p):
+        with zipfile.ZipFile(p) as zf:
+            names = zf.namelist()
+        base = _zip_base(names)
+        splits = [s for s in SPLITS if any(n.startswith(f"{base}{s}/") for n in names)]
+        whole, make = _Location(base, str(p)), (lambda s: _Location(f"{base}{s}/", str(p)))
+    else:
+        raise ValueError(f"{p} is neither a folder nor a zip archive; choose a folder of class sub-folders or a zip.")
+    if split is None:
+        if "train" in splits:
+            raise ValueError(f"{p} holds the splits {', '.join(splits)}; open one with split='train' or split='test'.")
+        return whole, [whole]
+    if split not in splits:
+        raise ValueError(f"{p} has no {split!r} split (found: {', '.join(splits) or 'none'}); "
+                         "use split=None for a plain folder of class sub-folders.")
+    return make(split), [make(s) for s in splits]
+
+
+def _zip_base(names: list[str]) -> str:
+    """'' or 'top/' when the whole archive sits in one top folder (a zipped dataset folder)."""
+    names = [n for n in names if not _hidden(n.split("/", 1)[0])]
+    tops = {n.split("/", 1)[0] for n in names}
+    if len(tops) != 1 or not all("/" in n for n in names):
+        return ""
+    top = tops.pop()
+    # top/<class>/<image>: the classes sit one level down (a single class at the top is no dataset)
+    nested = any(n.count("/") >= 2 and not n.endswith("/") for n in names)
+    return f"{top}/" if nested else ""
+
+
+def _classes(listings: list[_Listing], split_layout: bool) -> list[str]:
+    """Class names in index order. Splits share the union of their class folders so that label
+    indices agree between train and test; a plain folder drops class folders without images."""
+    if split_layout:
+        return sorted({c for lst in listings for c in lst.files})
+    return [c for c, files in listings[0].files.items() if any(size > 0 for _, size in files)]
+
+
+# -- the dataset --------------------------------------------------------------------------------
+class ImageFolderData(Dataset):
+    """Labelled images from a folder or a zip. Items are (transform(image), label).
+
+    `.samples` [(path or zip member, label)], `.targets`, `.classes`, `.transform` (settable; None
+    yields PIL images). An image that fails to load is skipped with a warning: the item comes from
+    the next readable sample instead, so one corrupt file never ends a long run.
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], classes: Sequence[str], *, root: str,
+                 archive: str | None = None, split: str | None = None, transform: Callable | None = None):
+        self.samples = list(samples)
+        self.targets = [label for _, label in self.samples]
+        self.classes = list(classes)
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.root = root
+        self.archive = archive
+        self.split = split
+        self.transform = transform
+        self.bad: dict[str, str] = {}  # src -> reason, filled as bad files are met (per process)
+        self._local = threading.local()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        n = len(self.samples)
+        for step in range(n):
+            src, label = self.samples[(i + step) % n]
+            if src in self.bad:
+                continue
+            try:
+                img = load_image(self._read(src)) if self.archive else load_image(src)
+            except Exception as err:  # noqa: BLE001 - any decoder failure means "skip this file"
+                self.bad[src] = _reason(err)
+                warnings.warn(f"skipping {self._name(src)}: {self.bad[src]} ({err})", stacklevel=2)
+                continue
+            return (self.transform(img) if self.transform is not None else img), label
+        raise RuntimeError(f"no image in {self.root} could be read; run check_folder on it to see why")
+
+    def _name(self, src: str) -> str:
+        return f"{self.archive}:{src}" if self.archive else src
+
+    def _read(self, member: str) -> bytes:
+        # One handle per thread and per process: a ZipFile must not be shared across either.
+        zf = getattr(self._local, "zip", None)
+        if zf is None or self._local.pid != os.getpid():
+            zf = self._local.zip = zipfile.ZipFile(self.archive)
+            self._local.pid = os.getpid()
+        return zf.read(member)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_local")
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    def __repr__(self) -> str:
+        where = f"{self.archive}:{self.split}" if self.archive else self.root
+        return f"ImageFolderData({where!r}, {len(self)} images, {len(self.classes)} classes)"
+
+
+def open_dataset(path: str | os.PathLike, split: str | None = None, *, classes: Sequence[str] | None = None,
+                 report: "FolderReport | None" = None, transform: Callable | None = None) -> ImageFolderData:
+    """Open a labelled image folder or zip as an `ImageFolderData`.
+
+    `split` picks "train"/"test" in a split layout; None for a plain class folder. `classes` fixes
+    the label order (e.g. a model's class names). `report` (from `check_folder` on the same path
+    and split) leaves out the files it skipped. Zero-byte files are always left out.
+    Raises ValueError naming the path when it is missing, not a folder or zip, or has no images.
+    """
+    loc, split_locs = _locate(path, split)
+    listings = [_list(s) for s in split_locs]
+    listing = listings[split_locs.index(loc)]
+    names = list(classes) if classes is not None else (
+        report.classes if report is not None else _classes(listings, split is not None))
+    unknown = [c for c in listing.files if listing.files[c] and c not in names]
+    if classes is not None and unknown:
+        raise ValueError(f"{loc.display} has class folders {unknown} that are not among the classes {names}.")
+    skip = {src for src, _ in report.skipped} if report is not None else set()
+    index = {c: i for i, c in enumerate(names)}
+    samples = [(src, index[c]) for c, files in listing.files.items() if c in index
+               for src, size in files if size > 0 and src not in skip]
+    if not samples:
+        _raise_no_images(loc, listing)
+    return ImageFolderData(samples, names, root=loc.display, archive=loc.archive, split=split, transform=transform)
+
+
+def _raise_no_images(loc: _Location, listing: _Listing):
+    if not listing.files:
+        hint = " (its images are not in class sub-folders)" if listing.loose else ""
+        raise ValueError(f"{loc.display} has no class sub-folders{hint}; put each class's images in its own "
+                         f"folder, e.g. {loc.display.rstrip('/')}/cat/1.jpg.")
+    raise ValueError(f"{loc.display} has no images in its class folders ({', '.join(listing.files)}); "
+                     f"image files end in {', '.join(IMG_EXTENSIONS)}.")
+
+
+# -- checking a folder --------------------------------------------------------------------------
+@dataclass
+class FolderReport:
+    """What `check_folder` found. `classes` is the label order a dataset opened with this report
+    uses; `counts` holds the readable images per class folder."""
+
+    path: str
+    split: str | None
+    classes: list[str]
+    counts: dict[str, int]
+    skipped: list[tuple[str, str]]  # (file, reason: "zero bytes", "not an image", "corrupt", "unreadable")
+    converted: list[tuple[str, str]]  # (file, original mode) of readable images that are not 8-bit RGB
+    empty_classes: list[str]  # class folders without a single readable image
+    ignored: list[str] = field(default_factory=list)  # files without an image extension
+    loose: int = 0  # images directly in the root, outside any class folder
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def raise_if_unusable(self) -> None:
+        """Raise ValueError (one sentence naming the path) when this data cannot train a classifier."""
+        if not self.counts:
+            extra = f" ({self.loose} images sit directly in it)" if self.loose else ""
+            raise ValueError(f"{self.path} has no class sub-folders{extra}; put each class's images in its own "
+                             "folder, e.g. cat/1.jpg and dog/2.jpg.")
+        if self.total == 0:
+            raise ValueError(f"{self.path} has no readable images: all {len(self.skipped)} image files were "
+                             "skipped (see the report).")
+        usable = [c for c, n in self.counts.items() if n > 0]
+        if len(usable) < 2:
+            raise ValueError(f"{self.path} has images of only one class ({usable[0]!r}); a classifier needs at "
+                             "least two class folders with images.")
+
+    def summary(self) -> list[str]:
+        """Human-readable lines: totals, per class counts, then every problem found."""
+        lines = [f"{self.path}: {self.total} images in {len(self.counts)} class folders"
+                 + (f" (split {self.split})" if self.split else "")]
+        lines += [f"  {c}: {n}" for c, n in self.counts.items()]
+        if self.empty_classes:
+            lines.append(f"empty classes (no readable image): {', '.join(self.empty_classes)}")
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} files:")
+            lines += [f"  {src}: {why}" for src, why in self.skipped]
+        if self.converted:
+            modes = sorted({m for _, m in self.converted})
+            lines.append(f"converted {len(self.converted)} images to RGB (modes {', '.join(modes)})")
+        if self.ignored:
+            lines.append(f"ignored {len(self.ignored)} files that are not images by extension")
+        if self.loose:
+            lines.append(f"ignored {self.loose} images outside class folders")
+        return lines
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image"
+    if isinstance(err, (PermissionError, FileNotFoundError, IsADirectoryError)):
+        return "unreadable"
+    return "corrupt"
+
+
+def check_folder(path: str | os.PathLike, split: str | None = None, *, progress: ProgressFn | None = None,
+                 cancel: CancelFlag | None = None) -> FolderReport:
+    """Open every image of a folder or zip once and report what is usable.
+
+    Bad files are reported, never raised; call `.raise_if_unusable()` to refuse unusable data.
+    Raises ValueError only when the path itself is missing or not a folder/zip; Cancelled if asked.
+    """
+    loc, split_locs = _locate(path, split)
+    listings = [_list(s) for s in split_locs]
+    listing = listings[split_locs.index(loc)]
+    total = sum(len(f) for f in listing.files.values())
+    counts: dict[str, int] = {}
+    skipped, converted = [], []
+    done = 0
+    zf = zipfile.ZipFile(loc.archive) if loc.archive else None
+    try:
+        for cls, files in listing.files.items():
+            counts[cls] = 0
+            for src, size in files:
+                name = f"{loc.archive}:{src}" if zf else src
+                if size == 0:
+                    skipped.append((name, "zero bytes"))
+                else:
+                    try:
+                        _, mode = _open(zf.read(src) if zf else src, draft=64)
+                        counts[cls] += 1
+                        if mode != "RGB":
+                            converted.append((name, mode))
+                    except Exception as err:  # noqa: BLE001 - classified and reported
+                        skipped.append((name, _reason(err)))
+                done += 1
+                if done % 256 == 0 or done == total:
+                    report(progress, cancel, "checking images", done, total)
+    finally:
+        if zf is not None:
+            zf.close()
+    if split is None:
+        classes = [c for c, n in counts.items() if n > 0]
+    else:
+        classes = _classes(listings, True)
+    return FolderReport(loc.display, split, classes, counts, skipped, converted,
+                        [c for c, n in counts.items() if n == 0], listing.ignored, listing.loose)
+
+
+# -- splits, transforms, loaders ----------------------------------------------------------------
+def split_indices(targets: int | Sequence[int] | torch.Tensor, val_fraction: float = 0.1,
+                  seed: int = 0) -> tuple[list[int], list[int]]:
+    """Deterministic stratified split: (train indices, validation indices), each sorted.
+
+    `targets` are the labels (or a count n for unlabelled data). Every class with at least two
+    samples gives round(n_c * val_fraction) of them — at least one — to validation.
+    Raises ValueError when val_fraction is outside [0, 1).
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    labels = torch.zeros(targets, dtype=torch.long) if isinstance(targets, int) else torch.as_tensor(targets)
+    g = torch.Generator().manual_seed(seed)
+    train, val = [], []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=g)].tolist()
+        k = 0 if val_fraction == 0 or len(idx) < 2 else max(1, round(len(idx) * val_fraction))
+        val += idx[:k]
+        train += idx[k:]
+    return sorted(train), sorted(val)
+
+
+def preset_transform(preset: InputPreset, train: bool = False) -> Callable:
+    """PIL image -> normalised (3, crop, crop) tensor, as the backbone's preset says.
+
+    Evaluation: resize the shorter side, centre crop. Training adds augmentation: for small
+    (CIFAR-sized) presets a padded random crop and a flip, otherwise a random resized crop and a flip.
+    """
+    tail = [T.ToTensor(), T.Normalize(preset.mean, preset.std)]
+    if not train:
+        return T.Compose([T.Resize(preset.resize), T.CenterCrop(preset.crop), *tail])
+    if preset.crop <= 64:
+        return T.Compose([T.Resize(preset.resize), T.RandomCrop(preset.crop, padding=preset.crop // 8),
+                          T.RandomHorizontalFlip(), *tail])
+    return T.Compose([T.RandomResizedCrop(preset.crop), T.RandomHorizontalFlip(), *tail])
+
+
+def default_workers(dataset_size: int) -> int:
+    """Loader worker processes for this machine: none on ≤ 2 cores or small data, where a
+    worker's start-up and its competition with the model's own threads cost more than decoding."""
+    cores = os.cpu_count() or 1
+    if cores <= 2 or dataset_size < 2048:
+        return 0
+    return min(cores // 2, 8)
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, workers: int | None = None,
+                seed: int = 0) -> DataLoader:
+    """A DataLoader with sensible workers (`default_workers`) and a seeded shuffle."""
+    workers = default_workers(len(dataset)) if workers is None else workers
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                      generator=torch.Generator().manual_seed(seed) if shuffle else None,
+                      persistent_workers=False)

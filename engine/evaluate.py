@@ -1,0 +1,396 @@
+"""Evaluation of a multi-exit model: record every exit's outputs once, then score any policy on
+the records — accuracy, mean cost (FLOPs, and time when measured), compute saved, speed-up, exit
+histogram — against the full model and the oracle; sweep a shared threshold into a curve, keep
+its Pareto front, pick an operating point on it; write a JSON report and a PNG plot.
+
+Scoring uses `engine.policies.simulate`, the same decision sequence `MultiExitNet.run` executes,
+so every number here is what the staged model really does on these samples.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as save_tensors
+from torch.utils.data import DataLoader, Dataset
+
+from .cost import CostTable
+from .model import MultiExitNet
+from .policies import OraclePolicy, Policy, ThresholdPolicy, confidence, simulate
+from .progress import CancelFlag, ProgressFn, report
+
+_RECORDS_KEY = "offramp.records"
+_RECORDS_FORMAT = 1
+
+
+# -- records ------------------------------------------------------------------------------------
+@dataclass
+class Records:
+    """Outputs of every exit on N labelled samples (E exits, K classes), all on the CPU."""
+
+    logits: torch.Tensor  # (N, E, K) float32 calibrated logits of every exit
+    features: list[torch.Tensor]  # per exit (N, C_e) pooled tap features; [] when not recorded
+    labels: torch.Tensor  # (N,) long
+    class_names: list[str]
+    exit_stages: list[int]  # stage each exit reads
+
+    def __post_init__(self):
+        if self.logits.dim() != 3:
+            raise ValueError(f"logits must be (samples, exits, classes), got shape {tuple(self.logits.shape)}")
+        n, e, k = self.logits.shape
+        if self.labels.shape != (n,):
+            raise ValueError(f"labels must be ({n},) to match the logits, got {tuple(self.labels.shape)}")
+        if self.features and (len(self.features) != e or any(f.shape[0] != n for f in self.features)):
+            raise ValueError(f"features must be one (N={n}, C) tensor per exit ({e} exits)")
+        if len(self.exit_stages) != e or len(self.class_names) != k:
+            raise ValueError(f"records with {e} exits and {k} classes need {e} exit stages and {k} class names, "
+                             f"got {len(self.exit_stages)} and {len(self.class_names)}")
+        self.class_names = list(self.class_names)
+        self.exit_stages = [int(s) for s in self.exit_stages]
+
+    @property
+    def num_samples(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def num_exits(self) -> int:
+        return self.logits.shape[1]
+
+    @property
+    def num_classes(self) -> int:
+        return self.logits.shape[2]
+
+    @property
+    def features_or_none(self) -> list[torch.Tensor] | None:
+        return self.features or None
+
+    def subset(self, idx) -> "Records":
+        """The records of the samples `idx` (indices or a boolean mask), in that order."""
+        idx = torch.as_tensor(idx)
+        if idx.dtype != torch.bool:
+            idx = idx.long()
+        return Records(self.logits[idx], [f[idx] for f in self.features], self.labels[idx],
+                       self.class_names, self.exit_stages)
+
+    def save(self, path: str | Path) -> None:
+        """Write one safetensors file (tensors + JSON metadata; no pickle), atomically."""
+        tensors = {"logits": self.logits.float().contiguous(), "labels": self.labels.long().contiguous()}
+        tensors.update({f"features.{e}": f.float().contiguous() for e, f in enumerate(self.features)})
+        meta = {"format": _RECORDS_FORMAT, "class_names": self.class_names, "exit_stages": self.exit_stages,
+                "num_features": len(self.features)}
+        _write_atomic(Path(path), save_tensors(tensors, metadata={_RECORDS_KEY: json.dumps(meta)}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Records":
+        """Read records written by `save`. Raises ValueError when the file is not such a file."""
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {})[_RECORDS_KEY])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            features = [tensors[f"features.{e}"] for e in range(int(meta["num_features"]))]
+            return cls(tensors["logits"], features, tensors["labels"], meta["class_names"], meta["exit_stages"])
+        except FileNotFoundError:
+            raise
+        except (KeyError, ValueError, TypeError, OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path} is not an Offramp records file ({err}); record it again with "
+                             "record_outputs(...).save(path)") from err
+
+
+@torch.inference_mode()
+def record_outputs(model: MultiExitNet, dataset_or_loader: Dataset | DataLoader | Iterable, *, batch_size: int = 256,
+                   device: str | torch.device = "cpu", with_features: bool = True,
+                   progress: ProgressFn | None = None, cancel: CancelFlag | None = None) -> Records:
+    """Run every exit of `model` on every (image, label) sample and return the Records.
+
+    `dataset_or_loader` is a map-style dataset of (image tensor, label), a DataLoader, or any
+    iterable of (images, labels) batches. The model runs in eval mode on `device`; its mode and
+    device are restored afterwards. Progress stage: "recording exits". Raises Cancelled.
+    """
+    loader = dataset_or_loader
+    if isinstance(loader, Dataset) and not isinstance(loader, torch.utils.data.IterableDataset):
+        loader = DataLoader(loader, batch_size=batch_size, shuffle=False, num_workers=0)
+    total = _length(loader)
+    was_training = model.training
+    old_device = next(model.parameters()).device
+    device = torch.device(device)
+    model.eval().to(device)
+    logits, feats, labels, done = [], [], [], 0
+    try:
+        report(progress, cancel, "recording exits", 0, total)
+        for batch in loader:
+            x, y = batch[0], batch[1]
+            out, f = model.forward_all(x.to(device), with_features=True, calibrated=True)
+            logits.append(torch.stack(out, dim=1).float().cpu())  # (batch, exits, classes)
+            if with_features:
+                feats.append([t.float().cpu() for t in f])
+            labels.append(torch.as_tensor(y).long().reshape(-1).cpu())
+            done += x.shape[0]
+            report(progress, cancel, "recording exits", done, max(total, done))
+    finally:
+        model.to(old_device).train(was_training)
+    if not logits:
+        raise ValueError("the dataset is empty: there is nothing to evaluate")
+    features = [torch.cat(col) for col in zip(*feats)] if with_features else []
+    return Records(torch.cat(logits), features, torch.cat(labels), model.class_names, model.exit_stages)
+
+
+def _length(loader) -> int:
+    """Number of samples, when known (0 otherwise)."""
+    ds = getattr(loader, "dataset", None)
+    try:
+        return len(ds) if ds is not None else 0
+    except TypeError:
+        return 0
+
+
+# -- scoring ------------------------------------------------------------------------------------
+def accuracy_per_exit(records: Records) -> list[float]:
+    """Top-1 accuracy (0..1) of each exit on all samples, as if every sample stopped there."""
+    return _correct(records).double().mean(dim=0).tolist()
+
+
+def _correct(records: Records) -> torch.Tensor:
+    return records.logits.argmax(dim=-1) == records.labels[:, None]  # (N, E) bool
+
+
+def _check_cost(records: Records, cost: CostTable) -> None:
+    if cost.num_exits != records.num_exits:
+        raise ValueError(f"the cost table describes {cost.num_exits} exits but the records have {records.num_exits}; "
+                         "measure the cost of the same model")
+
+
+def _summary(exits: torch.Tensor, correct: torch.Tensor, cost: CostTable, active: Sequence[bool]) -> dict:
+    """Accuracy and mean cost of samples that take `exits` (N,). Shared by every scorer, so a
+    curve point and evaluate_policy of its policy give identical numbers."""
+    picked = correct[torch.arange(exits.numel()), exits]
+    flops = torch.tensor(cost.cumulative_flops(active), dtype=torch.float64)[exits].mean().item()
+    out = {"accuracy": picked.double().mean().item(), "flops": flops, "saved": 1.0 - flops / cost.full_flops}
+    if cost.has_latency:
+        ms = torch.tensor(cost.cumulative_ms(active), dtype=torch.float64)[exits].mean().item()
+        out["ms"] = ms
+        out["speedup"] = cost.full_ms / ms if ms > 0 else math.inf
+    return out
+
+
+def evaluate_policy(records: Records, policy: Policy, cost: CostTable) -> dict:
+    """Score `policy` on the records; a JSON-able dict.
+
+    Keys: policy (to_json), num_samples, accuracy (0..1), mean_flops (every stage and head that
+    ran, heads that did not fire and policy decisions included), full_flops, saved (1 −
+    mean/full), flops_speedup, [mean_ms, full_ms, speedup when `cost` has latency], exit_counts,
+    exit_fractions, exit_accuracy (accuracy of the samples that took each exit; None if none did).
+    Raises ValueError when cost and records disagree on the number of exits.
+    """
+    _check_cost(records, cost)
+    num_exits = records.num_exits
+    exits = simulate(policy, records.logits, records.features_or_none)
+    correct = _correct(records)
+    s = _summary(exits, correct, cost, policy.active_exits(num_exits))
+    counts = torch.bincount(exits, minlength=num_exits)
+    took = correct[torch.arange(exits.numel()), exits]
+    exit_acc = [took[exits == e].double().mean().item() if counts[e] else None for e in range(num_exits)]
+    out = {"policy": policy.to_json(), "num_samples": records.num_samples, "accuracy": s["accuracy"],
+           "mean_flops": s["flops"], "full_flops": cost.full_flops, "saved": s["saved"],
+           "flops_speedup": cost.full_flops / s["flops"] if s["flops"] > 0 else math.inf}
+    if "ms" in s:
+        out.update(mean_ms=s["ms"], full_ms=cost.full_ms, speedup=s["speedup"])
+    n = max(records.num_samples, 1)
+    out.update(exit_counts=counts.tolist(), exit_fractions=[c / n for c in counts.tolist()], exit_accuracy=exit_acc)
+    return out
+
+
+def oracle(records: Records, cost: CostTable) -> dict:
+    """`evaluate_policy` for the oracle: each sample exits at the earliest exit that is right;
+    samples no exit gets right go to the last exit. The bound of any policy on these exits."""
+    return evaluate_policy(records, OraclePolicy().with_targets(records.labels), cost)
+
+
+def full_model_policy(num_exits: int, measure: str = "max_prob") -> ThresholdPolicy:
+    """The full model as a threshold policy: every early exit off, only the last exit runs."""
+    return ThresholdPolicy([None] * (num_exits - 1) + [1.0], measure)
+
+
+def full_model_point(records: Records, cost: CostTable, measure: str = "max_prob") -> dict:
+    """The full model as a curve point (threshold None), so it can join a front."""
+    _check_cost(records, cost)
+    policy = full_model_policy(records.num_exits, measure)
+    exits = torch.full((records.num_samples,), records.num_exits - 1, dtype=torch.long)
+    return {"threshold": None, "policy": policy.to_json(),
+            **_summary(exits, _correct(records), cost, policy.active_exits(records.num_exits))}
+
+
+# -- curves and fronts --------------------------------------------------------------------------
+def _exit_confidence(records: Records, measure: str) -> torch.Tensor:
+    """(N, E−1) confidence at every early exit, computed exactly as ThresholdPolicy does."""
+    cols = [confidence(records.logits[:, e].contiguous(), measure) for e in range(records.num_exits - 1)]
+    conf = torch.stack(cols, dim=1) if cols else torch.empty(records.num_samples, 0)
+    return torch.nan_to_num(conf, nan=-math.inf)  # a NaN confidence never exits, like `>=` in decide
+
+
+def default_thresholds(conf: torch.Tensor, n: int = 100) -> list[float]:
+    """About `n` shared thresholds: quantiles of the early exits' confidences (dense where the
+    confidences are, i.e. near 1 for a trained model) plus fixed values from 0 to 1."""
+    fixed = [0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999, 1.0]
+    values = conf[torch.isfinite(conf)].numpy()
+    quant = np.quantile(values, np.linspace(0.0, 1.0, max(n - len(fixed), 2)), method="lower") if values.size else []
+    # float32 values exactly: a threshold equal to a confidence lets exactly that sample exit
+    return sorted({float(np.float32(t)) for t in [*fixed, *quant] if 0.0 <= t <= 1.0})
+
+
+def threshold_curve(records: Records, cost: CostTable, measure: str = "max_prob",
+                    thresholds: Sequence[float] | None = None) -> list[dict]:
+    """Sweep one threshold shared by every exit; one point per threshold, ascending.
+
+    Each point: threshold, policy (ThresholdPolicy.to_json()), accuracy, flops (mean), saved,
+    [ms, speedup when `cost` has latency]. Vectorised, and equal to evaluate_policy of each
+    point's policy (a sample takes the first early exit whose confidence reaches t).
+    """
+    _check_cost(records, cost)
+    num_exits = records.num_exits
+    conf = _exit_confidence(records, measure)
+    ts = list(thresholds) if thresholds is not None else default_thresholds(conf)
+    reached = torch.cummax(conf, dim=1).values if conf.shape[1] else conf  # (N, E−1) best confidence so far
+    correct = _correct(records)
+    points = []
+    for t in ts:
+        policy = ThresholdPolicy.uniform(num_exits, float(t), measure)
+        # first exit e with conf >= t == number of early exits whose running best is still < t;
+        # `t` stays a Python float so it is rounded to float32 exactly as in ThresholdPolicy.decide
+        exits = (reached < float(t)).sum(dim=1)
+        points.append({"threshold": float(t), "policy": policy.to_json(),
+                       **_summary(exits, correct, cost, policy.active_exits(num_exits))})
+    return points
+
+
+def pareto(points: Sequence[dict], *, x: str = "flops", y: str = "accuracy") -> list[dict]:
+    """The points no other point beats (lower or equal `x` and higher or equal `y`, one strictly),
+    sorted by `x` ascending (so `y` rises strictly); of exact ties the first is kept."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][x], -points[i][y], i))
+    front, best = [], -math.inf
+    for i in order:
+        if points[i][y] > best:
+            front.append(points[i])
+            best = points[i][y]
+    return front
+
+
+def pick_point(front: Sequence[dict], *, max_loss: float | None = None, full_accuracy: float | None = None,
+               budget: float | None = None) -> dict:
+    """An operating point of a front (cheapest first, as `pareto` returns it).
+
+    max_loss: the cheapest point whose accuracy >= full_accuracy − max_loss (full_accuracy
+    defaults to the front's best; when no point qualifies, the most accurate one).
+    budget in 0..1: the most accurate point whose flops lie within that fraction of the way
+    from the cheapest point's flops to the dearest's. Give exactly one; ValueError otherwise.
+    The index of the result is `front.index(point)`.
+    """
+    if not front:
+        raise ValueError("the front is empty: there is no operating point to pick")
+    if (max_loss is None) == (budget is None):
+        raise ValueError("give exactly one of max_loss (accuracy you may lose) or budget (0..1 along the front)")
+    if max_loss is not None:
+        ref = max(p["accuracy"] for p in front) if full_accuracy is None else full_accuracy
+        ok = [p for p in front if p["accuracy"] >= ref - max_loss]
+        return min(ok, key=lambda p: p["flops"]) if ok else max(front, key=lambda p: p["accuracy"])
+    if not 0.0 <= budget <= 1.0:
+        raise ValueError(f"budget {budget} is outside 0..1")
+    lo, hi = min(p["flops"] for p in front), max(p["flops"] for p in front)
+    limit = lo + budget * (hi - lo) + 1e-9 * max(abs(hi), 1.0)
+    return max((p for p in front if p["flops"] <= limit), key=lambda p: (p["accuracy"], -p["flops"]))
+
+
+def operating_front(records: Records, cost: CostTable, measure: str = "max_prob",
+                    thresholds: Sequence[float] | None = None) -> list[dict]:
+    """Pareto front of the threshold curve plus the full model (cheapest first): what a bundle
+    stores as meta["front"]."""
+    return pareto([*threshold_curve(records, cost, measure, thresholds), full_model_point(records, cost, measure)])
+
+
+# -- report -------------------------------------------------------------------------------------
+def evaluation_report(records: Records, cost: CostTable, policies: dict[str, Policy] | None = None, *,
+                      default: str | None = None, measure: str = "max_prob",
+                      thresholds: Sequence[float] | None = None) -> dict:
+    """Everything about these exits on these samples, JSON-able: per-exit accuracy, the full
+    model, each named policy's `evaluate_policy`, the oracle, the threshold curve and its front
+    (with the full model). `default` names the policy the app starts with (marked in the plot)."""
+    full = evaluate_policy(records, full_model_policy(records.num_exits, measure), cost)
+    curve = threshold_curve(records, cost, measure, thresholds)
+    return {
+        "num_samples": records.num_samples, "class_names": records.class_names,
+        "exit_stages": records.exit_stages, "measure": measure, "cost": cost.to_json(),
+        "accuracy_per_exit": accuracy_per_exit(records),
+        "full_model": full,
+        "policies": {name: evaluate_policy(records, p, cost) for name, p in (policies or {}).items()},
+        "default_policy": default,
+        "oracle": oracle(records, cost),
+        "threshold_curve": curve,
+        "front": pareto([*curve, full_model_point(records, cost, measure)]),
+    }
+
+
+def save_report(report: dict, json_path: str | Path, png_path: str | Path | None = None) -> None:
+    """Write the report as JSON (non-finite numbers become null) and, if asked, its plot as PNG;
+    both atomically."""
+    text = json.dumps(_finite(report), indent=1, allow_nan=False)
+    _write_atomic(Path(json_path), text.encode("utf-8"))
+    if png_path is not None:
+        plot_report(report, png_path)
+
+
+def plot_report(report: dict, path: str | Path | None = None, size: tuple[int, int] = (900, 600)) -> np.ndarray:
+    """Accuracy (%) vs compute (% of the full model) of a report: threshold sweep, its front, the
+    full model, the oracle and each policy. Returns the BGR image; writes a PNG if `path`."""
+    from .plot import plot_curves
+
+    full = report["full_model"]["full_flops"]
+
+    def xy(p: dict, flops_key: str = "flops") -> tuple[float, float]:
+        return 100.0 * p[flops_key] / full, 100.0 * p["accuracy"]
+
+    series = [{"name": "threshold sweep", "points": [xy(p) for p in report["threshold_curve"]], "style": "line",
+               "colour": (200, 170, 130), "width": 1},
+              {"name": "Pareto front", "points": [xy(p) for p in report["front"]], "style": "line",
+               "marker": "o" if len(report["front"]) <= 30 else None},
+              {"name": "full model", "points": [xy(report["full_model"], "mean_flops")], "style": "points",
+               "marker": "s"},
+              {"name": "oracle", "points": [xy(report["oracle"], "mean_flops")], "style": "points", "marker": "^"}]
+    for name, ev in report["policies"].items():
+        label = f"{name} (default)" if name == report.get("default_policy") else name
+        series.append({"name": label, "points": [xy(ev, "mean_flops")], "style": "points", "marker": "D"})
+    x_max = max([100.0] + [x for s in series for x, _ in s["points"] if math.isfinite(x)])
+    title = f"Accuracy vs compute: {report['num_samples']} images, {len(report['exit_stages'])} exits"
+    return plot_curves(series, x_label="compute (% of full model)", y_label="accuracy (%)", title=title,
+                       path=path, size=size, x_range=(0.0, 1.04 * x_max))
+
+
+def _finite(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file next to `path`, then rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

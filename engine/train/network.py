@@ -1,0 +1,184 @@
+"""Training a whole multi-exit network from scratch (the built-in default model).
+
+The data is decoded once into a uint8 tensor and augmented in batches on the training device
+(random crop with padding + horizontal flip), so a 2-core laptop spends its time in the network,
+not in JPEG decoding. Every epoch ends with an atomic checkpoint; a run resumes from it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..backbones import build_backbone
+from ..model import MultiExitNet
+from ..progress import CancelFlag, ProgressFn, report
+
+
+@dataclass
+class NetworkConfig:
+    """Everything that decides a training run; stored in every checkpoint and in the bundle meta."""
+
+    arch: str = "cifar_resnet20"
+    head: str = "linear"  # exit head kind for the early exits
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.1  # peak SGD learning rate (one-cycle schedule)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    exit_weights: list[float] = field(default_factory=list)  # loss weight per exit ([] = all 1)
+    pad: int = 4  # random-crop padding in pixels
+    seed: int = 0
+
+
+def decode_dataset(dataset, size: int, *, progress: ProgressFn | None = None, cancel: CancelFlag | None = None):
+    """Decode every image of `dataset` (items (PIL image or tensor, label)) to uint8 (N, 3, size, size)."""
+    import numpy as np
+
+    n = len(dataset)
+    images = torch.empty(n, 3, size, size, dtype=torch.uint8)
+    labels = torch.empty(n, dtype=torch.long)
+    for i in range(n):
+        img, y = dataset[i]
+        if not isinstance(img, torch.Tensor):
+            img = img.convert("RGB")
+            if img.size != (size, size):
+                img = img.resize((size, size))
+            img = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        images[i], labels[i] = img, int(y)
+        if i % 2000 == 0 or i == n - 1:
+            report(progress, cancel, "decoding images", i + 1, n)
+    return images, labels
+
+
+def augment(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Random crop (zero padding `pad`) and horizontal flip of a uint8 batch (B, 3, H, W)."""
+    b, _, h, w = images.shape
+    if pad:
+        padded = F.pad(images, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(images.device)
+        dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(images.device)
+        rows = (torch.arange(h, device=images.device)[None, :] + dy[:, None])[:, None, :, None]
+        cols = (torch.arange(w, device=images.device)[None, :] + dx[:, None])[:, None, None, :]
+        images = padded[torch.arange(b, device=images.device)[:, None, None, None],
+                        torch.arange(3, device=images.device)[None, :, None, None], rows, cols]
+    flip = (torch.rand(b, generator=generator) < 0.5).to(images.device)
+    return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+def normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
+    m = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - m) / s
+
+
+def build_network(cfg: NetworkConfig, class_names: list[str]) -> MultiExitNet:
+    backbone = build_backbone(cfg.arch, num_classes=len(class_names))
+    return MultiExitNet.attach(backbone, class_names=class_names, head=cfg.head)
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def accuracy_per_exit(model: MultiExitNet, images: torch.Tensor, labels: torch.Tensor, device: str,
+                      batch_size: int = 500) -> list[float]:
+    model.eval()
+    correct = torch.zeros(model.num_exits)
+    preset = model.backbone.preset
+    for i in range(0, len(images), batch_size):
+        x = normalise(images[i:i + batch_size].to(device), preset.mean, preset.std)
+        y = labels[i:i + batch_size].to(device)
+        for e, logits in enumerate(model.forward_all(x)):
+            correct[e] += (logits.argmax(1) == y).sum().item()
+    return (correct / max(1, len(images))).tolist()
+
+
+def train_network(cfg: NetworkConfig, images: torch.Tensor, labels: torch.Tensor, class_names: list[str], *,
+                  device: str = "cpu", checkpoint: str | Path | None = None, val: tuple | None = None,
+                  progress: ProgressFn | None = None, cancel: CancelFlag | None = None,
+                  log=print) -> tuple[MultiExitNet, list[dict]]:
+    """Train backbone and all exits jointly (sum of per-exit cross-entropies) with SGD + one-cycle.
+
+    `images` uint8 (N, 3, H, W) and `labels` (N,). With `checkpoint`, the run resumes from that file
+    if it exists (same config required) and rewrites it atomically after every epoch.
+    Returns the model (eval mode, on CPU) and the per-epoch history. Raises Cancelled.
+    """
+    torch.manual_seed(cfg.seed)
+    if device == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    model = build_network(cfg, class_names).to(device)
+    if device == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    preset = model.backbone.preset
+    steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0}],
+                          lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
+                                                pct_start=0.25, div_factor=10, final_div_factor=100)
+    weights = cfg.exit_weights or [1.0] * model.num_exits
+    if len(weights) != model.num_exits:
+        raise ValueError(f"exit_weights has {len(weights)} entries but {cfg.arch} has {model.num_exits} exits")
+    history: list[dict] = []
+    start_epoch = 0
+    ckpt = Path(checkpoint) if checkpoint else None
+    if ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        if json.loads(state["config"]) != asdict(cfg):
+            raise ValueError(f"checkpoint {ckpt} was made with another configuration; delete it or use the same options")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch, history = int(state["epoch"]), json.loads(state["history"])
+        log(f"resuming from {ckpt} at epoch {start_epoch}/{cfg.epochs}")
+    gen = torch.Generator().manual_seed(cfg.seed + start_epoch)
+    images_dev, labels_dev = images.to(device), labels.to(device)
+    use_amp = device == "cuda"
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+        order = torch.randperm(len(images), generator=gen).to(device)
+        for step in range(steps_per_epoch):
+            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            x = normalise(augment(images_dev[idx], cfg.pad, gen), preset.mean, preset.std)
+            if device == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = labels_dev[idx]
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
+                outs = model.forward_all(x)
+                loss = sum(w * F.cross_entropy(o.float(), y, label_smoothing=cfg.label_smoothing)
+                           for w, o in zip(weights, outs)) / sum(weights)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            seen += len(idx)
+            loss_sum += loss.item() * len(idx)
+            if step % 20 == 0 or step == steps_per_epoch - 1:
+                report(progress, cancel, "training network", epoch * steps_per_epoch + step + 1,
+                       cfg.epochs * steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs} loss {loss_sum / seen:.3f}")
+        entry = {"epoch": epoch + 1, "loss": loss_sum / seen, "seconds": time.perf_counter() - t0,
+                 "images_per_s": seen / (time.perf_counter() - t0)}
+        if val is not None:
+            entry["val_accuracy"] = accuracy_per_exit(model, val[0], val[1], device)
+        history.append(entry)
+        log(json.dumps(entry))
+        if ckpt is not None:
+            _save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                    "scheduler": sched.state_dict(), "epoch": epoch + 1,
+                                    "config": json.dumps(asdict(cfg)), "history": json.dumps(history)})
+    model = model.to("cpu", memory_format=torch.contiguous_format).eval()
+    return model, history

@@ -1,0 +1,121 @@
+"""From a frozen backbone and labelled images to a ready bundle: cache features, train exits,
+calibrate, search a threshold front, pick the default operating point, measure cost.
+
+`fit_exits` is what `offramp train-exits` runs; `retrain_on_folder` is what the app's retraining
+panel runs (a teacher's own classes on the built-in backbone).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+
+from ..bundle import Bundle
+from ..cost import measure_costs
+from ..data import check_folder, open_dataset, preset_transform, split_indices
+from ..evaluate import Records, accuracy_per_exit, pareto, pick_point, threshold_curve
+from ..features import FeatureCache, cache_features
+from ..model import MultiExitNet
+from ..policies import ThresholdPolicy
+from ..progress import CancelFlag, ProgressFn, report
+from .calibrate import fit_temperature
+from .exits import train_exits
+
+DEFAULT_MAX_LOSS = 0.005  # the default operating point: at most 0.5 points below the last exit
+
+
+def records_from_cache(model: MultiExitNet, cache: FeatureCache) -> Records:
+    """Calibrated logits of every exit computed from cached head inputs (no backbone pass)."""
+    with torch.inference_mode():
+        logits = torch.stack([model.exits[e].post(cache.inputs[e].float()) / model.temperature[e]
+                              for e in range(model.num_exits)], dim=1)
+    return Records(logits=logits.float(), features=[f.float() for f in cache.features], labels=cache.labels,
+                   class_names=list(model.class_names), exit_stages=model.exit_stages)
+
+
+def calibrate(model: MultiExitNet, cache: FeatureCache) -> list[float]:
+    """Fit one temperature per exit on held-out cached outputs and store it in the model."""
+    with torch.inference_mode():
+        temps = [fit_temperature(model.exits[e].post(cache.inputs[e].float()), cache.labels)
+                 for e in range(model.num_exits)]
+    model.temperature.copy_(torch.tensor(temps))
+    return temps
+
+
+def fit_exits(model: MultiExitNet, train_set, val_set, *, epochs: int = 30, max_loss: float = DEFAULT_MAX_LOSS,
+              distill: float = 0.0, train_which: list[int] | None = None, device: str = "cpu",
+              meta: dict | None = None, progress: ProgressFn | None = None,
+              cancel: CancelFlag | None = None) -> tuple[Bundle, dict]:
+    """Train `model`'s exits on `train_set` (backbone frozen), calibrate and search thresholds on
+    `val_set`, and return a bundle whose default policy is the cheapest threshold configuration
+    within `max_loss` of the last exit on `val_set`, plus a report. Raises Cancelled."""
+    t0 = time.perf_counter()
+    model.eval()
+    val_cache = cache_features(model, val_set, device=device, progress=progress, cancel=cancel)
+    history, train_samples = [], 0
+    if epochs > 0:  # 0: exits already trained (jointly with the network); only calibrate and search
+        train_cache = cache_features(model, train_set, device=device, progress=progress, cancel=cancel)
+        history = train_exits(model, train_cache, epochs=epochs, val_cache=val_cache, distill=distill,
+                              train_exits=train_which, progress=progress, cancel=cancel)
+        train_samples = len(train_cache.labels)
+    report(progress, cancel, "evaluating", 0, 1)
+    temps = calibrate(model, val_cache)
+    records = records_from_cache(model, val_cache)
+    cost = measure_costs(model)
+    per_exit = accuracy_per_exit(records)
+    curve = threshold_curve(records, cost)
+    front = pareto(curve)
+    point = pick_point(front, max_loss=max_loss, full_accuracy=per_exit[-1])
+    policy = ThresholdPolicy.from_json(point["policy"], num_exits=model.num_exits, num_classes=model.num_classes)
+    report(progress, cancel, "evaluating", 1, 1)
+    evaluation = {"split": "validation", "samples": len(records.labels), "accuracy_per_exit": per_exit,
+                  "temperatures": temps, "default_point": point}
+    bundle_meta = dict(meta or {})
+    bundle_meta.update({"front": front, "default_point": front.index(point), "evaluation": evaluation,
+                        "exit_training": {"epochs": epochs, "distill": distill, "history": history,
+                                          "train_samples": train_samples,
+                                          "seconds": round(time.perf_counter() - t0, 1)}})
+    bundle = Bundle(model=model, policies={"threshold": policy}, default_policy="threshold", cost=cost,
+                    meta=bundle_meta)
+    return bundle, {"accuracy_per_exit": per_exit, "curve": curve, "front": front, "default_point": point,
+                    "history": history}
+
+
+def retrain_on_folder(bundle: Bundle, folder: str | Path, *, head: str = "linear", epochs: int = 30,
+                      val_fraction: float = 0.2, progress: ProgressFn | None = None,
+                      cancel: CancelFlag | None = None) -> tuple[Bundle, dict]:
+    """New exits for the classes of `folder` on `bundle`'s frozen backbone; `bundle` is untouched.
+
+    Raises ValueError for an unusable folder, Cancelled when cancelled."""
+    report(progress, cancel, "checking folder", 0, 1)
+    check = check_folder(folder)
+    check.raise_if_unusable()
+    report(progress, cancel, "checking folder", 1, 1)
+    backbone = copy.deepcopy(bundle.model.backbone)
+    same_classes = list(check.classes) == list(bundle.model.class_names)
+    if same_classes:
+        model = copy.deepcopy(bundle.model)
+        train_which = [e for e in range(model.num_exits) if model.exits[e].spec.kind != "original"]
+    else:
+        model = MultiExitNet.attach(backbone, class_names=check.classes, exit_stages=bundle.model.exit_stages,
+                                    head=head, keep_classifier=False)
+        train_which = None
+    model.temperature.fill_(1.0)
+    dataset = open_dataset(folder)
+    dataset.transform = preset_transform(model.backbone.preset)
+    train_idx, val_idx = split_indices(dataset.targets, val_fraction=val_fraction, seed=0)
+    train_set = torch.utils.data.Subset(dataset, train_idx)
+    val_set = torch.utils.data.Subset(dataset, val_idx)
+    meta = {"source": {"retrained_from": bundle.meta.get("name", "bundle"), "folder": str(folder)},
+            "name": f"{Path(folder).name} exits on {bundle.model.backbone.spec['name']}"}
+    new, rep = fit_exits(model, train_set, val_set, epochs=epochs, train_which=train_which, meta=meta,
+                         progress=progress, cancel=cancel)
+    rep.update({"classes": list(check.classes), "counts": dict(check.counts),
+                "skipped": [list(map(str, s)) for s in check.skipped]})
+    if same_classes:
+        old_records = records_from_cache(bundle.model, cache_features(bundle.model, val_set, cancel=cancel))
+        rep["curve_old"] = threshold_curve(old_records, bundle.cost)
+    rep["curve_new"] = rep["curve"]
+    return new, rep
