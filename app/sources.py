@@ -16,8 +16,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".ogv")
+from engine import media
+
+# the same files `offramp run` accepts
+IMAGE_SUFFIXES = media.IMAGE_EXTENSIONS
+VIDEO_SUFFIXES = media.VIDEO_EXTENSIONS
 CAMERA_PREFIX = "camera:"
 CAMERA_FAILURES = 5  # consecutive failed reads before a camera counts as gone
 
@@ -180,7 +183,7 @@ class ImageListSource(FrameSource):
     def __init__(self, spec: SourceSpec, loop: bool = False):
         super().__init__(spec, loop)
         if spec.kind == "folder":
-            self.files = list_images(spec.target)
+            self.files = [str(p) for p in media.list_images(spec.target)]
             if not self.files:
                 raise SourceError(f"folder {spec.target} contains no images ({', '.join(IMAGE_SUFFIXES[:5])}, …)")
         else:
@@ -225,38 +228,16 @@ def open_source(spec: SourceSpec, loop: bool = False) -> FrameSource:
     raise SourceError(f"unknown source kind {spec.kind!r}")
 
 
-def list_images(folder: str | os.PathLike) -> list[str]:
-    """Every image file under `folder` (class sub-folders included), sorted, hidden files left out."""
-    root = Path(folder)
-    found = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-             and not any(part.startswith(".") for part in p.relative_to(root).parts)]
-    return [str(p) for p in sorted(found)]
-
-
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """An image file as (h, w, 3) uint8 BGR; SourceError naming the file when it cannot be decoded."""
     try:
-        data = np.fromfile(str(path), dtype=np.uint8)  # not cv2.imread: it fails on non-ASCII paths
-    except OSError as e:
-        raise SourceError(f"cannot read image {path}: {e.strerror or e}") from None
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if image is None and data.size:
-        image = _decode_with_pillow(path)  # GIF and other formats OpenCV lacks
-    if image is None:
-        raise SourceError(f"cannot read image {path}: the file is empty, corrupt or not an image")
-    return _as_bgr(image)
-
-
-def _decode_with_pillow(path) -> np.ndarray | None:
-    try:
-        from PIL import Image
-        with Image.open(path) as im:
-            return cv2.cvtColor(np.asarray(im.convert("RGB")), cv2.COLOR_RGB2BGR)
-    except Exception:  # noqa: BLE001 - any failure means "not readable", reported by the caller
-        return None
+        return media.read_image(path)
+    except media.MediaError as e:
+        raise SourceError(f"cannot read image: {e}") from None
 
 
 def _as_bgr(image: np.ndarray) -> np.ndarray:
+    """Camera and video frames as (h, w, 3) BGR (some drivers hand out grey or BGRA)."""
     if image.ndim == 2:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
     if image.shape[2] == 4:

@@ -36,6 +36,7 @@ class ModelInfo:
     front: list[dict] = field(default_factory=list)  # meta["front"], cheapest first
     default_point: int | None = None
     parameters: int = 0
+    devices: list[str] = field(default_factory=list)  # what Engine.available_devices() offers here
 
     @property
     def num_exits(self) -> int:
@@ -64,7 +65,8 @@ class ModelInfo:
                    policies={n: p.to_json() for n, p in bundle.policies.items()},
                    descriptions={n: p.describe() for n, p in bundle.policies.items()},
                    default_policy=bundle.default_policy, front=front, default_point=point,
-                   parameters=sum(p.numel() for p in model.parameters()))
+                   parameters=sum(p.numel() for p in model.parameters()),
+                   devices=[str(d) for d in engine.available_devices()])
 
     def summary(self) -> list[tuple[str, str]]:
         """(field, value) rows for the model-info dialog."""
@@ -89,6 +91,12 @@ def format_flops(flops: float) -> str:
         if abs(flops) >= scale:
             return f"{flops / scale:.2f} {unit}"
     return f"{flops:.0f} FLOPs"
+
+
+def percent(fraction: float, digits: int = 0) -> str:
+    """0.4567 -> "46 %"; never "-0 %" for a tiny negative saving (decision costs)."""
+    value = round(100 * fraction, digits)
+    return f"{0.0 if value == 0 else value:.{digits}f} %"
 
 
 # -- the active policy --------------------------------------------------------------------------
@@ -147,8 +155,8 @@ class PolicyState:
 def front_label(point: dict) -> str:
     """'expected accuracy 91.2 % · cost 43 % of the full model (saves 57 %)' for a front point."""
     saved = float(point.get("saved", 0.0))
-    text = f"expected accuracy {100 * float(point.get('accuracy', math.nan)):.1f} % · " \
-           f"cost {100 * (1 - saved):.0f} % of the full model (saves {100 * saved:.0f} %)"
+    text = (f"expected accuracy {percent(float(point.get('accuracy', math.nan)), 1)} · "
+            f"cost {percent(1 - saved)} of the full model (saves {percent(saved)})")
     if "ms" in point:
         text += f" · {float(point['ms']):.2f} ms"
     return text

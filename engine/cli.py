@@ -83,7 +83,8 @@ def cmd_info(args) -> int:
     for e, spec in enumerate(m["exits"]):
         line = f"            {e}  {spec['stage']:>5}  {spec['kind']:<8} {cum[e] / 1e6:>15.2f}  {_pct(cum[e] / table.full_flops):>7}"
         print(line + (f"  {_pct(acc[e]):>13}" if acc else ""))
-    print(f"policies    {', '.join(f'{k} ({v['kind']})' for k, v in m['policies'].items())}; default: {m['default_policy']}")
+    kinds = ", ".join(f"{k} ({v['kind']})" for k, v in m["policies"].items())
+    print(f"policies    {kinds}; default: {m['default_policy']}")
     point = m.get("meta", {}).get("evaluation", {}).get("default_point")
     if point:
         print(f"default     accuracy {_pct(point['accuracy'])}, saved {_pct(point['saved'])} of FLOPs (validation split)")
@@ -119,13 +120,20 @@ def cmd_run(args) -> int:
 
 
 def _train_val_sets(data: str, preset, val_fraction: float):
-    """(train set, validation set, class names) from a folder or the CIFAR-10 zip's train split."""
+    """(train set, validation set, class names) from a class folder (checked first: bad files are
+    listed and skipped) or from the train split of the CIFAR-10 layout (zip or folder)."""
     import torch
-    from .data import open_dataset, preset_transform, split_indices
+    from .data import check_folder, open_dataset, preset_transform, split_indices
     try:
         ds = open_dataset(data, split="train")
     except ValueError:
-        ds = open_dataset(data)
+        check = check_folder(data)
+        for path, reason in check.skipped:
+            print(f"skipped {path}: {reason}", file=sys.stderr)
+        check.raise_if_unusable()
+        ds = open_dataset(data, report=check)
+    if len(ds.classes) < 2:
+        raise ValueError(f"{data} has a single class; exits need at least two classes to tell apart")
     ds.transform = preset_transform(preset)
     tr, va = split_indices(ds.targets, val_fraction=val_fraction, seed=0)
     return torch.utils.data.Subset(ds, tr), torch.utils.data.Subset(ds, va), list(ds.classes)
@@ -136,6 +144,8 @@ def cmd_train_exits(args) -> int:
     from .bundle import save_bundle
     from .model import MultiExitNet
     from .train.retrain import fit_exits
+    import torch
+    torch.manual_seed(args.seed)  # a new backbone's random init and the heads' init are reproducible
     progress = TerminalProgress()
     if args.from_bundle:
         base = _load(args.from_bundle)
@@ -210,7 +220,7 @@ def cmd_evaluate(args) -> int:
     records = record_outputs(model, ds, batch_size=args.batch_size, progress=progress)
     progress.close()
     cost = bundle.cost if bundle.cost.has_latency and not args.profile else profile_latency(model, bundle.cost)
-    rep = evaluation_report(records, cost, bundle.policies)
+    rep = evaluation_report(records, cost, bundle.policies, default=bundle.default_policy)
     out_json = args.json or f"{Path(args.bundle or 'default').stem}-evaluation.json"
     out_png = args.png or str(Path(out_json).with_suffix(".png"))
     save_report(rep, out_json, out_png)
@@ -224,9 +234,9 @@ def _print_report(rep: dict) -> None:
     rows = [("full model", rep["full"])] + [(k, v) for k, v in rep["policies"].items()] + [("oracle", rep["oracle"])]
     print(f"{'method':<24}{'accuracy':>10}{'MFLOPs':>10}{'saved':>8}{'ms':>8}{'speed-up':>10}")
     for name, r in rows:
-        ms = r.get("mean_ms")
-        print(f"{name:<24}{_pct(r['accuracy']):>10}{r['mean_flops'] / 1e6:>10.2f}{_pct(r['saved']):>8}"
-              f"{(f'{ms:.2f}' if ms is not None else '-'):>8}{(f'{r['speedup']:.2f}x' if r.get('speedup') else '-'):>10}")
+        ms = f"{r['mean_ms']:.2f}" if r.get("mean_ms") is not None else "-"
+        speedup = f"{r['speedup']:.2f}x" if r.get("speedup") else "-"
+        print(f"{name:<24}{_pct(r['accuracy']):>10}{r['mean_flops'] / 1e6:>10.2f}{_pct(r['saved']):>8}{ms:>8}{speedup:>10}")
 
 
 def _pick_device(name: str) -> str:
@@ -268,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--distill", type=float, default=0.0, help="weight of distillation from the last exit (0..1)")
     s.add_argument("--val-fraction", type=float, default=0.1, help="held out for calibration and threshold search")
     s.add_argument("--max-loss", type=float, default=0.5, help="default policy: accuracy points below the last exit allowed")
+    s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="bundle file to write (.offramp)")
     s.set_defaults(fn=cmd_train_exits)
 

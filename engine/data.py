@@ -9,11 +9,14 @@ Layouts `open_dataset` understands:
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
+import struct
 import threading
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Sequence
@@ -45,18 +48,26 @@ def load_image(src: ImageSource) -> Image.Image:
 def _open(src: ImageSource, draft: int | None = None) -> tuple[Image.Image, str]:
     """(RGB image, the file's own mode). `draft` lets JPEG decode at reduced size (checks only)."""
     if isinstance(src, (bytes, bytearray)):
-        src = io.BytesIO(src)
-    with Image.open(src) as img:
-        mode = img.mode
-        if draft is not None and img.format == "JPEG":
-            img.draft(None, (draft, draft))
-        img.load()  # decode now: a truncated or corrupt file fails here, not later
-        return _to_rgb(ImageOps.exif_transpose(img)), mode
+        return _decode(io.BytesIO(src), draft)
+    if isinstance(src, (str, os.PathLike)):
+        with open(src, "rb") as f:  # closed here even for multi-frame files Pillow would keep open
+            return _decode(f, draft)
+    return _decode(src, draft)
+
+
+def _decode(fp: BinaryIO, draft: int | None) -> tuple[Image.Image, str]:
+    img = Image.open(fp)
+    mode = img.mode
+    if draft is not None and img.format == "JPEG":
+        img.draft(None, (draft, draft))
+    img.load()  # decode now: a truncated or corrupt file fails here, not later
+    ImageOps.exif_transpose(img, in_place=True)
+    return _to_rgb(img), mode
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
-        return img.copy()
+        return img
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         a = np.asarray(img).astype(np.float64)
         # 16-bit files hold 0..65535; a 32-bit "I" image that stays below 256 is already 8-bit.
@@ -81,6 +92,46 @@ def _hidden(part: str) -> bool:
 
 
 # -- where the images are -----------------------------------------------------------------------
+def _zip_members(archive: str) -> dict[str, zipfile.ZipInfo]:
+    """Member name -> ZipInfo, parsed once per archive version (60,000 entries take a second)."""
+    st = os.stat(archive)
+    return _zip_index(os.path.realpath(archive), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _zip_index(archive: str, mtime_ns: int, size: int) -> dict[str, zipfile.ZipInfo]:
+    with zipfile.ZipFile(archive) as zf:
+        return {info.filename: info for info in zf.infolist()}
+
+
+_Entry = tuple[int, int, int, int]  # (local header offset, compressed size, compression, CRC-32)
+
+
+def _entry(info: zipfile.ZipInfo) -> _Entry:
+    return info.header_offset, info.compress_size, info.compress_type, info.CRC
+
+
+def _read_member(fp: BinaryIO, entry: _Entry, archive: str, name: str) -> bytes:
+    """One member's bytes through a plain file handle, so every thread or worker can have its own
+    handle without re-parsing the archive's directory. Raises zipfile.BadZipFile when damaged."""
+    offset, size, method, crc = entry
+    if method not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        with zipfile.ZipFile(archive) as zf:  # rare compressions: the slow, general way
+            return zf.read(name)
+    fp.seek(offset)
+    head = fp.read(30)
+    if len(head) != 30 or head[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"bad local header for {name}")
+    name_len, extra_len = struct.unpack("<HH", head[26:30])
+    fp.seek(offset + 30 + name_len + extra_len)
+    data = fp.read(size)
+    if method == zipfile.ZIP_DEFLATED:
+        data = zlib.decompress(data, -15)
+    if zlib.crc32(data) != crc:
+        raise zipfile.BadZipFile(f"CRC mismatch in {name}")
+    return data
+
+
 @dataclass(frozen=True)
 class _Location:
     """A class-folder tree: a directory on disk, or a member prefix inside a zip archive."""
@@ -90,7 +141,13 @@ class _Location:
 
     @property
     def display(self) -> str:
-        return f"{self.archive}:{self.root}" if self.archive else self.root
+        if self.archive is None:
+            return self.root
+        return f"{self.archive}:{self.root.rstrip('/')}" if self.root else self.archive
+
+    def name(self, src: str) -> str:
+        """How a file is named in reports: its path, or archive:member."""
+        return f"{self.archive}:{src}" if self.archive else src
 
 
 @dataclass
@@ -113,20 +170,22 @@ def _list(loc: _Location) -> _Listing:
             elif _is_image_name(entry.name):
                 out.loose += 1
         return out
-    with zipfile.ZipFile(loc.archive) as zf:
-        for info in zf.infolist():
-            if not info.filename.startswith(loc.root):
+    for info in _zip_members(loc.archive).values():
+        if not info.filename.startswith(loc.root):
+            continue
+        parts = info.filename[len(loc.root):].rstrip("/").split("/")
+        if not parts[0] or any(_hidden(p) for p in parts):
+            continue
+        if info.is_dir() or len(parts) > 1:
+            files = out.files.setdefault(parts[0], [])
+            if info.is_dir():
                 continue
-            parts = info.filename[len(loc.root):].rstrip("/").split("/")
-            if not parts[0] or any(_hidden(p) for p in parts):
-                continue
-            if info.is_dir() or len(parts) > 1:
-                files = out.files.setdefault(parts[0], [])
-                if not info.is_dir():
-                    (files.append((info.filename, info.file_size)) if _is_image_name(parts[-1])
-                     else out.ignored.append(info.filename))
-            elif _is_image_name(parts[0]):
-                out.loose += 1
+            if _is_image_name(parts[-1]):
+                files.append((info.filename, info.file_size))
+            else:
+                out.ignored.append(info.filename)
+        elif _is_image_name(parts[0]):
+            out.loose += 1
     out.files = {c: sorted(out.files[c]) for c in sorted(out.files)}
     return out
 
@@ -155,8 +214,7 @@ def _locate(path: str | os.PathLike, split: str | None) -> tuple[_Location, list
         splits = [s for s in SPLITS if (p / s).is_dir()]
         whole, make = _Location(str(p)), (lambda s: _Location(str(p / s)))
     elif zipfile.is_zipfile(p):
-        with zipfile.ZipFile(p) as zf:
-            names = zf.namelist()
+        names = list(_zip_members(str(p)))
         base = _zip_base(names)
         splits = [s for s in SPLITS if any(n.startswith(f"{base}{s}/") for n in names)]
         whole, make = _Location(base, str(p)), (lambda s: _Location(f"{base}{s}/", str(p)))
@@ -213,6 +271,9 @@ class ImageFolderData(Dataset):
         self.transform = transform
         self.bad: dict[str, str] = {}  # src -> reason, filled as bad files are met (per process)
         self._local = threading.local()
+        if archive is not None:
+            members = _zip_members(archive)
+            self._entries = {src: _entry(members[src]) for src, _ in self.samples}
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -236,12 +297,12 @@ class ImageFolderData(Dataset):
         return f"{self.archive}:{src}" if self.archive else src
 
     def _read(self, member: str) -> bytes:
-        # One handle per thread and per process: a ZipFile must not be shared across either.
-        zf = getattr(self._local, "zip", None)
-        if zf is None or self._local.pid != os.getpid():
-            zf = self._local.zip = zipfile.ZipFile(self.archive)
+        # One handle per thread and per process: a file position must not be shared across either.
+        fp = getattr(self._local, "fp", None)
+        if fp is None or self._local.pid != os.getpid():
+            fp = self._local.fp = open(self.archive, "rb")  # noqa: SIM115 - lives as long as the thread
             self._local.pid = os.getpid()
-        return zf.read(member)
+        return _read_member(fp, self._entries[member], self.archive, member)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -277,7 +338,7 @@ def open_dataset(path: str | os.PathLike, split: str | None = None, *, classes: 
     skip = {src for src, _ in report.skipped} if report is not None else set()
     index = {c: i for i, c in enumerate(names)}
     samples = [(src, index[c]) for c, files in listing.files.items() if c in index
-               for src, size in files if size > 0 and src not in skip]
+               for src, size in files if size > 0 and loc.name(src) not in skip]
     if not samples:
         _raise_no_images(loc, listing)
     return ImageFolderData(samples, names, root=loc.display, archive=loc.archive, split=split, transform=transform)
@@ -318,9 +379,12 @@ class FolderReport:
             extra = f" ({self.loose} images sit directly in it)" if self.loose else ""
             raise ValueError(f"{self.path} has no class sub-folders{extra}; put each class's images in its own "
                              "folder, e.g. cat/1.jpg and dog/2.jpg.")
-        if self.total == 0:
+        if self.total == 0 and self.skipped:
             raise ValueError(f"{self.path} has no readable images: all {len(self.skipped)} image files were "
                              "skipped (see the report).")
+        if self.total == 0:
+            raise ValueError(f"{self.path} has no images in its class folders; image files end in "
+                             f"{', '.join(IMG_EXTENSIONS)}.")
         usable = [c for c, n in self.counts.items() if n > 0]
         if len(usable) < 2:
             raise ValueError(f"{self.path} has images of only one class ({usable[0]!r}); a classifier needs at "
@@ -368,17 +432,20 @@ def check_folder(path: str | os.PathLike, split: str | None = None, *, progress:
     counts: dict[str, int] = {}
     skipped, converted = [], []
     done = 0
-    zf = zipfile.ZipFile(loc.archive) if loc.archive else None
+    zf = open(loc.archive, "rb") if loc.archive else None  # noqa: SIM115 - closed below
+    members = _zip_members(loc.archive) if loc.archive else {}
+    report(progress, cancel, "checking images", 0, total)
     try:
         for cls, files in listing.files.items():
             counts[cls] = 0
             for src, size in files:
-                name = f"{loc.archive}:{src}" if zf else src
+                name = loc.name(src)
                 if size == 0:
                     skipped.append((name, "zero bytes"))
                 else:
                     try:
-                        _, mode = _open(zf.read(src) if zf else src, draft=64)
+                        data = _read_member(zf, _entry(members[src]), loc.archive, src) if zf else src
+                        _, mode = _open(data, draft=64)
                         counts[cls] += 1
                         if mode != "RGB":
                             converted.append((name, mode))
@@ -450,5 +517,4 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, worker
     """A DataLoader with sensible workers (`default_workers`) and a seeded shuffle."""
     workers = default_workers(len(dataset)) if workers is None else workers
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                      generator=torch.Generator().manual_seed(seed) if shuffle else None,
-                      persistent_workers=False)
+                      generator=torch.Generator().manual_seed(seed) if shuffle else None)

@@ -8,6 +8,7 @@ so every number here is what the staged model really does on these samples.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -18,7 +19,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_tensors
 from torch.utils.data import DataLoader, Dataset
 
@@ -100,24 +101,29 @@ class Records:
             return cls(tensors["logits"], features, tensors["labels"], meta["class_names"], meta["exit_stages"])
         except FileNotFoundError:
             raise
-        except (KeyError, ValueError, TypeError, OSError, json.JSONDecodeError) as err:
+        except (SafetensorError, KeyError, ValueError, TypeError, OSError) as err:
             raise ValueError(f"{path} is not an Offramp records file ({err}); record it again with "
                              "record_outputs(...).save(path)") from err
 
 
-@torch.inference_mode()
 def record_outputs(model: MultiExitNet, dataset_or_loader: Dataset | DataLoader | Iterable, *, batch_size: int = 256,
-                   device: str | torch.device = "cpu", with_features: bool = True,
+                   device: str | torch.device = "cpu", with_features: bool = True, workers: int | None = None,
                    progress: ProgressFn | None = None, cancel: CancelFlag | None = None) -> Records:
     """Run every exit of `model` on every (image, label) sample and return the Records.
 
     `dataset_or_loader` is a map-style dataset of (image tensor, label), a DataLoader, or any
-    iterable of (images, labels) batches. The model runs in eval mode on `device`; its mode and
-    device are restored afterwards. Progress stage: "recording exits". Raises Cancelled.
+    iterable of (images, labels) batches; a dataset whose `transform` is None gets the model's
+    preset on a shallow copy, and is loaded by `workers` processes (default: data.default_workers). The model runs in eval mode on `device`; its mode and device are
+    restored afterwards. Progress stage: "recording exits". Raises Cancelled, and ValueError for
+    an empty dataset.
     """
     loader = dataset_or_loader
     if isinstance(loader, Dataset) and not isinstance(loader, torch.utils.data.IterableDataset):
-        loader = DataLoader(loader, batch_size=batch_size, shuffle=False, num_workers=0)
+        from .data import make_loader, preset_transform
+        if getattr(loader, "transform", "absent") is None:  # it would yield PIL images: use the model's preset
+            loader = copy.copy(loader)
+            loader.transform = preset_transform(model.backbone.preset)
+        loader = make_loader(loader, batch_size, shuffle=False, workers=workers)
     total = _length(loader)
     was_training = model.training
     old_device = next(model.parameters()).device
@@ -128,10 +134,11 @@ def record_outputs(model: MultiExitNet, dataset_or_loader: Dataset | DataLoader 
         report(progress, cancel, "recording exits", 0, total)
         for batch in loader:
             x, y = batch[0], batch[1]
-            out, f = model.forward_all(x.to(device), with_features=True, calibrated=True)
-            logits.append(torch.stack(out, dim=1).float().cpu())  # (batch, exits, classes)
-            if with_features:
-                feats.append([t.float().cpu() for t in f])
+            with torch.inference_mode():
+                out, f = model.forward_all(x.to(device), with_features=True, calibrated=True)
+                logits.append(torch.stack(out, dim=1).float().cpu())  # (batch, exits, classes)
+                if with_features:
+                    feats.append([t.float().cpu() for t in f])
             labels.append(torch.as_tensor(y).long().reshape(-1).cpu())
             done += x.shape[0]
             report(progress, cancel, "recording exits", done, max(total, done))
@@ -139,6 +146,7 @@ def record_outputs(model: MultiExitNet, dataset_or_loader: Dataset | DataLoader 
         model.to(old_device).train(was_training)
     if not logits:
         raise ValueError("the dataset is empty: there is nothing to evaluate")
+    # concatenated outside inference mode, so the records are ordinary tensors (usable to train policies)
     features = [torch.cat(col) for col in zip(*feats)] if with_features else []
     return Records(torch.cat(logits), features, torch.cat(labels), model.class_names, model.exit_stages)
 
@@ -321,14 +329,16 @@ def evaluation_report(records: Records, cost: CostTable, policies: dict[str, Pol
                       thresholds: Sequence[float] | None = None) -> dict:
     """Everything about these exits on these samples, JSON-able: per-exit accuracy, the full
     model, each named policy's `evaluate_policy`, the oracle, the threshold curve and its front
-    (with the full model). `default` names the policy the app starts with (marked in the plot)."""
+    (with the full model). Keys: num_samples, class_names, exit_stages, measure, cost,
+    accuracy_per_exit, full, policies {name: ...}, default_policy, oracle, threshold_curve, front.
+    `default` names the policy the app starts with (marked in the plot)."""
     full = evaluate_policy(records, full_model_policy(records.num_exits, measure), cost)
     curve = threshold_curve(records, cost, measure, thresholds)
     return {
         "num_samples": records.num_samples, "class_names": records.class_names,
         "exit_stages": records.exit_stages, "measure": measure, "cost": cost.to_json(),
         "accuracy_per_exit": accuracy_per_exit(records),
-        "full_model": full,
+        "full": full,
         "policies": {name: evaluate_policy(records, p, cost) for name, p in (policies or {}).items()},
         "default_policy": default,
         "oracle": oracle(records, cost),
@@ -351,7 +361,7 @@ def plot_report(report: dict, path: str | Path | None = None, size: tuple[int, i
     full model, the oracle and each policy. Returns the BGR image; writes a PNG if `path`."""
     from .plot import plot_curves
 
-    full = report["full_model"]["full_flops"]
+    full = report["full"]["full_flops"]
 
     def xy(p: dict, flops_key: str = "flops") -> tuple[float, float]:
         return 100.0 * p[flops_key] / full, 100.0 * p["accuracy"]
@@ -360,11 +370,11 @@ def plot_report(report: dict, path: str | Path | None = None, size: tuple[int, i
                "colour": (200, 170, 130), "width": 1},
               {"name": "Pareto front", "points": [xy(p) for p in report["front"]], "style": "line",
                "marker": "o" if len(report["front"]) <= 30 else None},
-              {"name": "full model", "points": [xy(report["full_model"], "mean_flops")], "style": "points",
+              {"name": "full model", "points": [xy(report["full"], "mean_flops")], "style": "points",
                "marker": "s"},
               {"name": "oracle", "points": [xy(report["oracle"], "mean_flops")], "style": "points", "marker": "^"}]
     for name, ev in report["policies"].items():
-        label = f"{name} (default)" if name == report.get("default_policy") else name
+        label = f"{name} (default)" if name == report.get("default_policy") and name != "default" else name
         series.append({"name": label, "points": [xy(ev, "mean_flops")], "style": "points", "marker": "D"})
     x_max = max([100.0] + [x for s in series for x, _ in s["points"] if math.isfinite(x)])
     title = f"Accuracy vs compute: {report['num_samples']} images, {len(report['exit_stages'])} exits"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -18,6 +19,7 @@ PALETTE = [(180, 119, 31), (14, 127, 255), (44, 160, 44), (40, 39, 214), (189, 1
 MARKERS = ("o", "s", "^", "D", "v", "x")
 _SS = 2  # supersampling factor
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
+_TICK = 0.45 * _SS  # font scale of tick labels, legend and axis labels (at the supersampled size)
 _INK, _AXIS, _GRID, _MUTED = (40, 40, 40), (90, 90, 90), (228, 228, 228), (110, 110, 110)
 _ASCII = {"×": "x", "−": "-", "–": "-", "—": "-", "≥": ">=", "≤": "<=", "·": ".", "%": "%", "µ": "u"}
 
@@ -31,7 +33,8 @@ def nice_ticks(lo: float, hi: float, target: int = 6) -> tuple[list[float], int]
         lo, hi = lo - pad, hi + pad
     raw = (hi - lo) / max(target, 1)
     mag = 10.0 ** math.floor(math.log10(raw))
-    mult = next(m for m in (1.0, 2.0, 2.5, 5.0, 10.0) if m * mag >= raw * (1 - 1e-9))
+    # the round step whose tick count comes closest to `target` (ties: the coarser step)
+    mult = min((1.0, 2.0, 2.5, 5.0, 10.0), key=lambda m: (abs((hi - lo) / (m * mag) - target), -m))
     step = mult * mag
     start, stop = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
     ticks = [round(i * step, 12) for i in range(start, stop + 1)]
@@ -59,48 +62,28 @@ def plot_curves(series: Sequence[dict], *, x_label: str, y_label: str, title: st
 
     S = _SS
     img = np.full((h * S, w * S, 3), 255, np.uint8)
-    fs, th = 0.45 * S, S  # tick-label font scale and thickness
     ylabels = [f"{t:.{yd}f}" for t in yt]
-    label_w = max(_text_size(s, fs, th)[0] for s in ylabels)
-    text_h = _text_size("0", fs, th)[1]
-    left = 14 * S + text_h * 2 + label_w + 10 * S
-    top, right, bottom = 44 * S, 22 * S, 30 * S + text_h * 3
-    box = (left, top, w * S - right, h * S - bottom)  # x0, y0, x1, y1 of the plot area
-
-    def to_px(x: float, y: float) -> tuple[float, float]:
-        px = box[0] + (x - x_lo) / (x_hi - x_lo) * (box[2] - box[0])
-        py = box[3] - (y - y_lo) / (y_hi - y_lo) * (box[3] - box[1])
-        return px, py
-
-    # grid, ticks and labels
-    for t, s in zip(xt, [f"{t:.{xd}f}" for t in xt]):
-        px = int(round(to_px(t, y_lo)[0]))
-        cv2.line(img, (px, box[1]), (px, box[3]), _GRID, S, cv2.LINE_AA)
-        cv2.line(img, (px, box[3]), (px, box[3] + 5 * S), _AXIS, S, cv2.LINE_AA)
-        tw, _ = _text_size(s, fs, th)
-        _put(img, s, (px - tw // 2, box[3] + 9 * S + text_h), fs, _INK, th)
-    for t, s in zip(yt, ylabels):
-        py = int(round(to_px(x_lo, t)[1]))
-        cv2.line(img, (box[0], py), (box[2], py), _GRID, S, cv2.LINE_AA)
-        cv2.line(img, (box[0] - 5 * S, py), (box[0], py), _AXIS, S, cv2.LINE_AA)
-        tw, _ = _text_size(s, fs, th)
-        _put(img, s, (box[0] - 9 * S - tw, py + text_h // 2), fs, _INK, th)
+    text_h = _text_size("0", _TICK, S)[1]
+    left = 24 * S + text_h * 2 + max(_text_size(s, _TICK, S)[0] for s in ylabels)
+    frame = _Frame((left, 44 * S, w * S - 22 * S, h * S - 30 * S - text_h * 3), (x_lo, x_hi), (y_lo, y_hi))
+    _draw_grid(img, frame, list(zip(xt, [f"{t:.{xd}f}" for t in xt])), list(zip(yt, ylabels)))
 
     # data, clipped to the plot area by drawing on its own canvas
-    area = img[box[1]:box[3] + 1, box[0]:box[2] + 1].copy()
+    x0, y0, x1, y1 = frame.box
+    area = img[y0:y1 + 1, x0:x1 + 1].copy()
     for it in items:
-        pts = [(px - box[0], py - box[1]) for px, py in (to_px(x, y) for x, y in it["points"])]
-        _draw_series(area, it, pts)
-    _draw_legend(area, items, [(px - box[0], py - box[1]) for px, py in (to_px(x, y) for x, y in zip(xs, ys))])
-    img[box[1]:box[3] + 1, box[0]:box[2] + 1] = area
-    cv2.rectangle(img, (box[0], box[1]), (box[2], box[3]), _AXIS, S, cv2.LINE_AA)
+        _draw_series(area, it, [frame.to_area(x, y) for x, y in it["points"]])
+    lines = [[frame.to_area(x, y) for x, y in it["points"]] if it["style"] == "line" else [] for it in items]
+    _draw_legend(area, items, _covered(lines, [frame.to_area(x, y) for x, y in zip(xs, ys)]))
+    img[y0:y1 + 1, x0:x1 + 1] = area
+    cv2.rectangle(img, (x0, y0), (x1, y1), _AXIS, S, cv2.LINE_AA)
 
     # axis labels and title
-    lw, _ = _text_size(x_label, fs * 1.1, th)
-    _put(img, x_label, ((box[0] + box[2] - lw) // 2, h * S - 12 * S), fs * 1.1, _INK, th)
-    _put_vertical(img, y_label, 12 * S, (box[1] + box[3]) // 2, fs * 1.1, th)
-    tw, _ = _text_size(title, 0.62 * S, th + S // 2)
-    _put(img, title, ((w * S - tw) // 2, 28 * S), 0.62 * S, _INK, th + S // 2)
+    lw, _ = _text_size(x_label, _TICK * 1.1, S)
+    _put(img, x_label, ((x0 + x1 - lw) // 2, h * S - 12 * S), _TICK * 1.1, _INK, S)
+    _put_vertical(img, y_label, 12 * S, (y0 + y1) // 2, _TICK * 1.1, S)
+    tw, _ = _text_size(title, 0.62 * S, S + S // 2)
+    _put(img, title, ((w * S - tw) // 2, 28 * S), 0.62 * S, _INK, S + S // 2)
 
     out = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
     if path is not None:
@@ -127,6 +110,40 @@ def write_png(img: np.ndarray, path: str | Path) -> None:
 
 
 # -- pieces -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Frame:
+    """Where the plot area sits on the (supersampled) image and which data ranges it shows."""
+
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels
+    x_range: tuple[float, float]
+    y_range: tuple[float, float]
+
+    def to_px(self, x: float, y: float) -> tuple[float, float]:
+        (x0, y0, x1, y1), (xa, xb), (ya, yb) = self.box, self.x_range, self.y_range
+        return x0 + (x - xa) / (xb - xa) * (x1 - x0), y1 - (y - ya) / (yb - ya) * (y1 - y0)
+
+    def to_area(self, x: float, y: float) -> tuple[float, float]:
+        """Pixel position relative to the plot area's top-left corner."""
+        px, py = self.to_px(x, y)
+        return px - self.box[0], py - self.box[1]
+
+
+def _draw_grid(img: np.ndarray, frame: _Frame, xticks: list[tuple[float, str]], yticks: list[tuple[float, str]]):
+    """Grid lines, tick marks and tick labels of both axes."""
+    S, (x0, y0, x1, y1) = _SS, frame.box
+    text_h = _text_size("0", _TICK, S)[1]
+    for t, s in xticks:
+        px = int(round(frame.to_px(t, frame.y_range[0])[0]))
+        cv2.line(img, (px, y0), (px, y1), _GRID, S, cv2.LINE_AA)
+        cv2.line(img, (px, y1), (px, y1 + 5 * S), _AXIS, S, cv2.LINE_AA)
+        _put(img, s, (px - _text_size(s, _TICK, S)[0] // 2, y1 + 9 * S + text_h), _TICK, _INK, S)
+    for t, s in yticks:
+        py = int(round(frame.to_px(frame.x_range[0], t)[1]))
+        cv2.line(img, (x0, py), (x1, py), _GRID, S, cv2.LINE_AA)
+        cv2.line(img, (x0 - 5 * S, py), (x0, py), _AXIS, S, cv2.LINE_AA)
+        _put(img, s, (x0 - 9 * S - _text_size(s, _TICK, S)[0], py + text_h // 2), _TICK, _INK, S)
+
+
 def _prepare(s: dict, i: int) -> dict:
     style = s.get("style", "line")
     if style not in ("line", "points"):
@@ -198,24 +215,36 @@ def _marker(img: np.ndarray, p: tuple[float, float], kind: str, colour, r: int) 
     cv2.polylines(img, [poly], True, edge, _SS, cv2.LINE_AA)
 
 
+def _covered(lines: list[list[tuple[float, float]]], points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Pixels the data covers: every point, and samples every few pixels along each line."""
+    out = list(points)
+    for pts in lines:
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            n = int(math.hypot(x1 - x0, y1 - y0) // (4 * _SS)) + 1
+            out.extend((x0 + (x1 - x0) * i / n, y0 + (y1 - y0) * i / n) for i in range(1, n))
+    return out
+
+
 def _draw_legend(area: np.ndarray, items: list[dict], data_px: list[tuple[float, float]]) -> None:
-    """Legend box in the corner of the plot area that hides the fewest data points."""
-    named = [it for it in items if it["name"]]
+    """Legend box in the corner of the plot area that hides the least data."""
+    named = [it for it in items if it["name"] and it["points"]]
     if not named:
         return
-    S, fs, th = _SS, 0.45 * _SS, _SS
+    S, fs, th = _SS, _TICK, _SS
     th_txt = _text_size("Ag", fs, th)[1]
     row, sample_w, pad = th_txt + 10 * S, 26 * S, 8 * S
     bw = pad * 3 + sample_w + max(_text_size(it["name"], fs, th)[0] for it in named)
     bh = pad * 2 + row * len(named) - (row - th_txt) + 4 * S
     ah, aw = area.shape[:2]
     inset = 10 * S
-    corners = [(aw - bw - inset, ah - bh - inset), (inset, ah - bh - inset), (aw - bw - inset, inset), (inset, inset)]
+    # lower right and upper left first: where rising accuracy-vs-cost curves usually are not
+    corners = [(aw - bw - inset, ah - bh - inset), (inset, inset), (inset, ah - bh - inset), (aw - bw - inset, inset)]
+    m = 12 * S
 
     def hidden(c):
-        return sum(c[0] - 6 * S <= x <= c[0] + bw + 6 * S and c[1] - 6 * S <= y <= c[1] + bh + 6 * S for x, y in data_px)
+        return sum(c[0] - m <= x <= c[0] + bw + m and c[1] - m <= y <= c[1] + bh + m for x, y in data_px)
 
-    x0, y0 = min(corners, key=hidden)  # ties keep the first: lower right, where accuracy-vs-cost curves are not
+    x0, y0 = min(corners, key=hidden)  # ties keep the first
     overlay = area.copy()
     cv2.rectangle(overlay, (x0, y0), (x0 + bw, y0 + bh), (255, 255, 255), -1)
     cv2.addWeighted(overlay, 0.88, area, 0.12, 0, dst=area)

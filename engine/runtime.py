@@ -4,20 +4,23 @@ policy, and keep running totals. What it returns (`InferenceResult`) is all the 
 from __future__ import annotations
 
 import copy
+import math
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Sequence, Union
 
 import cv2
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from .backbones import InputPreset
 from .bundle import Bundle, BundleError, default_bundle_path, load_bundle
-from .cost import CostTable
+from .cost import CostTable, measure_costs, measure_policy_flops, profile_latency
+from .data import load_image
 from .model import MultiExitNet, StagedOutput
 from .policies import MEASURES, Policy, ThresholdPolicy, confidence
 
@@ -79,13 +82,12 @@ Frame = Union[np.ndarray, Image.Image, str, os.PathLike, torch.Tensor]
 
 
 def load_frame(path: str | os.PathLike) -> np.ndarray:
-    """An image file as an HxWx3 uint8 RGB array (EXIF orientation applied).
+    """An image file as an HxWx3 uint8 RGB array, decoded as training decodes it (`data.load_image`).
 
     Raises ValueError naming the file when it is missing or not a readable image.
     """
     try:
-        with Image.open(path) as im:
-            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        return np.asarray(load_image(path))
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image {os.fspath(path)}: {e}") from None
 
@@ -112,8 +114,9 @@ def _as_array(frame: Frame, rgb: bool) -> tuple[np.ndarray, bool]:
 def _resize_crop(img: np.ndarray, resize: int, crop: int) -> np.ndarray:
     """Shorter side to `resize`, then the centre `crop`x`crop`, as torchvision's Resize + CenterCrop.
 
-    Only the part of the image that survives the crop is resampled: integer area-averaging first
-    (antialiased and fast in OpenCV), then bilinear for the last factor below 2.
+    Only the window that survives the crop is resampled: first area-averaging by a whole factor k
+    (antialiased, and OpenCV's fast path), then bilinear sampling of the exact window for the last
+    factor below 2, so the geometry matches torchvision's to a fraction of a pixel.
     """
     h, w = img.shape[:2]
     if min(h, w) == resize:
@@ -123,20 +126,24 @@ def _resize_crop(img: np.ndarray, resize: int, crop: int) -> np.ndarray:
     else:
         new_h, new_w = int(resize * h / w), resize
     top, left = int(round((new_h - crop) / 2.0)), int(round((new_w - crop) / 2.0))
-    sy, sx = h / new_h, w / new_w
-    y0, y1 = max(0, round(top * sy)), min(h, round((top + crop) * sy))
-    x0, x1 = max(0, round(left * sx)), min(w, round((left + crop) * sx))
-    box = img[y0:y1, x0:x1]
-    bh, bw = box.shape[:2]
-    if (bh, bw) == (crop, crop):
-        return box
-    k = min(bh // crop, bw // crop)
-    if k >= 2:  # an exact integer factor takes OpenCV's fast area-averaging path
-        box = cv2.resize(box[: bh - bh % k, : bw - bw % k], ((bw - bw % k) // k, (bh - bh % k) // k),
-                         interpolation=cv2.INTER_AREA)
-    if box.shape[:2] != (crop, crop):
-        box = cv2.resize(box, (crop, crop), interpolation=cv2.INTER_LINEAR)
-    return box
+    if (new_h, new_w) == (h, w) and 0 <= top and 0 <= left:  # no resampling: a plain crop, exact
+        return img[top: top + crop, left: left + crop]
+    sy, sx = h / new_h, w / new_w  # source pixels per output pixel
+    y0, x0 = top * sy, left * sx  # the window's corner in source pixels
+    k = int(min(sy, sx))
+    oy = ox = 0
+    if k >= 2:  # average whole k-by-k blocks of the window's neighbourhood
+        oy, ox = int(y0 // k) * k, int(x0 // k) * k
+        ny = min(math.ceil((y0 + crop * sy - oy) / k), (h - oy) // k)
+        nx = min(math.ceil((x0 + crop * sx - ox) / k), (w - ox) // k)
+        img = cv2.resize(img[oy: oy + ny * k, ox: ox + nx * k], (nx, ny), interpolation=cv2.INTER_AREA)
+    else:
+        k = 1
+    # output pixel (u, v) samples its centre: x = ((x0 + (u + 0.5) * sx) - ox) / k - 0.5 in `img`
+    m = np.array([[sx / k, 0.0, (x0 - ox + 0.5 * sx) / k - 0.5],
+                  [0.0, sy / k, (y0 - oy + 0.5 * sy) / k - 0.5]])
+    return cv2.warpAffine(img, m, (crop, crop), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_REPLICATE)
 
 
 def preprocess(frame: Frame, preset: InputPreset, rgb: bool = False) -> torch.Tensor:
@@ -204,7 +211,9 @@ class Engine:
                 raise ValueError("the bundle has only evaluation-only policies; add a threshold policy to use it live")
         self._policy: Policy = bundle.policies[name]
         self._policy_name: str | None = name
-        self._cost = _with_flops(bundle.cost, self.model, self._policy)
+        has_flops = _has_flops(bundle.cost, self.model)
+        self._cost = bundle.cost if has_flops else measure_costs(self.model, self._policy)
+        self._flops_of: weakref.WeakKeyDictionary[Policy, list[float]] = weakref.WeakKeyDictionary()
         self._totals = RunningTotals(exit_counts=[0] * self.model.num_exits)
         self.set_device(target)
 
@@ -273,11 +282,16 @@ class Engine:
         """
         device = _resolve_device(name)
         with self._run_lock:
-            self.model.to(device)
             with self._lock:
-                self._policy.to(device)
-                cost = self._cost
-            cost = _with_latency(self.model, cost, device, self._repeats)
+                policy, cost, previous = self._policy, self._cost, self._device
+            try:
+                self.model.to(device)
+                policy.to(device)
+                cost = profile_latency(self.model, cost, device=device, repeats=self._repeats, warmup=3)
+            except BaseException:  # e.g. out of GPU memory: stay where we were
+                self.model.to(previous)
+                policy.to(previous)
+                raise
             with self._lock:
                 self._device, self._cost = device, cost
 
@@ -301,11 +315,18 @@ class Engine:
         policy.active_exits(self.num_exits)  # raises ValueError when it does not fit the exits
         with self._run_lock:
             policy.to(self._device).eval()
-            flops = _policy_flops(policy, self.model)
+            flops = self._policy_flops(policy)
             with self._lock:
                 self._policy, self._policy_name = policy, name
-                if flops is not None:
-                    self._cost = replace(self._cost, policy_flops=list(flops))
+                self._cost = replace(self._cost, policy_flops=flops)
+
+    def _policy_flops(self, policy: Policy) -> list[float]:
+        """FLOPs of `policy`'s decision at every exit, measured once per policy object."""
+        if isinstance(policy, ThresholdPolicy):
+            return [0.0] * self.num_exits  # no matrix products, which is all the FLOP counter counts
+        if policy not in self._flops_of:
+            self._flops_of[policy] = list(measure_policy_flops(policy, self.model))  # one forward pass
+        return self._flops_of[policy]
 
     def set_thresholds(self, thresholds: Sequence[float | None]) -> None:
         """Replace the active threshold policy's thresholds (None = exit off), from the next frame on.
@@ -315,18 +336,16 @@ class Engine:
         """
         if len(thresholds) != self.num_exits:
             raise ValueError(f"give {self.num_exits} thresholds (one per exit), not {len(thresholds)}")
-        with self._lock:
+        with self._lock:  # never held during a run, so the GUI thread does not wait for a frame
             policy = self._policy
-        if not isinstance(policy, ThresholdPolicy):
-            raise ValueError(f"the active policy ({policy.describe()}) has no thresholds; "
-                             "choose a threshold policy first")
-        checked = ThresholdPolicy(thresholds, policy.measure).thresholds
-        # a new object rather than an edit: a frame in flight keeps the policy it started with
-        edited = copy.copy(policy)
-        edited.thresholds = checked
-        with self._lock:
-            if self._policy is policy:
-                self._policy = edited
+            if not isinstance(policy, ThresholdPolicy):
+                raise ValueError(f"the active policy ({policy.describe()}) has no thresholds; "
+                                 "choose a threshold policy first")
+            checked = ThresholdPolicy(thresholds, policy.measure).thresholds
+            # a new object rather than an edit: a frame in flight keeps the policy it started with
+            edited = copy.copy(policy)
+            edited.thresholds = checked
+            self._policy = edited
 
     def reset_totals(self) -> None:
         with self._lock:
@@ -403,7 +422,7 @@ def _snapshot(t: RunningTotals) -> RunningTotals:
 
 
 def _resolve_device(name: str) -> str:
-    """"auto" → cuda, then mps, then cpu; otherwise `name` checked against this machine."""
+    """'auto' → cuda, then mps, then cpu; any other name is checked against this machine."""
     available = Engine.available_devices()
     if name == "auto":
         return next(d for d in ("cuda", "mps", "cpu") if d in available)
@@ -427,28 +446,3 @@ def _sync(device: str) -> None:
 def _has_flops(table: CostTable, model: MultiExitNet) -> bool:
     return (list(table.exit_stages) == model.exit_stages and len(table.exit_flops) == model.num_exits
             and len(table.stage_flops) == model.backbone.num_stages and sum(table.stage_flops) > 0)
-
-
-def _with_flops(table: CostTable, model: MultiExitNet, policy: Policy) -> CostTable:
-    """`table` if it has FLOPs for this model, else a freshly measured one."""
-    if _has_flops(table, model):
-        return table
-    from .cost import measure_costs  # imported here: cost.py's measuring half is optional for the rest
-
-    return measure_costs(model, policy)
-
-
-def _with_latency(model: MultiExitNet, table: CostTable, device: str, repeats: int) -> CostTable:
-    try:
-        from .cost import profile_latency
-    except ImportError:  # a cost module without a profiler: FLOPs only, no ms figures
-        return table
-    return profile_latency(model, table, device=device, repeats=repeats, warmup=3)
-
-
-def _policy_flops(policy: Policy, model: MultiExitNet) -> list[float] | None:
-    try:
-        from .cost import measure_policy_flops
-    except ImportError:
-        return None
-    return measure_policy_flops(policy, model)

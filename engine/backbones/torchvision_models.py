@@ -91,6 +91,7 @@ def weights_file(weights: WeightsEnum) -> Path:
 
 @contextlib.contextmanager
 def _socket_timeout(seconds: float):
+    """torch.hub offers no timeout, so the process-wide default is set for the download and restored."""
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(seconds)
     try:
@@ -139,8 +140,6 @@ def _torchvision_model(name: str, weights: str | None) -> tuple[nn.Module, Weigh
 def _staged(name: str, model: nn.Module, table: StageTable, head: nn.Sequential, weights: WeightsEnum | None,
             num_classes: int) -> StagedBackbone:
     """Cut `model` by `table`; a head for another number of classes gets a new (untrained) final Linear."""
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, not {num_classes!r}")
     final = head[-1]
     assert isinstance(final, nn.Linear), f"{name}: the head must end with its Linear, found {type(final).__name__}"
     if final.out_features != num_classes:
@@ -209,6 +208,8 @@ def _register(name: str, family_builder, title: str, num_stages: int):
 
     @register_backbone(name, family="torchvision", description=doc)
     def build(*, weights: str | None = None, num_classes: int = IMAGENET_CLASSES) -> StagedBackbone:
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, not {num_classes!r}")
         return family_builder(name, weights=weights, num_classes=num_classes)
 
     build.__name__ = name

@@ -15,12 +15,12 @@ import torch
 from ..bundle import Bundle
 from ..cost import measure_costs
 from ..data import check_folder, open_dataset, preset_transform, split_indices
-from ..evaluate import Records, accuracy_per_exit, pareto, pick_point, threshold_curve
+from ..evaluate import Records, accuracy_per_exit, operating_front, pick_point, threshold_curve
 from ..features import FeatureCache, cache_features
 from ..model import MultiExitNet
 from ..policies import ThresholdPolicy
 from ..progress import CancelFlag, ProgressFn, report
-from .calibrate import fit_temperature
+from .calibrate import calibrate_exits
 from .exits import train_exits
 
 DEFAULT_MAX_LOSS = 0.005  # the default operating point: at most 0.5 points below the last exit
@@ -28,20 +28,8 @@ DEFAULT_MAX_LOSS = 0.005  # the default operating point: at most 0.5 points belo
 
 def records_from_cache(model: MultiExitNet, cache: FeatureCache) -> Records:
     """Calibrated logits of every exit computed from cached head inputs (no backbone pass)."""
-    with torch.inference_mode():
-        logits = torch.stack([model.exits[e].post(cache.inputs[e].float()) / model.temperature[e]
-                              for e in range(model.num_exits)], dim=1)
-    return Records(logits=logits.float(), features=[f.float() for f in cache.features], labels=cache.labels,
-                   class_names=list(model.class_names), exit_stages=model.exit_stages)
-
-
-def calibrate(model: MultiExitNet, cache: FeatureCache) -> list[float]:
-    """Fit one temperature per exit on held-out cached outputs and store it in the model."""
-    with torch.inference_mode():
-        temps = [fit_temperature(model.exits[e].post(cache.inputs[e].float()), cache.labels)
-                 for e in range(model.num_exits)]
-    model.temperature.copy_(torch.tensor(temps))
-    return temps
+    return Records(logits=cache.exit_logits(model, calibrated=True), features=[f.float() for f in cache.features],
+                   labels=cache.labels, class_names=list(model.class_names), exit_stages=model.exit_stages)
 
 
 def fit_exits(model: MultiExitNet, train_set, val_set, *, epochs: int = 30, max_loss: float = DEFAULT_MAX_LOSS,
@@ -61,12 +49,12 @@ def fit_exits(model: MultiExitNet, train_set, val_set, *, epochs: int = 30, max_
                               train_exits=train_which, progress=progress, cancel=cancel)
         train_samples = len(train_cache.labels)
     report(progress, cancel, "evaluating", 0, 1)
-    temps = calibrate(model, val_cache)
+    temps = calibrate_exits(model, val_cache)
     records = records_from_cache(model, val_cache)
     cost = measure_costs(model)
     per_exit = accuracy_per_exit(records)
     curve = threshold_curve(records, cost)
-    front = pareto(curve)
+    front = operating_front(records, cost)
     point = pick_point(front, max_loss=max_loss, full_accuracy=per_exit[-1])
     policy = ThresholdPolicy.from_json(point["policy"], num_exits=model.num_exits, num_classes=model.num_classes)
     report(progress, cancel, "evaluating", 1, 1)
@@ -103,7 +91,7 @@ def retrain_on_folder(bundle: Bundle, folder: str | Path, *, head: str = "linear
                                     head=head, keep_classifier=False)
         train_which = None
     model.temperature.fill_(1.0)
-    dataset = open_dataset(folder)
+    dataset = open_dataset(folder, report=check)
     dataset.transform = preset_transform(model.backbone.preset)
     train_idx, val_idx = split_indices(dataset.targets, val_fraction=val_fraction, seed=0)
     train_set = torch.utils.data.Subset(dataset, train_idx)

@@ -1,0 +1,121 @@
+"""`offramp-app` / `python -m app`: the desktop window, or a scripted run with --frames.
+
+    offramp-app [PATH]                       # PATH: a bundle to load or a source to open
+    offramp-app --source PATH --frames N --screenshot OUT.png --stats OUT.json
+                [--bundle B] [--device D] [--presentation]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+PROG = "offramp-app"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROG, description="Watch a multi-exit classifier take its off-ramps, live.")
+    p.add_argument("path", nargs="?", help="a bundle (.offramp) to load or an image, folder or video to open")
+    p.add_argument("--source", help="image, folder, video or camera:N to open")
+    p.add_argument("--bundle", help="bundle to load (default: the last one used, else the built-in default)")
+    p.add_argument("--device", help="device to run on (auto, cpu, cuda, cuda:1, mps)")
+    p.add_argument("--presentation", action="store_true", help="start in presentation mode")
+    p.add_argument("--frames", type=int, help="scripted run: quit after this many frames were shown")
+    p.add_argument("--screenshot", help="scripted run: save a PNG of the window here at the end")
+    p.add_argument("--stats", help="scripted run: save a JSON of what was shown here at the end")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: one frame at a time gains nothing from more, and the "
+                        "window and capture need the other cores); 0 = torch's default")
+    p.add_argument("--timeout", type=float, default=120.0, help="scripted run: give up after this many seconds")
+    return p.parse_args(argv)
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _check(args: argparse.Namespace) -> str | None:
+    """A one-line complaint about the arguments, or None when they are usable."""
+    from .sources import SourceError, SourceSpec
+    scripted = args.frames is not None or args.screenshot or args.stats
+    if scripted and not (args.source or args.path):
+        return "--frames, --screenshot and --stats need --source PATH"
+    if args.frames is not None and args.frames < 1:
+        return f"--frames must be at least 1, not {args.frames}"
+    source = args.source or (args.path if scripted else None)
+    if source:
+        try:
+            SourceSpec.from_text(source)
+        except SourceError as e:
+            return str(e)
+    if args.bundle and not Path(args.bundle).is_file():
+        return f"bundle {args.bundle} does not exist"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    problem = _check(args)
+    if problem:
+        return _fail(problem)
+    from PySide6.QtCore import QSettings
+    from PySide6.QtWidgets import QApplication
+
+    from .main_window import MainWindow
+    from .session import Session
+
+    app = QApplication.instance() or QApplication([sys.argv[0]])
+    app.setOrganizationName("Offramp")
+    app.setApplicationName(PROG)
+    scripted = args.frames is not None or bool(args.screenshot or args.stats)
+    session = Session(device=args.device or "auto", threads=args.threads or None)
+    try:  # whatever happens, the worker threads are stopped and waited for before Python exits
+        window = MainWindow(session, settings=None if scripted else QSettings(), presentation=False)
+        if args.presentation:
+            window.set_presentation(True)
+        else:
+            window.show()
+        if scripted:
+            return _run_scripted(app, window, args)
+        sys.excepthook = lambda kind, value, tb: _show_unexpected(window, kind, value, tb)
+        if args.bundle:
+            session.load_bundle(args.bundle)
+        else:
+            window.startup()
+        path = args.source or args.path
+        if path:
+            window.open_path(path)
+        return app.exec()
+    finally:
+        session.shutdown()
+
+
+def _run_scripted(app, window, args) -> int:
+    from .scripted import ScriptedRun
+    outcome = {"code": 3, "message": "the window closed before the run ended"}
+
+    def on_done(code: int, message: str) -> None:
+        outcome.update(code=code, message=message)
+        window.close()
+        app.exit(code)
+
+    run = ScriptedRun(window, source=args.source or args.path, frames=args.frames or 1, screenshot=args.screenshot,
+                      stats=args.stats, bundle=args.bundle, timeout_s=args.timeout)
+    run.done.connect(on_done)
+    run.start()
+    app.exec()
+    if outcome["code"]:
+        return _fail(outcome["message"])
+    return 0
+
+
+def _show_unexpected(window, kind, value, tb) -> None:
+    """A bug must not take the window down: print the traceback, show one line in the window."""
+    traceback.print_exception(kind, value, tb)
+    window.show_error(f"unexpected error ({kind.__name__}): {value}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

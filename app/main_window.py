@@ -1,0 +1,262 @@
+"""The main window: the frame and the exit diagram in the middle, panels in docks around it, menus,
+shortcuts, presentation mode, screenshots, drag & drop, remembered settings. It draws what the
+session reports, at most at `RENDER_MS` intervals, so a fast model never floods the GUI thread."""
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+from PySide6.QtCore import QSettings, QStandardPaths, Qt, QTimer
+from PySide6.QtGui import QCloseEvent, QFont
+from PySide6.QtWidgets import QApplication, QDockWidget, QLabel, QMainWindow, QVBoxLayout, QWidget
+
+from .menus import build_menus
+from .session import Session
+from .sources import SourceSpec
+from .state import ModelInfo, PolicyState, percent
+from .widgets import (NORMAL, PRESENTATION, ComputePanel, ConfidencePlot, ErrorBanner, ExitDiagram, PolicyPanel,
+                      RetrainPanel, Theme, TransportBar, VideoView)
+
+RENDER_MS = 25  # redraw at most 40 times a second, whatever the inference rate
+PRESENTATION_DOCKS = ("confidence", "compute")  # the panels a projector shows
+
+
+class MainWindow(QMainWindow):
+    def __init__(self, session: Session, settings: QSettings | None = None, presentation: bool = False):
+        super().__init__()
+        self.session = session
+        self.settings = settings
+        self.theme: Theme = NORMAL
+        self.presentation = False
+        self._base_font = QFont(QApplication.font())
+        self._dock_visibility: dict[str, bool] = {}
+        self._pending = None  # (result, frame) waiting to be drawn
+        self.setWindowTitle("Offramp — watch early exits happen")
+        self.setObjectName("offramp_main_window")
+        self.setAcceptDrops(True)
+        self.resize(1400, 900)
+
+        self.banner = ErrorBanner()
+        self.video = VideoView()
+        self.transport = TransportBar(session)
+        self.diagram = ExitDiagram()
+        central = QWidget()
+        layout = QVBoxLayout(central)
+        layout.setContentsMargins(4, 4, 4, 4)
+        layout.addWidget(self.banner)
+        layout.addWidget(self.video, 5)
+        layout.addWidget(self.transport)
+        layout.addWidget(self.diagram, 1)
+        self.setCentralWidget(central)
+
+        self.confidence = ConfidencePlot()
+        self.compute = ComputePanel()
+        self.policy_panel = PolicyPanel(session)
+        self.retrain_panel = RetrainPanel(session)
+        self.docks = {
+            "confidence": self._dock("confidence", "Confidence per exit", self.confidence, Qt.DockWidgetArea.RightDockWidgetArea),
+            "compute": self._dock("compute", "Compute saved", self.compute, Qt.DockWidgetArea.RightDockWidgetArea),
+            "policy": self._dock("policy", "Policy", self.policy_panel, Qt.DockWidgetArea.LeftDockWidgetArea),
+            "retrain": self._dock("retrain", "Retraining", self.retrain_panel, Qt.DockWidgetArea.LeftDockWidgetArea),
+        }
+        self.tabifyDockWidget(self.docks["policy"], self.docks["retrain"])
+        self.docks["policy"].raise_()
+        self.resizeDocks([self.docks["policy"], self.docks["confidence"]], [380, 420], Qt.Orientation.Horizontal)
+
+        self.model_label = QLabel("no model")
+        self.device_label = QLabel(f"device: {session.device}")
+        self.fps_label = QLabel("")
+        for w in (self.model_label, self.device_label, self.fps_label):
+            self.statusBar().addPermanentWidget(w)
+        self.actions = build_menus(self)
+
+        self._render_timer = QTimer(self)
+        self._render_timer.setInterval(RENDER_MS)
+        self._render_timer.setSingleShot(True)
+        self._render_timer.timeout.connect(self.render_now)
+
+        session.result.connect(self._on_result)
+        session.model_loaded.connect(self._on_model_loaded)
+        session.policy_changed.connect(self._on_policy_changed)
+        session.device_changed.connect(self._on_device_changed)
+        session.error.connect(self.show_error)
+        session.status.connect(self._on_status)
+        session.source_opened.connect(self._on_source_opened)
+        session.source_failed.connect(self._on_source_failed)
+        self._restore_settings()
+        if presentation:
+            self.set_presentation(True)
+
+    def _dock(self, name: str, title: str, widget: QWidget, area: Qt.DockWidgetArea) -> QDockWidget:
+        dock = QDockWidget(title, self)
+        dock.setObjectName(f"dock_{name}")
+        dock.setWidget(widget)
+        self.addDockWidget(area, dock)
+        return dock
+
+    # -- what the session says ----------------------------------------------------------------------
+    def _on_result(self, result, frame) -> None:
+        self._pending = (result, frame)
+        if not self._render_timer.isActive():
+            self._render_timer.start()
+
+    def render_now(self) -> None:
+        """Draw the newest result (the render timer calls this; a screenshot calls it directly)."""
+        if self._pending is None:
+            return
+        result, frame = self._pending
+        self._pending = None
+        self.video.set_frame(frame.image)
+        if result is None:
+            self.video.set_prediction("", None, "")
+            return
+        caption = (f"exit E{result.exit_index} of {result.num_exits} · {result.stages_run} of "
+                   f"{result.num_stages} stages · saved {percent(result.saved)}")
+        self.video.set_prediction(result.label, result.confidence, caption)
+        ran = {r.exit_index: r.confidence for r in result.exits}
+        self.diagram.set_result(result.stages_run, ran, result.exit_index, result.label)
+        self.confidence.set_values(ran, result.exit_index)
+        stats = self.session.stats
+        self.compute.update_stats(stats)
+        self.fps_label.setText(f"{stats.fps:.1f} frames/s")
+
+    def _on_model_loaded(self, info: ModelInfo) -> None:
+        self.model_label.setText(f"model: {info.name} ({info.backbone}, {len(info.class_names)} classes)")
+        self.device_label.setText(f"device: {info.device}")
+        self.diagram.set_model(info.num_stages, info.exit_stages)
+        self.confidence.set_model(info.num_exits)
+        self.compute.set_model(info.num_exits)
+        self.actions.set_devices(info)
+        if self.settings is not None and info.path:
+            self.settings.setValue("last_bundle", info.path)
+
+    def _on_policy_changed(self, state: PolicyState) -> None:
+        ts = state.thresholds
+        self.confidence.set_thresholds(ts)
+        self.diagram.set_active([t is not None for t in ts] if ts is not None else [True] * state.info.num_exits)
+
+    def _on_device_changed(self, device: str) -> None:
+        self.device_label.setText(f"device: {device}")
+        self.actions.check_device(device)
+        if self.settings is not None:
+            self.settings.setValue("device", device)
+
+    def _on_status(self, message: str) -> None:
+        self.statusBar().showMessage(message, 8000)
+
+    def _on_source_opened(self, spec: SourceSpec) -> None:
+        self.banner.hide()
+        self.setWindowTitle(f"Offramp — {spec.display}")
+        if self.settings is not None:
+            self.settings.setValue("last_source", spec.to_text())
+
+    def _on_source_failed(self, message: str) -> None:
+        if self.video.message:  # nothing shown yet: say why in the view too
+            self.video.set_message(message)
+
+    def show_error(self, message: str) -> None:
+        """Every error the user can cause ends here: the banner and the status bar; never a crash."""
+        self.banner.show_error(message)
+        self.statusBar().showMessage(message, 15000)
+
+    # -- actions ----------------------------------------------------------------------------------------
+    def set_presentation(self, on: bool) -> None:
+        """Full screen, large type, high contrast, only the panels a projector needs."""
+        if on == self.presentation:
+            return
+        self.presentation = on
+        self.theme = PRESENTATION if on else NORMAL
+        font = QFont(self._base_font)
+        font.setPointSizeF(self._base_font.pointSizeF() * self.theme.font_scale)
+        self.setFont(font)
+        self.setStyleSheet(self.theme.stylesheet())
+        for w in (self.video, self.diagram, self.confidence, self.compute, self.retrain_panel):
+            w.set_theme(self.theme)
+        if on:
+            self._dock_visibility = {n: d.isVisible() for n, d in self.docks.items()}
+            for name, dock in self.docks.items():
+                dock.setVisible(name in PRESENTATION_DOCKS)
+            self.showFullScreen()
+        else:
+            for name, dock in self.docks.items():
+                dock.setVisible(self._dock_visibility.get(name, True))
+            self.showNormal()
+        self.actions.presentation.setChecked(on)
+
+    def toggle_full_screen(self) -> None:
+        self.showNormal() if self.isFullScreen() else self.showFullScreen()
+
+    def save_screenshot(self, path: str | Path | None = None) -> Path | None:
+        """Save the window as PNG (default: Pictures/Offramp/offramp-<time>.png); None if it failed."""
+        if path is None:
+            folder = Path(QStandardPaths.writableLocation(QStandardPaths.StandardLocation.PicturesLocation)
+                          or Path.cwd()) / "Offramp"
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"offramp-{datetime.datetime.now():%Y%m%d-%H%M%S}.png"
+        path = Path(path)
+        self.render_now()
+        if not self.grab().save(str(path), "PNG"):
+            self.show_error(f"could not write the screenshot {path}: check the folder exists and is writable")
+            return None
+        self.statusBar().showMessage(f"screenshot saved to {path}", 8000)
+        return path
+
+    def open_source(self, text: str) -> None:
+        self.session.open_source(text)
+
+    def load_bundle(self, path: str) -> None:
+        self.session.load_bundle(str(path))
+
+    # -- drag & drop ----------------------------------------------------------------------------------------
+    def dragEnterEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        if event.mimeData().hasUrls() and any(u.isLocalFile() for u in event.mimeData().urls()):
+            event.acceptProposedAction()
+
+    def dropEvent(self, event) -> None:  # noqa: N802
+        paths = [u.toLocalFile() for u in event.mimeData().urls() if u.isLocalFile()]
+        if not paths:
+            return
+        event.acceptProposedAction()
+        self.open_path(paths[0])
+
+    def open_path(self, path: str) -> None:
+        """A dropped or command-line path: a bundle loads as the model, anything else opens as source."""
+        if path.lower().endswith(".offramp"):
+            self.load_bundle(path)
+        else:
+            self.open_source(path)
+
+    # -- settings and closing -----------------------------------------------------------------------------------
+    def _restore_settings(self) -> None:
+        s = self.settings
+        if s is None:
+            return
+        if s.value("geometry") is not None:
+            self.restoreGeometry(s.value("geometry"))
+        if s.value("window_state") is not None:
+            self.restoreState(s.value("window_state"))
+        self.session.mirror = s.value("mirror", False, type=bool)
+        self.actions.mirror.setChecked(self.session.mirror)
+        device = s.value("device", "")
+        if device:
+            self.session.device = str(device)
+
+    def startup(self) -> None:
+        """Load the last bundle (or the built-in default) and reopen the last file source."""
+        last = self.settings.value("last_bundle", "") if self.settings is not None else ""
+        self.session.load_bundle(last if last and Path(last).is_file() else None)
+        source = self.settings.value("last_source", "") if self.settings is not None else ""
+        if source and not str(source).startswith("camera:") and Path(source).exists():
+            self.session.open_source(str(source))
+
+    def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802
+        if self.settings is not None:
+            if self.presentation:
+                self.set_presentation(False)
+            self.settings.setValue("geometry", self.saveGeometry())
+            self.settings.setValue("window_state", self.saveState())
+            self.settings.setValue("mirror", self.session.mirror)
+            self.settings.sync()
+        self._render_timer.stop()
+        self.session.shutdown()
+        super().closeEvent(event)

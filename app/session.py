@@ -1,0 +1,266 @@
+"""The Qt-side controller: owns the capture and inference workers and the long-running tasks, keeps
+the plain-Python state (`ModelInfo`, `PolicyState`, `LiveStats`) and tells the widgets through
+signals. Widgets receive the session in `__init__` and subscribe to it; they never touch threads.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from PySide6.QtCore import QObject, QThread, Signal
+
+from .sources import SourceError, SourceSpec
+from .state import LiveStats, ModelInfo, PolicyState
+from .workers import CaptureWorker, FrameSlot, InferenceWorker, TaskWorker, start_worker, stop_worker
+
+
+class Session(QObject):
+    model_loaded = Signal(object)  # ModelInfo
+    device_changed = Signal(str)
+    policy_changed = Signal(object)  # PolicyState
+    result = Signal(object, object)  # InferenceResult | None, Frame
+    source_opened = Signal(object)  # SourceSpec
+    source_info = Signal(object)  # dict from CaptureWorker.opened
+    source_position = Signal(int, int, str)
+    source_ended = Signal()
+    source_failed = Signal(str)
+    paused_changed = Signal(bool)
+    status = Signal(str)
+    error = Signal(str)
+    busy_changed = Signal(bool)  # a model load or device switch is under way
+
+    def __init__(self, device: str = "auto", engine_factory: Callable[..., Any] | None = None,
+                 threads: int | None = None, parent: QObject | None = None):
+        """`threads`: torch intra-op threads for the whole process (None = leave torch's default)."""
+        super().__init__(parent)
+        self.device = device
+        self.info: ModelInfo | None = None
+        self.policy: PolicyState | None = None
+        self.stats = LiveStats()
+        self.spec: SourceSpec | None = None
+        self.paused = False
+        self.pace: float | None = None  # seconds per frame for files; None = the source's own
+        self.mirror = False
+        self.loop = True  # folders and videos start again at the end
+        self.resolution: tuple[int, int] | None = None
+        self._slot = FrameSlot()
+        self._capture: tuple[CaptureWorker, QThread] | None = None
+        self._tasks: list[tuple[TaskWorker, QThread]] = []
+        self._inference = InferenceWorker(self._slot, engine_factory, threads)
+        self._inference.model_loaded.connect(self._on_model_loaded)
+        self._inference.device_changed.connect(self._on_device_changed)
+        self._inference.result.connect(self._on_result)
+        self._inference.error.connect(self._on_inference_error)
+        self._inference.progress.connect(self.status)
+        self._inference_thread = start_worker(self._inference, "offramp-inference")
+        self._closed = False
+
+    # -- model ------------------------------------------------------------------------------------
+    def load_bundle(self, bundle: Any, path: str = "") -> None:
+        """Load a bundle file, an in-memory Bundle, or None for the built-in default; the current
+        model stays until the new one has loaded."""
+        path = path or (str(bundle) if isinstance(bundle, (str, Path)) else "")
+        self.busy_changed.emit(True)
+        self._inference.load(bundle, self.device, path)
+
+    def set_device(self, device: str) -> None:
+        if self.info is None:
+            self.device = device  # used by the next load
+            self.device_changed.emit(device)
+            return
+        self.busy_changed.emit(True)
+        self._inference.set_device(device)
+
+    def _on_model_loaded(self, info: ModelInfo) -> None:
+        self.info, self.device = info, info.device
+        self.policy = PolicyState(info)
+        self.stats.reset(info.num_exits)
+        self.busy_changed.emit(False)
+        self.model_loaded.emit(info)
+        self.policy_changed.emit(self.policy)
+        self.status.emit(f"model {info.name} loaded on {info.device}: {len(info.class_names)} classes, "
+                         f"{info.num_exits} exits")
+        self._inference.rerun()
+
+    def _on_device_changed(self, info: ModelInfo) -> None:
+        if self.info is not None:
+            self.info.device, self.info.full_ms = info.device, info.full_ms
+        self.device = info.device
+        self.stats.reset()
+        self.busy_changed.emit(False)
+        self.device_changed.emit(info.device)
+        self.status.emit(f"running on {info.device}")
+
+    def _on_inference_error(self, message: str) -> None:
+        self.busy_changed.emit(False)
+        self.error.emit(message)
+
+    # -- policy -------------------------------------------------------------------------------------
+    def choose_policy(self, name: str) -> None:
+        if self.policy is None:
+            return
+        try:
+            self.policy.choose(name)
+        except ValueError as e:
+            self.error.emit(str(e))
+            return
+        self._inference.set_policy(name)
+        self.policy_changed.emit(self.policy)
+
+    def set_threshold(self, exit_index: int, value: float | None) -> None:
+        """One exit's threshold (None = off), with immediate effect on the live view."""
+        if self.policy is None or not self.policy.is_threshold:
+            return
+        self._inference.set_thresholds(self.policy.set_threshold(exit_index, value))
+        self.policy_changed.emit(self.policy)
+
+    def choose_point(self, index: int) -> None:
+        """Operating point `index` of the bundle's Pareto front."""
+        if self.policy is None or not self.info.front:
+            return
+        self._inference.set_policy(self.policy.choose_point(index))
+        self.policy_changed.emit(self.policy)
+
+    def reset_policy(self) -> None:
+        if self.policy is None:
+            return
+        self.policy.reset()
+        self._inference.set_policy(self.policy.name)
+        self.policy_changed.emit(self.policy)
+
+    def edited_bundle(self) -> Any:
+        """The loaded bundle with the active configuration added as its default policy "edited"."""
+        import dataclasses
+        from engine.policies import policy_from_json
+        info = self.info
+        policy = policy_from_json(self.policy.current, num_exits=info.num_exits, num_classes=len(info.class_names))
+        name = "edited" if self.policy.edited else self.policy.name
+        policies = {**info.bundle.policies, name: policy} if self.policy.edited else dict(info.bundle.policies)
+        return dataclasses.replace(info.bundle, policies=policies, default_policy=name)
+
+    # -- source ---------------------------------------------------------------------------------------
+    def open_source(self, spec: SourceSpec | str) -> None:
+        """Open a source (SourceSpec or text as SourceSpec.from_text takes); errors go to `error`."""
+        try:
+            spec = spec if isinstance(spec, SourceSpec) else SourceSpec.from_text(spec)
+        except SourceError as e:
+            self.source_failed.emit(str(e))
+            self.error.emit(str(e))
+            return
+        if spec.kind == "camera" and self.resolution:
+            spec = SourceSpec(spec.kind, spec.target, *self.resolution)
+        self.close_source()
+        self.spec = spec
+        self.stats.reset()
+        worker = CaptureWorker(spec, self._slot, pace=self.pace, mirror=self.mirror,
+                               loop=self.loop and spec.kind != "image", paused=False)
+        worker.opened.connect(self._on_source_info)
+        worker.position.connect(self.source_position)
+        worker.ended.connect(self._on_source_ended)
+        worker.error.connect(self._on_source_error)
+        self._capture = (worker, start_worker(worker, "offramp-capture"))
+        self._set_paused(False)
+        self.source_opened.emit(spec)
+        self.status.emit(f"opening {spec.display} …")
+
+    def close_source(self) -> None:
+        if self._capture is not None:
+            worker, thread = self._capture
+            self._capture = None
+            if not stop_worker(worker, thread):
+                self.error.emit("the capture thread did not stop in time; it will end when its source returns")
+            self._slot.clear()
+
+    def _on_source_info(self, info: dict) -> None:
+        self.source_info.emit(info)
+        count = f"{info['count']} frames" if info.get("count") else "live"
+        if self.spec is not None:
+            self.status.emit(f"playing {self.spec.display} ({count})")
+
+    def _on_source_ended(self) -> None:
+        self._set_paused(True)
+        self.source_ended.emit()
+        self.status.emit("end of source: paused")
+
+    def _on_source_error(self, message: str) -> None:
+        self.source_failed.emit(message)
+        self.error.emit(message)
+
+    def _set_paused(self, paused: bool) -> None:
+        self.paused = paused
+        self.paused_changed.emit(paused)
+
+    def set_paused(self, paused: bool) -> None:
+        if self._capture is not None:
+            self._capture[0].set_paused(paused)
+        self._set_paused(paused)
+
+    def toggle_pause(self) -> None:
+        self.set_paused(not self.paused)
+
+    def step(self, delta: int) -> None:
+        if self._capture is not None:
+            self._capture[0].step(delta)
+
+    def seek(self, index: int) -> None:
+        if self._capture is not None:
+            self._capture[0].seek(index)
+
+    def set_pace(self, seconds: float | None) -> None:
+        self.pace = seconds
+        if self._capture is not None:
+            self._capture[0].set_pace(seconds)
+
+    def set_mirror(self, mirror: bool) -> None:
+        self.mirror = mirror
+        if self._capture is not None:
+            self._capture[0].set_mirror(mirror)
+
+    # -- results ------------------------------------------------------------------------------------
+    def _on_result(self, result: Any, frame: Any) -> None:
+        if result is not None:
+            self.stats.add(result)
+        self.result.emit(result, frame)
+
+    def reset_counters(self) -> None:
+        self.stats.reset()
+
+    @property
+    def dropped_frames(self) -> int:
+        """Frames captured but replaced by a newer one before inference took them."""
+        return self._slot.dropped
+
+    # -- long work ------------------------------------------------------------------------------------
+    def start_task(self, fn: Callable[..., Any], what: str, **slots: Callable) -> TaskWorker:
+        """Run `fn(progress=, cancel=)` in a worker thread. `slots` maps TaskWorker signal names
+        (progress, result, cancelled, error, finished) to bound methods of QObjects living in the
+        GUI thread; they are connected before the thread starts, so no signal is missed."""
+        worker = TaskWorker(fn, what)
+        for name, slot in slots.items():
+            getattr(worker, name).connect(slot)
+        worker.finished.connect(self._on_task_finished)
+        self._tasks.append((worker, start_worker(worker, f"offramp-task-{what}")))
+        return worker
+
+    def _on_task_finished(self) -> None:
+        worker = self.sender()
+        for w, thread in list(self._tasks):
+            if w is worker:
+                thread.wait(5000)  # run() has returned; the thread ends right after
+                self._tasks.remove((w, thread))
+
+    @property
+    def tasks_running(self) -> int:
+        return sum(1 for _, t in self._tasks if t.isRunning())
+
+    # -- ending -----------------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Stop every worker and wait for its thread (cancelling long work); safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self.close_source()
+        for worker, thread in self._tasks:
+            stop_worker(worker, thread, 30000)
+        self._tasks.clear()
+        stop_worker(self._inference, self._inference_thread, 30000)

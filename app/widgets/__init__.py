@@ -1,0 +1,13 @@
+"""The window's parts; each gets the session (or nothing) in __init__ and subscribes to it."""
+from .banner import ErrorBanner
+from .compute_panel import ComputePanel
+from .confidence_plot import ConfidencePlot
+from .exit_diagram import ExitDiagram
+from .policy_panel import PolicyPanel
+from .retrain_panel import RetrainPanel
+from .theme import NORMAL, PRESENTATION, Theme
+from .transport import TransportBar
+from .video_view import VideoView
+
+__all__ = ["ErrorBanner", "ComputePanel", "ConfidencePlot", "ExitDiagram", "PolicyPanel", "RetrainPanel",
+           "NORMAL", "PRESENTATION", "Theme", "TransportBar", "VideoView"]

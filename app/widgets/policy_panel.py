@@ -1,0 +1,201 @@
+"""Policy panel: choose the bundle's policy, edit one threshold per exit with immediate effect, walk
+the Pareto front with a budget slider, reset to the bundle's default, save the configuration."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGridLayout, QGroupBox, QHBoxLayout,
+                               QLabel, QPushButton, QSlider, QVBoxLayout, QWidget)
+
+from ..session import Session
+from ..state import ModelInfo, PolicyState, front_label
+
+STEPS = 100  # slider positions for 0..1
+NO_FRONT_TIP = ("This bundle has no Pareto front (meta['front']); train or search one with the offramp "
+                "command line to get a budget slider.")
+
+
+class _ExitRow:
+    """Label, slider, value and "off" box of one exit."""
+
+    def __init__(self, panel: "PolicyPanel", e: int, stage: int):
+        self.e = e
+        self.name = QLabel(f"E{e} · stage {stage + 1}")
+        self.slider = QSlider(Qt.Orientation.Horizontal)
+        self.slider.setRange(0, STEPS)
+        self.slider.setObjectName(f"threshold_slider_{e}")
+        self.slider.setToolTip(f"exit E{e} fires when its confidence reaches this threshold")
+        self.value = QLabel("–")
+        self.value.setMinimumWidth(self.value.fontMetrics().horizontalAdvance("0.000"))
+        self.off = QCheckBox("off")
+        self.off.setObjectName(f"threshold_off_{e}")
+        self.off.setToolTip(f"switch exit E{e} off: its head is not even evaluated")
+        self.slider.valueChanged.connect(panel._on_slider_moved)
+        self.off.toggled.connect(panel._on_off_toggled)
+
+    def show(self, t: float | None, enabled: bool) -> None:
+        for w in (self.slider, self.off):
+            w.blockSignals(True)
+        self.off.setChecked(t is None)
+        if t is not None:
+            self.slider.setValue(round(t * STEPS))
+        self.value.setText("off" if t is None else f"{t:.2f}")
+        self.slider.setEnabled(enabled and t is not None)
+        self.off.setEnabled(enabled)
+        for w in (self.slider, self.off):
+            w.blockSignals(False)
+
+
+class PolicyPanel(QWidget):
+    def __init__(self, session: Session, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.session = session
+        self.rows: list[_ExitRow] = []
+        self.combo = QComboBox()
+        self.combo.setObjectName("policy_combo")
+        self.combo.activated.connect(self._on_policy_chosen)
+        self.describe = QLabel("no model loaded")
+        self.describe.setWordWrap(True)
+        self.thresholds_box = QGroupBox("Thresholds per exit")
+        self.grid = QGridLayout(self.thresholds_box)
+        self.budget = QSlider(Qt.Orientation.Horizontal)
+        self.budget.setObjectName("budget_slider")
+        self.budget.setTickPosition(QSlider.TickPosition.TicksBelow)
+        self.budget.valueChanged.connect(self._on_budget_moved)
+        self.budget_label = QLabel("–")
+        self.budget_label.setWordWrap(True)
+        budget_box = QGroupBox("Budget (Pareto front)")
+        blay = QVBoxLayout(budget_box)
+        ends = QHBoxLayout()
+        ends.addWidget(QLabel("cheapest"))
+        ends.addStretch(1)
+        ends.addWidget(QLabel("most accurate"))
+        blay.addWidget(self.budget)
+        blay.addLayout(ends)
+        blay.addWidget(self.budget_label)
+        self.reset_button = QPushButton("Reset to bundle default")
+        self.reset_button.clicked.connect(self._on_reset)
+        self.save_button = QPushButton("Save configuration into a bundle…")
+        self.save_button.clicked.connect(self._on_save_clicked)
+        form = QFormLayout()
+        form.addRow("Policy", self.combo)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.reset_button)
+        buttons.addWidget(self.save_button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.describe)
+        layout.addWidget(self.thresholds_box)
+        layout.addWidget(budget_box)
+        layout.addLayout(buttons)
+        layout.addStretch(1)
+        session.model_loaded.connect(self._on_model_loaded)
+        session.policy_changed.connect(self._on_policy_changed)
+        self.setEnabled(False)
+
+    # -- model and policy from the session --------------------------------------------------------
+    def _on_model_loaded(self, info: ModelInfo) -> None:
+        self.setEnabled(True)
+        self.combo.blockSignals(True)
+        self.combo.clear()
+        self.combo.addItems(list(info.policies))
+        self.combo.blockSignals(False)
+        while self.grid.count():
+            w = self.grid.takeAt(0).widget()
+            if w is not None:
+                w.deleteLater()
+        self.rows = [_ExitRow(self, e, s) for e, s in enumerate(info.exit_stages[:-1])]
+        for r, row in enumerate(self.rows):
+            for c, w in enumerate((row.name, row.slider, row.value, row.off)):
+                self.grid.addWidget(w, r, c)
+        last = len(info.exit_stages) - 1
+        self.grid.addWidget(QLabel(f"E{last} · stage {info.exit_stages[-1] + 1}"), len(self.rows), 0)
+        self.grid.addWidget(QLabel("final exit: always answers"), len(self.rows), 1, 1, 3)
+        has_front = bool(info.front)
+        self.budget.blockSignals(True)
+        self.budget.setRange(0, max(0, len(info.front) - 1))
+        self.budget.setValue(info.default_point or 0)
+        self.budget.blockSignals(False)
+        self.budget.setEnabled(has_front)
+        self.budget.setToolTip("" if has_front else NO_FRONT_TIP)
+        self.budget_label.setToolTip("" if has_front else NO_FRONT_TIP)
+        self.budget_label.setText("" if has_front else "no front in this bundle")
+
+    def _on_policy_changed(self, state: PolicyState) -> None:
+        self.combo.blockSignals(True)
+        self.combo.setCurrentText(state.name)
+        self.combo.blockSignals(False)
+        kind = state.current.get("kind", "?")
+        from_point = state.point is not None and state.edited and state.current == state.info.front[state.point]["policy"]
+        origin = f"front point {state.point + 1}" if from_point else ("edited" if state.edited else state.name)
+        self.describe.setText(f"Active: {_describe(state.current)}  ({origin})")
+        ts = state.thresholds
+        self.thresholds_box.setEnabled(ts is not None)
+        self.thresholds_box.setToolTip("" if ts is not None else f"the {kind} policy has no thresholds to edit")
+        for row in self.rows:
+            row.show(ts[row.e] if ts is not None else None, ts is not None)
+        if state.info.front and state.point is not None:
+            self.budget.blockSignals(True)
+            self.budget.setValue(state.point)
+            self.budget.blockSignals(False)
+            self.budget_label.setText(f"point {state.point + 1} of {len(state.info.front)}: "
+                                      + front_label(state.info.front[state.point]))
+
+    # -- the user's edits ---------------------------------------------------------------------------
+    def _row_of(self, widget) -> _ExitRow:
+        return next(r for r in self.rows if widget in (r.slider, r.off))
+
+    def _on_slider_moved(self, value: int) -> None:
+        row = self._row_of(self.sender())
+        row.value.setText(f"{value / STEPS:.2f}")
+        self.session.set_threshold(row.e, value / STEPS)
+
+    def _on_off_toggled(self, off: bool) -> None:
+        row = self._row_of(self.sender())
+        self.session.set_threshold(row.e, None if off else row.slider.value() / STEPS)
+
+    def _on_policy_chosen(self, index: int) -> None:
+        self.session.choose_policy(self.combo.itemText(index))
+
+    def _on_budget_moved(self, index: int) -> None:
+        self.session.choose_point(index)
+
+    def _on_reset(self) -> None:
+        self.session.reset_policy()
+
+    def _on_save_clicked(self) -> None:
+        info = self.session.info
+        start = str(Path(info.path).with_name(Path(info.path).stem + "-edited.offramp")) if info.path else "edited.offramp"
+        path, _ = QFileDialog.getSaveFileName(self, "Save configuration into a bundle", start,
+                                              "Offramp bundles (*.offramp)")
+        if path:
+            self.save_to(path if path.endswith(".offramp") else path + ".offramp")
+
+    def save_to(self, path: str) -> None:
+        """Save the loaded bundle with the active configuration as its default policy, in a worker."""
+        from engine.bundle import save_bundle
+        try:
+            bundle = self.session.edited_bundle()
+        except Exception as e:  # noqa: BLE001 - shown, nothing is written
+            self.session.error.emit(f"cannot save the configuration: {e}")
+            return
+        self.save_button.setEnabled(False)
+        self.session.status.emit(f"saving {path} …")
+        self.session.start_task(lambda progress, cancel: save_bundle(bundle, path), "saving bundle",
+                                result=self._on_saved, error=self._on_save_failed)
+
+    def _on_saved(self, path) -> None:
+        self.save_button.setEnabled(True)
+        self.session.status.emit(f"saved {path}")
+
+    def _on_save_failed(self, message: str) -> None:
+        self.save_button.setEnabled(True)
+        self.session.error.emit(message)
+
+
+def _describe(policy: dict) -> str:
+    if policy.get("kind") == "threshold":
+        ts = ", ".join("off" if t is None else f"{t:.2f}" for t in policy["thresholds"][:-1])
+        return f"threshold on {policy.get('measure', 'max_prob')} [{ts}]"
+    return str(policy.get("kind"))

@@ -1,0 +1,407 @@
+"""Work that must not run on the GUI thread: reading frames, running the engine, long engine work.
+
+Each worker is a QObject moved to its own QThread; its `run` loop starts with the thread. A worker
+is asked to stop (a flag it checks) and its thread is waited for; nothing here calls
+QThread.terminate(). Frames pass from capture to inference through a `FrameSlot` that holds one
+frame: a new frame replaces an unread one, so when inference lags the newest frame wins and
+nothing queues up.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Any, Callable
+
+from PySide6.QtCore import QObject, QThread, Signal
+
+from .sources import Frame, SourceError, SourceSpec, open_source
+from .state import ModelInfo
+
+_THREADS: "weakref.WeakSet[QThread]" = weakref.WeakSet()
+
+
+def running_threads() -> list[QThread]:
+    """QThreads started through `start_worker` that are still running (tests check this is empty)."""
+    return [t for t in list(_THREADS) if t.isRunning()]
+
+
+def start_worker(worker: QObject, name: str) -> QThread:
+    """Move `worker` to a new QThread named `name` and start its `run` loop there."""
+    thread = QThread()
+    thread.setObjectName(name)
+    worker.moveToThread(thread)
+    thread.started.connect(worker.run)
+    _THREADS.add(thread)
+    thread.start()
+    return thread
+
+
+def stop_worker(worker: QObject, thread: QThread, timeout_ms: int = 10000) -> bool:
+    """Ask `worker` to stop and wait for its thread; False if it is still running after `timeout_ms`."""
+    worker.stop()
+    thread.quit()
+    return thread.wait(timeout_ms)
+
+
+def _finish_thread() -> None:
+    # quit() before the thread's event loop starts makes exec() return at once, so a finished
+    # run() ends its thread without help from the GUI thread's event loop
+    QThread.currentThread().quit()
+
+
+class FrameSlot:
+    """A one-frame mailbox between two threads: put() replaces what is waiting (newest wins)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._item: Frame | None = None
+        self.dropped = 0  # frames replaced before anyone took them
+
+    def put(self, item: Frame) -> None:
+        with self._cond:
+            if self._item is not None:
+                self.dropped += 1
+            self._item = item
+            self._cond.notify_all()
+
+    def take(self, timeout: float) -> Frame | None:
+        """The waiting frame (emptying the slot), or None after `timeout` seconds."""
+        with self._cond:
+            if self._item is None:
+                self._cond.wait(timeout)
+            item, self._item = self._item, None
+            self._cond.notify_all()
+            return item
+
+    def wait_empty(self, timeout: float) -> bool:
+        """Wait until the waiting frame was taken; True when the slot is empty."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._item is None, timeout)
+
+    def has_frame(self) -> bool:
+        with self._cond:
+            return self._item is not None
+
+    def clear(self) -> None:
+        with self._cond:
+            self._item = None
+            self._cond.notify_all()
+
+
+class CaptureWorker(QObject):
+    """Reads frames from a source into a FrameSlot at the chosen pace.
+
+    A live camera is read as fast as it delivers (newest wins in the slot). Files are read at
+    `pace` seconds per frame, or with pace 0 as fast as inference takes them (one frame ahead,
+    so no decoding is wasted on frames nobody sees).
+    """
+
+    opened = Signal(object)  # dict: kind, count, interval, live, seekable
+    position = Signal(int, int, str)  # index, count (-1 = live), name
+    ended = Signal()
+    error = Signal(str)
+    finished = Signal()
+
+    def __init__(self, spec: SourceSpec, slot: FrameSlot, *, pace: float | None = None, mirror: bool = False,
+                 loop: bool = False, paused: bool = False):
+        super().__init__()
+        self.spec, self.slot, self.loop = spec, slot, loop
+        self._cond = threading.Condition()
+        self._stop = False
+        self._paused = paused
+        self._pace = pace  # None = the source's own pace (video fps, 1 s per image)
+        self._mirror = mirror
+        self._seek: int | None = None
+        self._single = False  # deliver one frame while paused (stepping)
+        self._last_index = -1
+
+    # -- control, from any thread ---------------------------------------------------------------
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+
+    def set_paused(self, paused: bool) -> None:
+        with self._cond:
+            self._paused = paused
+            self._cond.notify_all()
+
+    def set_pace(self, seconds: float | None) -> None:
+        with self._cond:
+            self._pace = seconds
+            self._cond.notify_all()
+
+    def set_mirror(self, mirror: bool) -> None:
+        with self._cond:
+            self._mirror = mirror
+
+    def step(self, delta: int) -> None:
+        """Show the frame `delta` away from the current one (also while paused)."""
+        with self._cond:
+            self._seek, self._single = max(0, self._last_index + delta), True
+            self._cond.notify_all()
+
+    def seek(self, index: int) -> None:
+        with self._cond:
+            self._seek, self._single = max(0, index), True
+            self._cond.notify_all()
+
+    # -- the loop, in the worker thread -----------------------------------------------------------
+    def run(self) -> None:
+        source = None
+        try:
+            source = open_source(self.spec, loop=self.loop)
+            self.opened.emit({"kind": self.spec.kind, "count": source.count, "interval": source.interval,
+                              "live": source.live, "seekable": source.seekable})
+            self._loop(source)
+        except SourceError as e:
+            self.error.emit(str(e))
+        except Exception as e:  # noqa: BLE001 - a capture fault must reach the window, not kill the app
+            self.error.emit(f"reading {self.spec.display} failed: {e}")
+        finally:
+            if source is not None:
+                source.close()
+            self.finished.emit()
+            _finish_thread()
+
+    def _loop(self, source) -> None:
+        default_pace = source.interval if self.spec.kind == "video" else 1.0
+        next_due = time.perf_counter()
+        while True:
+            with self._cond:
+                if self._stop:
+                    return
+                if self._paused and not self._single:
+                    self._cond.wait(0.2)
+                    continue
+                seek, single, self._seek, self._single = self._seek, self._single, None, False
+                pace = default_pace if self._pace is None else self._pace
+                mirror = self._mirror
+                if not single and not source.live and pace > 0:
+                    wait = next_due - time.perf_counter()
+                    if wait > 0:
+                        self._cond.wait(min(wait, 0.2))
+                        continue
+            if not single and not source.live and pace <= 0 and not self.slot.wait_empty(0.1):
+                continue  # full speed for files: read the next frame once the last one was taken
+            if seek is not None and source.seekable:
+                source.seek(seek)
+            frame = source.read()
+            if frame is None:
+                self.ended.emit()
+                with self._cond:
+                    self._paused = True
+                continue
+            if mirror:
+                frame = Frame(frame.image[:, ::-1].copy(), frame.index, frame.count, frame.name, frame.time)
+            self._last_index = frame.index
+            self.slot.put(frame)
+            self.position.emit(frame.index, -1 if frame.count is None else frame.count, frame.name)
+            next_due = max(next_due + pace, time.perf_counter()) if pace > 0 else time.perf_counter()
+
+
+class InferenceWorker(QObject):
+    """Owns the Engine; runs `Engine.infer` on the newest frame in its own thread.
+
+    Commands (load a bundle, change device, policy or thresholds, run the last frame again) are
+    queued and run between frames in this thread, so the engine is only ever touched here.
+    """
+
+    started = Signal()
+    progress = Signal(str)  # what it is busy with ("loading bundle …")
+    model_loaded = Signal(object)  # ModelInfo
+    device_changed = Signal(object)  # ModelInfo (same bundle, new device and latency profile)
+    result = Signal(object, object)  # InferenceResult (None when no model is loaded), Frame
+    error = Signal(str)
+    finished = Signal()
+
+    def __init__(self, slot: FrameSlot, engine_factory: Callable[..., Any] | None = None,
+                 threads: int | None = None):
+        super().__init__()
+        self.slot = slot
+        self.threads = threads
+        self._factory = engine_factory
+        self._commands: "queue.Queue[Callable[[], None]]" = queue.Queue()
+        self._stop = threading.Event()
+        self.engine = None
+        self._path = ""
+        self._last: Frame | None = None
+        self._last_error = ""
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- commands (any thread) --------------------------------------------------------------------
+    def load(self, bundle: Any, device: str = "auto", path: str = "") -> None:
+        """Load a bundle (path or Bundle); on failure the current engine is kept."""
+        self._commands.put(lambda: self._load(bundle, device, path))
+
+    def set_device(self, device: str) -> None:
+        self._commands.put(lambda: self._set_device(device))
+
+    def set_policy(self, policy: Any) -> None:
+        """A policy name of the bundle, or a policy JSON dict (built here, against the model)."""
+        self._commands.put(lambda: self._set_policy(policy))
+
+    def set_thresholds(self, thresholds: list) -> None:
+        ts = list(thresholds)
+        self._commands.put(lambda: self._guard("changing thresholds", lambda e: e.set_thresholds(ts)))
+
+    def rerun(self) -> None:
+        """Run the last frame again (after a change, when the source is paused or a still)."""
+        self._commands.put(lambda: None)  # every command ends in one run of the last frame
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def run(self) -> None:
+        self.started.emit()
+        if self.threads:
+            # one frame at a time gains nothing from intra-op threads, and on a busy machine their
+            # spin-waiting costs more than the work (and starves the GUI and capture threads)
+            import torch
+            torch.set_num_threads(self.threads)
+        try:
+            while not self._stop.is_set():
+                self._run_commands()
+                frame = self.slot.take(timeout=0.05)
+                if frame is not None:
+                    self._infer(frame)
+        finally:
+            self.finished.emit()
+            _finish_thread()
+
+    def _run_commands(self) -> None:
+        ran = False
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            command()
+            ran = True
+        if ran:  # once after a burst of slider moves, not once per move
+            self._rerun()
+
+    def _infer(self, frame: Frame) -> None:
+        self._last = frame
+        if self.engine is None:
+            self.result.emit(None, frame)
+            return
+        try:
+            res = self.engine.infer(frame.image)
+        except Exception as e:  # noqa: BLE001 - reported once, the loop goes on with the next frame
+            message = f"inference failed on {frame.name}: {e}"
+            if message != self._last_error:
+                self.error.emit(message)
+            self._last_error = message
+            self.result.emit(None, frame)
+            return
+        self._last_error = ""
+        self.result.emit(res, frame)
+
+    def _rerun(self) -> None:
+        if self._last is not None and not self.slot.has_frame():  # a waiting frame shows the change anyway
+            self._infer(self._last)
+
+    def _guard(self, what: str, fn: Callable[[Any], Any]) -> bool:
+        """Run fn(engine); report a failure (the engine keeps its old setting) and return False."""
+        if self.engine is None:
+            self.error.emit(f"{what}: no model is loaded")
+            return False
+        try:
+            fn(self.engine)
+        except Exception as e:  # noqa: BLE001 - a bad setting is reported; the engine keeps its old one
+            self.error.emit(f"{what} failed: {e}")
+            return False
+        return True
+
+    def _make_engine(self, bundle: Any, device: str):
+        if self._factory is not None:
+            return self._factory(bundle, device=device)
+        from engine.runtime import Engine  # torch loads here, off the GUI thread
+        return Engine(bundle, device=device)
+
+    def _load(self, bundle: Any, device: str, path: str) -> None:
+        if bundle is None:  # the built-in default
+            from engine.bundle import default_bundle_path
+            bundle = path = str(default_bundle_path())
+            if not Path(path).is_file():
+                self.error.emit(f"no built-in model at {path}; load a bundle with Model ▸ Load bundle…")
+                return
+        shown = path or "the retrained model"
+        self.progress.emit(f"loading {shown} …")
+        try:
+            engine = self._make_engine(bundle, device)
+            info = ModelInfo.from_engine(engine, path)
+        except Exception as e:  # noqa: BLE001 - BundleError, a missing device, anything: the old model stays
+            self.error.emit(f"could not load {shown}: {e}")
+            return
+        self.engine, self._path = engine, path
+        self.model_loaded.emit(info)
+
+    def _set_device(self, device: str) -> None:
+        self.progress.emit(f"moving the model to {device} …")
+        if self._guard(f"switching to device {device}", lambda e: e.set_device(device)):
+            self.device_changed.emit(ModelInfo.from_engine(self.engine, self._path))
+
+    def _set_policy(self, policy: Any) -> None:
+        if isinstance(policy, dict) and self.engine is not None:
+            try:
+                from engine.policies import policy_from_json
+                model = self.engine.model
+                policy = policy_from_json(policy, num_exits=model.num_exits, num_classes=model.num_classes)
+            except Exception as e:  # noqa: BLE001
+                self.error.emit(f"cannot build the policy {policy}: {e}")
+                return
+        self._guard("changing the policy", lambda e: e.set_policy(policy))
+
+
+class TaskWorker(QObject):
+    """Runs `fn(progress=..., cancel=...)` (long engine work) once in its own thread.
+
+    Emits progress (engine.progress.Progress, at most ~20 per second plus every stage change),
+    then exactly one of result / cancelled / error, then finished.
+    """
+
+    started = Signal()
+    progress = Signal(object)
+    result = Signal(object)
+    cancelled = Signal()
+    error = Signal(str)
+    finished = Signal()
+
+    def __init__(self, fn: Callable[..., Any], what: str):
+        super().__init__()
+        from engine.progress import CancelFlag
+        self.fn, self.what = fn, what
+        self.cancel_flag = CancelFlag()
+        self._last_emit = 0.0
+        self._last_stage = None
+
+    def stop(self) -> None:
+        self.cancel_flag.set()
+
+    cancel = stop
+
+    def _on_progress(self, p) -> None:
+        now = time.perf_counter()
+        if p.stage != self._last_stage or p.done >= p.total or now - self._last_emit > 0.05:
+            self._last_emit, self._last_stage = now, p.stage
+            self.progress.emit(p)
+
+    def run(self) -> None:
+        from engine.progress import Cancelled
+        self.started.emit()
+        try:
+            out = self.fn(progress=self._on_progress, cancel=self.cancel_flag)
+        except Cancelled:
+            self.cancelled.emit()
+        except Exception as e:  # noqa: BLE001 - every failure becomes a message in the window
+            self.error.emit(f"{self.what} failed: {e}")
+        else:
+            self.result.emit(out)
+        finally:
+            self.finished.emit()
+            _finish_thread()

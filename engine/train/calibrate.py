@@ -1,0 +1,62 @@
+"""Calibration of exit confidences: temperature scaling (Guo et al., ICML 2017) fitted on held-out
+logits, and the expected calibration error that tells whether it helped."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..features import FeatureCache
+from ..model import MultiExitNet
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *, max_iter: int = 100) -> float:
+    """The temperature T > 0 minimising the NLL of softmax(logits / T) on (N, K) `logits`.
+
+    Fitted by LBFGS on log T (so T stays positive); returns 1.0 when the fit does not converge
+    to a finite value. Raises ValueError when logits and labels disagree in length.
+    """
+    if logits.dim() != 2 or logits.shape[0] != labels.shape[0] or logits.shape[0] == 0:
+        raise ValueError(f"need (N, K) logits and N labels, got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    # Fitting needs autograd even when called under no_grad or inference_mode (and on inference tensors).
+    with torch.inference_mode(False), torch.enable_grad():
+        logits = logits.detach().float().cpu().clone()
+        labels = labels.detach().long().cpu().clone()
+        log_t = torch.zeros(1, requires_grad=True)
+        opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(logits / log_t.exp(), labels)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    t = float(log_t.detach().exp())
+    return min(max(t, 1e-2), 1e2) if math.isfinite(t) else 1.0
+
+
+def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """ECE: the mean |accuracy − confidence| over `bins` equal-width confidence bins, weighted by
+    how many samples fall in each (Naeini et al. 2015). 0 is perfectly calibrated."""
+    probs = torch.softmax(logits.detach().float(), dim=1)
+    conf, pred = probs.max(dim=1)
+    right = (pred == labels.long()).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (conf > lo) & (conf <= hi)
+        if inside.any():
+            ece += inside.float().mean().item() * abs(right[inside].mean().item() - conf[inside].mean().item())
+    return ece
+
+
+@torch.no_grad()
+def calibrate_exits(model: MultiExitNet, cache: FeatureCache) -> list[float]:
+    """Fit one temperature per exit on `cache` (held-out data), store it in `model.temperature`
+    and return it. Raises ValueError when the cache belongs to another model."""
+    logits = cache.exit_logits(model)  # (N, E, K), uncalibrated
+    temps = [fit_temperature(logits[:, e], cache.labels) for e in range(model.num_exits)]
+    model.temperature.copy_(torch.tensor(temps, dtype=model.temperature.dtype))
+    return temps

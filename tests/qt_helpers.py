@@ -1,0 +1,84 @@
+"""Helpers for the app tests: a tiny bundle with a Pareto front, written in a few hundred ms."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from engine.backbones import build_backbone
+from engine.bundle import Bundle, save_bundle
+from engine.cost import measure_costs
+from engine.model import MultiExitNet
+from engine.policies import ThresholdPolicy
+
+TINY_CLASSES = ["red", "green", "blue"]
+
+
+def tiny_bundle(*, front: bool = True, seed: int = 0) -> Bundle:
+    """cifar_resnet_small (3 stages, random weights) with an exit after every stage and 3 classes.
+
+    Its default policy thresholds every early exit at 0.9 (a random model is never that sure, so
+    the last exit fires); meta["front"] holds four threshold configurations, cheapest first.
+    """
+    torch.manual_seed(seed)
+    backbone = build_backbone("cifar_resnet_small", num_classes=len(TINY_CLASSES))
+    model = MultiExitNet.attach(backbone, class_names=TINY_CLASSES).eval()
+    policy = ThresholdPolicy([0.9, 0.9, 0.9])
+    cost = measure_costs(model, policy)
+    meta: dict = {"name": "tiny test model"}
+    if front:
+        flops = cost.cumulative_flops()
+        points = [([0.0, 0.0, 0.0], flops[0], 0.60), ([None, 0.0, 0.0], flops[1], 0.75),
+                  ([0.5, 0.5, 0.5], (flops[1] + flops[2]) / 2, 0.80), ([None, None, 1.0], flops[2], 0.85)]
+        meta["front"] = [{"policy": ThresholdPolicy(ts).to_json(), "accuracy": acc, "flops": f,
+                          "saved": 1.0 - f / cost.full_flops} for ts, f, acc in points]
+        meta["default_point"] = 2
+    return Bundle(model=model, policies={"threshold": policy, "first exit": ThresholdPolicy([0.0, 0.0, 0.0])},
+                  default_policy="threshold", cost=cost, meta=meta)
+
+
+def write_tiny_bundle(path: str | Path, **kw) -> Path:
+    return save_bundle(tiny_bundle(**kw), path)
+
+
+# -- fixtures for the app tests (import them into a test module to use them) -----------------------
+import threading  # noqa: E402
+import time  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def _leftover_threads(before: set[int]) -> list[str]:
+    from app.workers import running_threads
+    qt = [f"QThread {t.objectName() or '?'}" for t in running_threads()]
+    py = [f"thread {t.name}" for t in threading.enumerate()
+          if t.ident not in before and t.is_alive() and not isinstance(t, threading._DummyThread)]
+    return qt + py
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads():
+    """Fail a test that leaves a QThread (started by the app) or a Python thread running."""
+    before = {t.ident for t in threading.enumerate()}
+    yield
+    from PySide6.QtCore import QCoreApplication
+    deadline = time.monotonic() + 5.0
+    while _leftover_threads(before) and time.monotonic() < deadline:
+        if QCoreApplication.instance() is not None:
+            QCoreApplication.processEvents()
+        time.sleep(0.01)
+    leaked = _leftover_threads(before)
+    assert not leaked, f"the test left threads running: {', '.join(leaked)}"
+
+
+@pytest.fixture(scope="session")
+def bundle_path(tmp_path_factory) -> Path:
+    """A tiny bundle file with a front (see tiny_bundle)."""
+    return write_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny.offramp")
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """A folder of 3 classes × 4 small images (one sub-folder per class)."""
+    from synth import make_image_folder
+    return make_image_folder(tmp_path_factory.mktemp("images"), TINY_CLASSES, per_class=4, size=24, seed=1)

@@ -1,0 +1,120 @@
+"""The app's plain-Python parts, no window: sources, the frame slot, stats, policy state."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import threading  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from app.sources import SourceError, SourceSpec, open_source  # noqa: E402
+from app.state import LatenessMeter, LiveStats, PolicyState, curve_xy, front_label, percent  # noqa: E402
+from app.workers import FrameSlot  # noqa: E402
+
+
+def _folder(tmp_path, n=3):
+    for i in range(n):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    return tmp_path
+
+
+def test_source_spec_parses_paths_and_cameras(tmp_path):
+    _folder(tmp_path)
+    assert SourceSpec.from_text(str(tmp_path)).kind == "folder"
+    assert SourceSpec.from_text(str(tmp_path / "0.png")).kind == "image"
+    assert SourceSpec.from_text("camera:1") == SourceSpec("camera", "1")
+    (tmp_path / "notes.txt").write_text("x")
+    for bad in ("camera:x", str(tmp_path / "missing.png"), str(tmp_path / "notes.txt")):
+        with pytest.raises(SourceError):
+            SourceSpec.from_text(bad)
+
+
+def test_folder_source_loops_steps_and_skips_corrupt_files(tmp_path):
+    _folder(tmp_path)
+    (tmp_path / "3.png").write_bytes(b"not a png")
+    src = open_source(SourceSpec("folder", str(tmp_path)), loop=True)
+    names = [src.read().name for _ in range(5)]
+    assert names == ["0.png", "1.png", "2.png", "0.png", "1.png"]  # 3.png skipped, then round again
+    assert src.skipped and "3.png" in src.skipped[0][0]
+    src.seek(2)
+    frame = src.read()
+    assert frame.index == 2 and frame.image.shape == (8, 8, 3) and frame.image.dtype == np.uint8
+
+
+def test_unusable_sources_say_why(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SourceError, match="no images"):
+        open_source(SourceSpec("folder", str(empty)))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 garbage")
+    with pytest.raises(SourceError, match="bad.jpg"):
+        open_source(SourceSpec("image", str(bad)))
+    video = tmp_path / "bad.mp4"
+    video.write_bytes(b"garbage")
+    with pytest.raises(SourceError, match="cannot read video"):
+        open_source(SourceSpec("video", str(video)))
+
+
+def test_frame_slot_newest_wins():
+    slot = FrameSlot()
+    slot.put("a")
+    slot.put("b")
+    assert slot.dropped == 1 and slot.take(0.01) == "b" and slot.take(0.01) is None
+    got = []
+    t = threading.Thread(target=lambda: got.append(slot.take(2.0)))
+    t.start()
+    slot.put("c")
+    t.join(2.0)
+    assert got == ["c"] and slot.wait_empty(0.1)
+
+
+def _result(exit_index, flops, full=100.0, ms=1.0, full_ms=2.0, num_exits=3):
+    return SimpleNamespace(exit_index=exit_index, num_exits=num_exits, flops=flops, full_flops=full, ms=ms,
+                           full_ms=full_ms, saved=1 - flops / full)
+
+
+def test_live_stats_and_lateness():
+    stats = LiveStats(3)
+    for i, (e, f) in enumerate([(0, 25.0), (2, 100.0), (0, 25.0), (1, 50.0)]):
+        stats.add(_result(e, f), now=i * 0.1)
+    assert stats.frames == 4 and stats.exit_counts == [2, 1, 1]
+    assert stats.saved == pytest.approx(0.5) and stats.saved_ms == pytest.approx(0.5)
+    assert stats.overall_fps == pytest.approx(10.0) and stats.fps == pytest.approx(10.0)
+    assert stats.to_json()["exit_histogram"] == [2, 1, 1]
+    meter = LatenessMeter(0.010)
+    for t in (0.0, 0.010, 0.030, 0.041):
+        meter.tick(t)
+    assert meter.max_ms == pytest.approx(10.0) and meter.ticks == 4
+    assert percent(-0.00001) == "0 %" and percent(0.456) == "46 %"
+
+
+def _info(front):
+    policies = {"threshold": {"kind": "threshold", "measure": "max_prob", "thresholds": [0.9, 0.9, 0.9]},
+                "learned": {"kind": "learned"}}
+    return SimpleNamespace(policies=policies, default_policy="threshold", front=front, default_point=1 if front else None)
+
+
+def test_policy_state_edits_points_and_reset():
+    front = [{"policy": {"kind": "threshold", "measure": "max_prob", "thresholds": [0.0, 0.0, 0.0]},
+              "accuracy": 0.6, "flops": 10.0, "saved": 0.7},
+             {"policy": {"kind": "threshold", "measure": "max_prob", "thresholds": [None, 0.5, 0.5]},
+              "accuracy": 0.8, "flops": 20.0, "saved": 0.4}]
+    state = PolicyState(_info(front))
+    assert state.thresholds == [0.9, 0.9, 0.9] and not state.edited
+    assert state.set_threshold(0, None) == [None, 0.9, 0.9] and state.edited
+    assert state.choose_point(0)["thresholds"] == [0.0, 0.0, 0.0] and state.point == 0
+    state.choose("learned")
+    assert state.thresholds is None
+    with pytest.raises(ValueError):
+        state.set_threshold(0, 0.5)
+    state.reset()
+    assert state.thresholds == [0.9, 0.9, 0.9] and state.point == 1 and not state.edited
+    assert "expected accuracy 80.0 %" in front_label(front[1]) and "saves 40 %" in front_label(front[1])
+    xs, ys = curve_xy(front)
+    assert xs == pytest.approx([30.0, 60.0]) and ys == pytest.approx([60.0, 80.0])

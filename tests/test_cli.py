@@ -1,0 +1,109 @@
+"""The `offramp` command end to end on generated data: train exits, inspect, evaluate, run."""
+import json
+
+import pytest
+import torch
+
+from engine.bundle import load_bundle, read_manifest, save_bundle
+from engine.cli import main
+from engine.progress import CancelFlag, Cancelled
+from engine.train.retrain import retrain_on_folder
+from synth import make_image_folder
+
+
+@pytest.fixture(scope="module")
+def ten_class_folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("ten"), 8, per_class=40, seed=1)
+
+
+@pytest.fixture(scope="module")
+def trained_bundle(ten_class_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundles") / "synth.offramp"
+    code = main(["train-exits", "--data", str(ten_class_folder), "--backbone", "cifar_resnet_small",
+                 "--epochs", "15", "--val-fraction", "0.25", "--out", str(out)])
+    assert code == 0 and out.exists()
+    return out
+
+
+def test_train_exits_writes_a_usable_bundle(trained_bundle, capsys):
+    m = read_manifest(trained_bundle)
+    assert m["backbone"]["name"] == "cifar_resnet_small" and len(m["class_names"]) == 8
+    front = m["meta"]["front"]
+    assert front and all(a["flops"] < b["flops"] and a["accuracy"] < b["accuracy"] for a, b in zip(front, front[1:]))
+    acc = m["meta"]["evaluation"]["accuracy_per_exit"]
+    # 8 easy colour classes on a random (untrained) backbone; chance is 12.5 %
+    assert len(acc) == 3 and max(acc) > 0.35
+    assert m["meta"]["evaluation"]["default_point"]["accuracy"] >= acc[-1] - 0.005
+
+
+def test_info_prints_exits_and_costs(trained_bundle, capsys):
+    assert main(["info", str(trained_bundle)]) == 0
+    out = capsys.readouterr().out
+    assert "cifar_resnet_small" in out and "MFLOPs" in out and "threshold" in out
+
+
+def test_evaluate_prints_per_exit_accuracy_and_writes_curve(trained_bundle, ten_class_folder, tmp_path, capsys):
+    report = tmp_path / "eval.json"
+    assert main(["evaluate", str(trained_bundle), "--data", str(ten_class_folder), "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy per exit" in out and "oracle" in out
+    rep = json.loads(report.read_text())
+    assert len(rep["accuracy_per_exit"]) == 3 and rep["threshold_curve"]
+    assert report.with_suffix(".png").stat().st_size > 1000
+
+
+def test_run_on_a_folder_prints_exit_label_and_cost(trained_bundle, ten_class_folder, capsys):
+    images = sorted((ten_class_folder / "red").iterdir())[:3]
+    assert main(["run", str(trained_bundle), *map(str, images), "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 3
+    for r in lines:
+        assert 0 <= r["exit"] <= 2 and r["flops"] <= r["full_flops"] * 1.5 and r["label"]
+    assert main(["run", str(trained_bundle), str(images[0]), "--threshold", "0"]) == 0
+    assert "at exit 0/2" in capsys.readouterr().out
+
+
+def test_bad_input_gives_one_clear_line(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "missing.offramp")]) == 2
+    err = capsys.readouterr().err
+    assert "missing.offramp" in err and "Traceback" not in err
+    one = tmp_path / "one"
+    make_image_folder(one, ["only"], per_class=3)
+    assert main(["train-exits", "--data", str(one), "--backbone", "cifar_resnet_small", "--out",
+                 str(tmp_path / "x.offramp")]) == 2
+    assert "class" in capsys.readouterr().err
+    assert not (tmp_path / "x.offramp").exists()
+
+
+def test_retrain_on_new_classes_keeps_backbone_and_old_bundle(trained_bundle, tmp_path):
+    bundle = load_bundle(trained_bundle)
+    before = {k: v.clone() for k, v in bundle.model.state_dict().items()}
+    folder = make_image_folder(tmp_path / "teacher", ["apple", "pear", "plum"], per_class=12, seed=3)
+    seen = []
+    new, rep = retrain_on_folder(bundle, folder, epochs=5, progress=lambda p: seen.append(p.stage))
+    assert new.model.class_names == ["apple", "pear", "plum"]
+    assert {"checking folder", "caching features", "training exits", "evaluating"} <= set(seen)
+    for k, v in bundle.model.state_dict().items():  # the current model is untouched
+        assert torch.equal(v, before[k]), k
+    for k, v in new.model.backbone.state_dict().items():  # the backbone is the same, frozen
+        assert torch.equal(v, bundle.model.backbone.state_dict()[k]), k
+    assert rep["classes"] == ["apple", "pear", "plum"] and rep["curve_new"]
+    path = tmp_path / "teacher.offramp"
+    save_bundle(new, path)
+    assert load_bundle(path).model.class_names == ["apple", "pear", "plum"]
+
+
+def test_cancelled_retraining_changes_nothing(trained_bundle, tmp_path):
+    bundle = load_bundle(trained_bundle)
+    before = {k: v.clone() for k, v in bundle.model.state_dict().items()}
+    folder = make_image_folder(tmp_path / "t", 3, per_class=8)
+    flag = CancelFlag()
+
+    def progress(p):
+        if p.stage == "training exits":
+            flag.set()
+
+    with pytest.raises(Cancelled):
+        retrain_on_folder(bundle, folder, epochs=5, progress=progress, cancel=flag)
+    for k, v in bundle.model.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -1,0 +1,320 @@
+"""Engine: devices, preprocessing, staged inference that really stops, running totals, threads."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine.backbones import InputPreset, build_backbone
+from engine.bundle import Bundle, BundleError, save_bundle
+from engine.cost import CostTable, measure_costs
+from engine.model import MultiExitNet
+from engine.policies import OraclePolicy, Policy, ThresholdPolicy, confidence, register_policy
+from engine.runtime import Engine, InferenceResult, RunningTotals, preprocess
+
+CLASSES = [f"class{i}" for i in range(10)]
+REPEATS = 2  # latency profile repeats: enough to fill the table, quick on a shared machine
+
+
+@register_policy
+class _AlwaysExit(Policy):
+    """Takes the first exit it sees: a policy without thresholds."""
+
+    kind = "test_runtime_always"
+
+    def decide(self, evidence):
+        return torch.ones(evidence.current.shape[0], dtype=torch.bool, device=evidence.current.device)
+
+    @classmethod
+    def from_json(cls, d, *, num_exits, num_classes):
+        return cls()
+
+
+def _bundle(cost: CostTable | None = None) -> Bundle:
+    torch.manual_seed(0)
+    model = MultiExitNet.attach(build_backbone("cifar_resnet_small"), class_names=CLASSES).eval()
+    model.temperature.copy_(torch.tensor([1.2, 0.9, 1.0]))
+    policies = {"threshold": ThresholdPolicy([0.5, 0.5, None]), "entropy": ThresholdPolicy([0.2, 0.2, None], "entropy"),
+                "always": _AlwaysExit(), "oracle": OraclePolicy()}
+    return Bundle(model, policies, "threshold", cost or measure_costs(model, policies["threshold"]), {})
+
+
+@pytest.fixture(scope="module")
+def bundle_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("bundles") / "tiny.offramp"
+    save_bundle(_bundle(), path)
+    return path
+
+
+@pytest.fixture
+def eng(bundle_path) -> Engine:
+    return Engine(bundle_path, device="cpu", latency_repeats=REPEATS)
+
+
+def _frame(h=48, w=64, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _check(r: InferenceResult, e: Engine) -> None:
+    """Fields of one result agree with each other and with the engine."""
+    assert 0 <= r.exit_index < r.num_exits == e.num_exits
+    assert r.label == CLASSES[r.class_index] and 0 < r.confidence <= 1
+    assert [x.exit_index for x in r.exits] == sorted(x.exit_index for x in r.exits)
+    assert [x.fired for x in r.exits].count(True) == 1 and r.exits[-1].fired and r.exits[-1].exit_index == r.exit_index
+    fired = r.exits[-1]
+    assert fired.top_k[0] == (r.label, r.confidence) and len(fired.top_k) == 3
+    assert all(p >= q for x in r.exits for (_, p), (_, q) in zip(x.top_k, x.top_k[1:]))
+    assert r.stages_run == e.model.exit_stages[r.exit_index] + 1 and r.num_stages == e.model.backbone.num_stages
+    assert 0 < r.flops and r.full_flops == e.cost.full_flops
+    if r.exit_index < r.num_exits - 1:
+        assert r.flops < r.full_flops and 0 < r.saved <= 1
+    assert r.ms > 0 and r.full_ms == pytest.approx(e.cost.full_ms) and r.full_ms > 0
+    t = r.totals
+    assert sum(t.exit_counts) == t.frames and len(t.exit_counts) == r.num_exits
+
+
+# -- loading and devices --------------------------------------------------------------------------
+def test_engine_loads_a_bundle_and_profiles_latency(eng):
+    assert eng.device == "cpu" and not eng.model.training
+    assert eng.policy_name == "threshold" and eng.thresholds == [0.5, 0.5, None]
+    assert eng.cost.has_latency and eng.cost.device == "cpu" and len(eng.cost.stage_ms) == 3
+    assert eng.class_names == CLASSES and eng.preset.crop == 32
+    assert eng.totals == RunningTotals(exit_counts=[0, 0, 0])
+
+
+def test_engine_measures_flops_when_the_bundle_has_none():
+    e = Engine(_bundle(CostTable([], [], [])), device="cpu", latency_repeats=REPEATS)
+    assert len(e.cost.stage_flops) == 3 and all(f > 0 for f in e.cost.stage_flops) and e.cost.has_latency
+
+
+def test_devices(bundle_path):
+    devices = Engine.available_devices()
+    assert devices[0] == "cpu" and set(devices) <= {"cpu", "cuda", "mps"}
+    with pytest.raises(ValueError, match="unknown device 'tpu'; available: cpu"):
+        Engine(bundle_path, device="tpu")
+    if "cuda" not in devices:
+        with pytest.raises(ValueError, match="'cuda' is not available on this machine; available: cpu"):
+            Engine(bundle_path, device="cuda")
+    e = Engine(bundle_path, device="auto", latency_repeats=REPEATS)
+    assert e.device == ("cuda" if "cuda" in devices else "mps" if "mps" in devices else "cpu")
+    e.set_device("cpu")
+    assert e.device == "cpu" and e.cost.device == "cpu"
+    with pytest.raises(ValueError, match="not available on this machine"):
+        e.set_device("cuda:7")
+
+
+def test_default_bundle(monkeypatch, tmp_path, bundle_path):
+    monkeypatch.setenv("OFFRAMP_DEFAULT_BUNDLE", str(tmp_path / "absent.offramp"))
+    with pytest.raises(BundleError, match=r"no default bundle at .*absent\.offramp"):
+        Engine()
+    monkeypatch.setenv("OFFRAMP_DEFAULT_BUNDLE", str(bundle_path))
+    assert Engine(device="cpu", latency_repeats=REPEATS).class_names == CLASSES
+
+
+# -- preprocessing --------------------------------------------------------------------------------
+def test_preprocess_matches_torchvision_without_resampling():
+    from torchvision import transforms as T
+
+    rgb = _frame(32, 40)
+    preset = InputPreset(crop=32, resize=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+    ref = T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor(), T.Normalize(preset.mean, preset.std)])
+    assert torch.equal(preprocess(rgb, preset, rgb=True), ref(Image.fromarray(rgb)).unsqueeze(0))
+
+
+def test_preprocess_is_close_to_torchvision_when_resizing():
+    from torchvision import transforms as T
+
+    yy, xx = np.mgrid[0:480, 0:640]
+    smooth = np.stack([np.sin(xx / 40) + 1, np.cos(yy / 30) + 1, (xx + yy) / 1120], -1) * 120
+    rgb = smooth.astype(np.uint8)
+    for preset in (InputPreset(32, 32), InputPreset(224, 256)):
+        ref = T.Compose([T.Resize(preset.resize), T.CenterCrop(preset.crop), T.ToTensor(),
+                         T.Normalize(preset.mean, preset.std)])(Image.fromarray(rgb)).unsqueeze(0)
+        got = preprocess(rgb, preset, rgb=True)
+        assert got.shape == ref.shape == (1, 3, preset.crop, preset.crop) and got.dtype == torch.float32
+        diff = (got - ref).abs() * torch.tensor(preset.std).view(1, 3, 1, 1) * 255  # in grey levels
+        assert diff.mean() < 3 and diff.max() < 16
+
+
+def test_frame_kinds_agree(eng, tmp_path):
+    rgb = _frame()
+    want = eng.preprocess(rgb, rgb=True)
+    assert torch.equal(eng.preprocess(np.ascontiguousarray(rgb[..., ::-1])), want)  # BGR, OpenCV's order
+    assert torch.equal(eng.preprocess(rgb[..., ::-1]), want)  # a negative-stride view works too
+    alpha = np.full(rgb.shape[:2] + (1,), 200, np.uint8)
+    assert torch.equal(eng.preprocess(np.concatenate([rgb, alpha], -1), rgb=True), want)  # RGBA
+    assert torch.equal(eng.preprocess(np.concatenate([rgb[..., ::-1], alpha], -1)), want)  # BGRA
+    assert torch.equal(eng.preprocess(Image.fromarray(rgb)), want)
+    assert torch.equal(eng.preprocess(rgb.astype(np.float32) / 255), eng.preprocess(rgb))
+    path = tmp_path / "frame.png"
+    Image.fromarray(rgb).save(path)
+    assert torch.equal(eng.preprocess(path), want) and torch.equal(eng.preprocess(str(path)), want)
+    grey = rgb[..., 0].copy()
+    x = eng.preprocess(grey)
+    assert x.shape == (1, 3, 32, 32) and torch.equal(x, eng.preprocess(np.stack([grey] * 3, -1)))
+    assert torch.equal(eng.preprocess(grey[..., None]), x)
+
+
+def test_bad_frames(eng, tmp_path):
+    with pytest.raises(ValueError, match="cannot read image .*missing.png"):
+        eng.infer(tmp_path / "missing.png")
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match="cannot read image .*junk.jpg"):
+        eng.infer(str(junk))
+    with pytest.raises(ValueError, match="HxWx3"):
+        eng.infer(np.zeros((8, 8, 5), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        eng.infer(np.zeros((8, 8, 3), np.int32))
+    with pytest.raises(TypeError):
+        eng.infer([[1, 2, 3]])
+
+
+def test_preprocess_is_fast():
+    frame, preset = _frame(480, 640), InputPreset(32, 32)
+    times = []
+    for _ in range(30):
+        start = time.perf_counter()
+        preprocess(frame, preset)
+        times.append(time.perf_counter() - start)
+    assert sorted(times)[len(times) // 2] < 0.005  # ~0.3 ms on an idle core; lenient for shared machines
+
+
+# -- inference ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["bgr", "rgb", "grey", "rgba", "path"])
+def test_infer_on_every_frame_kind(eng, tmp_path, kind):
+    rgb = _frame()
+    frame = {"bgr": rgb[..., ::-1], "rgb": rgb, "grey": rgb[..., 1],
+             "rgba": np.concatenate([rgb, rgb[..., :1]], -1), "path": tmp_path / "f.png"}[kind]
+    if kind == "path":
+        Image.fromarray(rgb).save(frame)
+    r = eng.infer(frame, rgb=kind in ("rgb", "rgba"))
+    _check(r, eng)
+    assert r.totals.frames == 1
+
+
+def test_bgr_and_rgb_give_the_same_result(eng):
+    rgb = _frame(seed=3)
+    a, b = eng.infer(rgb, rgb=True), eng.infer(np.ascontiguousarray(rgb[..., ::-1]))
+    assert (a.exit_index, a.class_index, a.confidence) == (b.exit_index, b.class_index, b.confidence)
+    assert [(x.confidence, x.top_k) for x in a.exits] == [(x.confidence, x.top_k) for x in b.exits]
+
+
+def test_zero_thresholds_stop_at_the_first_exit(eng):
+    eng.set_thresholds([0.0, 0.0, 0.0])
+    r = eng.infer(_frame())
+    _check(r, eng)
+    assert r.exit_index == 0 and r.stages_run == 1 and len(r.exits) == 1 and r.exits[0].threshold == 0.0
+    assert r.flops == eng.cost.cumulative_flops()[0] < r.full_flops and r.saved > 0
+
+
+@pytest.mark.parametrize("t", [None, 1.0])
+def test_closed_exits_run_the_full_model(eng, t):
+    eng.set_thresholds([t, t, t])
+    r = eng.infer(_frame())
+    _check(r, eng)
+    assert r.exit_index == 2 and r.stages_run == 3
+    ran = [x.exit_index for x in r.exits]
+    assert ran == ([2] if t is None else [0, 1, 2])  # an exit that is off is not even evaluated
+    assert r.exits[-1].threshold is None  # the last exit always answers
+    if t is None:
+        assert r.flops == pytest.approx(r.full_flops)
+
+
+def test_readings_use_the_policy_measure(eng):
+    eng.set_policy("entropy")
+    eng.set_thresholds([1.0, 1.0, None])  # never confident enough: every exit runs
+    x = eng.preprocess(_frame())
+    r = eng.infer(x)
+    with torch.no_grad():
+        logits = eng.model.forward_all(x, calibrated=True)
+    for reading in r.exits:
+        assert reading.confidence == pytest.approx(float(confidence(logits[reading.exit_index], "entropy")), abs=1e-6)
+
+
+def test_totals(eng):
+    frames = [_frame(seed=s) for s in range(6)]
+    for i, f in enumerate(frames):
+        eng.set_thresholds([0.0, 0.0, None] if i % 2 else [None, None, None])
+        eng.infer(f)
+    t = eng.totals
+    assert t.frames == 6 and sum(t.exit_counts) == 6 and t.exit_counts[0] == 3 and t.exit_counts[2] == 3
+    assert 0 < t.saved < 1 and t.flops < t.full_flops == pytest.approx(6 * eng.cost.full_flops)
+    assert t.ms > 0 and t.full_ms > 0
+    eng.reset_totals()
+    assert eng.totals == RunningTotals(exit_counts=[0, 0, 0])
+
+
+def test_infer_batch(eng):
+    frames = [_frame(seed=s) for s in range(5)]
+    eng.set_thresholds([None, None, None])
+    results = eng.infer_batch(frames)
+    assert len(results) == 5 and eng.totals.frames == 5 and eng.infer_batch([]) == []
+    assert len({r.ms for r in results}) == 1
+    for f, r in zip(frames, results):
+        _check(r, eng)
+        single = eng.infer(f)
+        assert single.class_index == r.class_index and single.confidence == pytest.approx(r.confidence, abs=1e-5)
+    eng.set_thresholds([0.0, 0.0, None])
+    assert {r.exit_index for r in eng.infer_batch(frames)} == {0}
+
+
+# -- policies -------------------------------------------------------------------------------------
+def test_set_policy(eng):
+    eng.set_policy("always")
+    assert eng.policy_name == "always" and eng.thresholds is None
+    r = eng.infer(_frame())
+    assert r.exit_index == 0 and r.exits[0].threshold is None
+    with pytest.raises(ValueError, match="has no thresholds"):
+        eng.set_thresholds([0.1, 0.1, None])
+    mine = ThresholdPolicy([0.0, None, None])
+    eng.set_policy(mine)
+    assert eng.policy is mine and eng.policy_name is None and eng.infer(_frame()).exit_index == 0
+    with pytest.raises(ValueError, match="unknown policy 'nope'"):
+        eng.set_policy("nope")
+    with pytest.raises(ValueError, match="evaluation only"):
+        eng.set_policy("oracle")
+    with pytest.raises(ValueError, match="2 thresholds but the model has 3 exits"):
+        eng.set_policy(ThresholdPolicy([0.5, None]))
+    assert eng.policy is mine
+
+
+def test_set_thresholds_checks_and_copies(eng):
+    original = eng.bundle.policies["threshold"]
+    eng.set_thresholds([0.25, None, None])
+    assert eng.thresholds == [0.25, None, None] and original.thresholds == [0.5, 0.5, None]
+    with pytest.raises(ValueError, match="give 3 thresholds"):
+        eng.set_thresholds([0.1])
+    with pytest.raises(ValueError, match="outside 0..1"):
+        eng.set_thresholds([1.5, None, None])
+    eng.set_policy("threshold")  # back to the bundle's thresholds
+    assert eng.thresholds == [0.5, 0.5, None]
+
+
+def test_infer_while_another_thread_changes_thresholds(eng):
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def worker():
+        try:
+            for s in range(40):
+                _check(eng.infer(_frame(seed=s)), eng)
+        except BaseException as e:  # reported in the main thread
+            errors.append(e)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    rng = np.random.default_rng(0)
+    while not done.is_set():
+        eng.set_thresholds([float(rng.random()), None if rng.random() < 0.3 else float(rng.random()), None])
+        time.sleep(0.0005)
+    thread.join(timeout=60)
+    assert not thread.is_alive() and not errors, errors
+    assert eng.totals.frames == 40
