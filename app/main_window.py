@@ -4,6 +4,7 @@ session reports, at most at `RENDER_MS` intervals, so a fast model never floods 
 from __future__ import annotations
 
 import datetime
+import time
 from pathlib import Path
 
 from PySide6.QtCore import QSettings, QStandardPaths, Qt, QTimer
@@ -17,7 +18,8 @@ from .state import ModelInfo, PolicyState, percent
 from .widgets import (NORMAL, PRESENTATION, ComputePanel, ConfidencePlot, ErrorBanner, ExitDiagram, PolicyPanel,
                       RetrainPanel, Theme, TransportBar, VideoView)
 
-RENDER_MS = 25  # redraw at most 40 times a second, whatever the inference rate
+RENDER_MS = 33  # redraw the frame at most 30 times a second, whatever the inference rate
+STATS_MS = 100  # the compute-saved plots at most 10 times a second: they change slowly
 PRESENTATION_DOCKS = ("confidence", "compute")  # the panels a projector shows
 
 
@@ -73,7 +75,8 @@ class MainWindow(QMainWindow):
         self._render_timer = QTimer(self)
         self._render_timer.setInterval(RENDER_MS)
         self._render_timer.setSingleShot(True)
-        self._render_timer.timeout.connect(self.render_now)
+        self._render_timer.timeout.connect(self._on_render_tick)
+        self._stats_drawn = 0.0
 
         session.result.connect(self._on_result)
         session.model_loaded.connect(self._on_model_loaded)
@@ -100,7 +103,10 @@ class MainWindow(QMainWindow):
         if not self._render_timer.isActive():
             self._render_timer.start()
 
-    def render_now(self) -> None:
+    def _on_render_tick(self) -> None:
+        self.render_now(force_stats=False)
+
+    def render_now(self, force_stats: bool = True) -> None:
         """Draw the newest result (the render timer calls this; a screenshot calls it directly)."""
         if self._pending is None:
             return
@@ -116,9 +122,12 @@ class MainWindow(QMainWindow):
         ran = {r.exit_index: r.confidence for r in result.exits}
         self.diagram.set_result(result.stages_run, ran, result.exit_index, result.label)
         self.confidence.set_values(ran, result.exit_index)
-        stats = self.session.stats
-        self.compute.update_stats(stats)
-        self.fps_label.setText(f"{stats.fps:.1f} frames/s")
+        now = time.perf_counter()
+        if force_stats or now - self._stats_drawn >= STATS_MS / 1000:
+            self._stats_drawn = now
+            stats = self.session.stats
+            self.compute.update_stats(stats)
+            self.fps_label.setText(f"{stats.fps:.1f} frames/s")
 
     def _on_model_loaded(self, info: ModelInfo) -> None:
         self.model_label.setText(f"model: {info.name} ({info.backbone}, {len(info.class_names)} classes)")

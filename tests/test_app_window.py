@@ -53,6 +53,9 @@ def _next_result(qtbot, window, action, check=lambda r: True):
 
 
 def test_folder_plays_and_panels_update(qtbot, window, image_folder):
+    window.transport.pace.setCurrentIndex(1)
+    window.transport.pace.activated.emit(1)  # full speed
+    assert window.session.pace == 0.0
     window.open_source(str(image_folder))
     qtbot.waitUntil(lambda: window.session.stats.frames >= 3, timeout=WAIT)
     window.render_now()

@@ -13,7 +13,7 @@ from synth import make_image_folder
 
 @pytest.fixture(scope="module")
 def ten_class_folder(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("ten"), 8, per_class=40, seed=1)
+    return make_image_folder(tmp_path_factory.mktemp("ten"), [f"c{i}" for i in range(10)], per_class=30, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +27,11 @@ def trained_bundle(ten_class_folder, tmp_path_factory):
 
 def test_train_exits_writes_a_usable_bundle(trained_bundle, capsys):
     m = read_manifest(trained_bundle)
-    assert m["backbone"]["name"] == "cifar_resnet_small" and len(m["class_names"]) == 8
+    assert m["backbone"]["name"] == "cifar_resnet_small" and len(m["class_names"]) == 10
     front = m["meta"]["front"]
     assert front and all(a["flops"] < b["flops"] and a["accuracy"] < b["accuracy"] for a, b in zip(front, front[1:]))
     acc = m["meta"]["evaluation"]["accuracy_per_exit"]
-    # 8 easy colour classes on a random (untrained) backbone; chance is 12.5 %
+    # 10 easy colour classes on a random (untrained) backbone; chance is 10 %
     assert len(acc) == 3 and max(acc) > 0.35
     assert m["meta"]["evaluation"]["default_point"]["accuracy"] >= acc[-1] - 0.005
 
@@ -53,7 +53,7 @@ def test_evaluate_prints_per_exit_accuracy_and_writes_curve(trained_bundle, ten_
 
 
 def test_run_on_a_folder_prints_exit_label_and_cost(trained_bundle, ten_class_folder, capsys):
-    images = sorted((ten_class_folder / "red").iterdir())[:3]
+    images = sorted((ten_class_folder / "c0").iterdir())[:3]
     assert main(["run", str(trained_bundle), *map(str, images), "--json"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(lines) == 3

@@ -1,0 +1,62 @@
+"""`offramp-app --source … --frames N --screenshot … --stats …`: the scripted run, in a real process."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from PySide6.QtCore import QSettings  # noqa: E402
+
+from app.__main__ import main  # noqa: E402
+from app.main_window import MainWindow  # noqa: E402
+from app.scripted import ScriptedRun  # noqa: E402
+from app.session import Session  # noqa: E402
+from qt_helpers import bundle_path, image_folder, no_leaked_threads  # noqa: E402,F401
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _app(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
+    return subprocess.run([sys.executable, "-m", "app", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_scripted_run_writes_screenshot_and_stats(tmp_path, bundle_path, image_folder):
+    shot, stats = tmp_path / "out" / "shot.png", tmp_path / "out" / "stats.json"
+    proc = _app("--source", str(image_folder), "--frames", "15", "--screenshot", str(shot), "--stats", str(stats),
+                "--bundle", str(bundle_path), "--device", "cpu", "--presentation")
+    assert proc.returncode == 0, proc.stderr
+    assert shot.stat().st_size > 5000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(stats.read_text())
+    assert data["frames"] >= 15 and sum(data["exit_histogram"]) == data["frames"]
+    assert data["exit_histogram"][2] == data["frames"]  # the random tiny model never reaches 0.9 early
+    for key in ("saved_flops", "saved_ms", "fps", "gui_lateness_max_ms", "mean_ms", "dropped_frames"):
+        assert isinstance(data[key], (int, float)), key
+    assert data["fps"] > 0 and data["presentation"] is True and data["device"] == "cpu"
+
+
+def test_bad_input_fails_with_one_line(tmp_path, capsys):
+    assert main(["--source", str(tmp_path / "missing"), "--frames", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "does not exist" in err
+    assert main(["--frames", "3"]) == 2
+    assert main(["--source", str(tmp_path), "--frames", "0"]) == 2
+
+
+def test_scripted_run_reports_a_bundle_that_fails(qtbot, tmp_path, image_folder):
+    bad = tmp_path / "bad.offramp"
+    bad.write_text("not a bundle")
+    win = MainWindow(Session(device="cpu"), settings=QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
+    qtbot.addWidget(win)
+    run = ScriptedRun(win, source=str(image_folder), frames=5, stats=str(tmp_path / "s.json"), bundle=str(bad))
+    with qtbot.waitSignal(run.done, timeout=30000) as blocker:
+        run.start()
+    code, message = blocker.args
+    assert code == 2 and "bad.offramp" in message and "\n" not in message
+    assert not (tmp_path / "s.json").exists()
