@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     from .main_window import MainWindow
     from .session import Session
 
+    # the inference thread runs Python between its tensor ops; handing the GIL over every 1 ms instead
+    # of 5 ms keeps the GUI thread from waiting behind it
+    sys.setswitchinterval(0.001)
     app = QApplication.instance() or QApplication([sys.argv[0]])
     app.setOrganizationName("Offramp")
     app.setApplicationName(PROG)
@@ -73,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     session = Session(device=args.device or "auto", threads=args.threads or None)
     try:  # whatever happens, the worker threads are stopped and waited for before Python exits
         window = MainWindow(session, settings=None if scripted else QSettings(), presentation=False)
+        if args.device:
+            session.device = args.device  # the command line wins over the remembered device
         if args.presentation:
             window.set_presentation(True)
         else:
@@ -80,13 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         if scripted:
             return _run_scripted(app, window, args)
         sys.excepthook = lambda kind, value, tb: _show_unexpected(window, kind, value, tb)
-        if args.bundle:
-            session.load_bundle(args.bundle)
-        else:
-            window.startup()
         path = args.source or args.path
-        if path:
-            window.open_path(path)
+        bundle = args.bundle or (path if path and path.lower().endswith(".offramp") else None)
+        window.startup(bundle=bundle, source=path if path and path != bundle else None)
         return app.exec()
     finally:
         session.shutdown()
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_scripted(app, window, args) -> int:
     from .scripted import ScriptedRun
+    app.setQuitOnLastWindowClosed(False)  # the run ends with app.exit(code), not by closing the window
     outcome = {"code": 3, "message": "the window closed before the run ended"}
 
     def on_done(code: int, message: str) -> None:

@@ -7,15 +7,16 @@ import datetime
 import time
 from pathlib import Path
 
+import numpy as np
 from PySide6.QtCore import QSettings, QStandardPaths, Qt, QTimer
-from PySide6.QtGui import QCloseEvent, QFont
+from PySide6.QtGui import QCloseEvent, QFont, QPixmap
 from PySide6.QtWidgets import QApplication, QDockWidget, QLabel, QMainWindow, QVBoxLayout, QWidget
 
 from .menus import build_menus
 from .session import Session
 from .sources import SourceSpec
 from .state import ModelInfo, PolicyState, percent
-from .widgets import (NORMAL, PRESENTATION, ComputePanel, ConfidencePlot, ErrorBanner, ExitDiagram, PolicyPanel,
+from .widgets import (EMPTY_TEXT, NORMAL, PRESENTATION, ComputePanel, ConfidencePlot, ErrorBanner, ExitDiagram, PolicyPanel,
                       RetrainPanel, Theme, TransportBar, VideoView)
 
 RENDER_MS = 33  # redraw the frame at most 30 times a second, whatever the inference rate
@@ -33,6 +34,7 @@ class MainWindow(QMainWindow):
         self._base_font = QFont(QApplication.font())
         self._dock_visibility: dict[str, bool] = {}
         self._pending = None  # (result, frame) waiting to be drawn
+        self._next_error_origin = "model"  # "source" errors clear when another source opens
         self.setWindowTitle("Offramp — watch early exits happen")
         self.setObjectName("offramp_main_window")
         self.setAcceptDrops(True)
@@ -68,6 +70,7 @@ class MainWindow(QMainWindow):
         self.model_label = QLabel("no model")
         self.device_label = QLabel(f"device: {session.device}")
         self.fps_label = QLabel("")
+        self.fps_label.setMinimumWidth(self.fps_label.fontMetrics().horizontalAdvance("000.0 frames/s"))
         for w in (self.model_label, self.device_label, self.fps_label):
             self.statusBar().addPermanentWidget(w)
         self.actions = build_menus(self)
@@ -86,6 +89,7 @@ class MainWindow(QMainWindow):
         session.status.connect(self._on_status)
         session.source_opened.connect(self._on_source_opened)
         session.source_failed.connect(self._on_source_failed)
+        session.loading.connect(self._on_loading)
         self._restore_settings()
         if presentation:
             self.set_presentation(True)
@@ -130,14 +134,42 @@ class MainWindow(QMainWindow):
             self.fps_label.setText(f"{stats.fps:.1f} frames/s")
 
     def _on_model_loaded(self, info: ModelInfo) -> None:
+        if not self.video.has_frame:
+            self.video.set_message(EMPTY_TEXT)
         self.model_label.setText(f"model: {info.name} ({info.backbone}, {len(info.class_names)} classes)")
         self.device_label.setText(f"device: {info.device}")
         self.diagram.set_model(info.num_stages, info.exit_stages)
         self.confidence.set_model(info.num_exits)
         self.compute.set_model(info.num_exits)
         self.actions.set_devices(info)
+        self._warm_up()
         if self.settings is not None and info.path:
             self.settings.setValue("last_bundle", info.path)
+
+    def _warm_up(self) -> None:
+        """Draw every panel once, off screen, with made-up values: the first live frame then does not
+        pay for glyph caches and plot set-up (tens of ms at once on a slow machine)."""
+        info = self.session.info
+        if info is None or self.video.has_frame:
+            return
+        values = {e: 0.5 for e in range(info.num_exits)}
+        self.video.set_prediction("warm-up", 0.5, "exit E0 of 1 · 1 of 1 stages · saved 0 %")
+        self.video.set_frame(np.zeros((8, 8, 3), np.uint8))
+        self.diagram.set_result(info.num_stages, values, 0, "warm-up")
+        self.confidence.set_values(values, 0)
+        self.compute.warm_up(info.num_exits)
+        self.render(QPixmap(self.size()))
+        self.video.reset()
+        self.diagram.clear_result()
+        self.confidence.set_values({}, None)
+        self.compute.clear()
+
+    def _on_loading(self, what: str) -> None:
+        if self.banner.origin == "model":  # an earlier load's error; this load reports its own
+            self.banner.hide()
+        self.model_label.setText(f"model: loading {what} …")
+        if not self.video.has_frame:
+            self.video.set_message(f"Loading {what} … (the first model takes a few seconds: PyTorch starts up)")
 
     def _on_policy_changed(self, state: PolicyState) -> None:
         ts = state.thresholds
@@ -154,18 +186,21 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage(message, 8000)
 
     def _on_source_opened(self, spec: SourceSpec) -> None:
-        self.banner.hide()
+        if self.banner.origin == "source":
+            self.banner.hide()
         self.setWindowTitle(f"Offramp — {spec.display}")
         if self.settings is not None:
             self.settings.setValue("last_source", spec.to_text())
 
     def _on_source_failed(self, message: str) -> None:
-        if self.video.message:  # nothing shown yet: say why in the view too
+        self._next_error_origin = "source"
+        if not self.video.has_frame:  # nothing shown yet: say why in the view too
             self.video.set_message(message)
 
     def show_error(self, message: str) -> None:
         """Every error the user can cause ends here: the banner and the status bar; never a crash."""
-        self.banner.show_error(message)
+        self.banner.show_error(message, self._next_error_origin)
+        self._next_error_origin = "model"
         self.statusBar().showMessage(message, 15000)
 
     # -- actions ----------------------------------------------------------------------------------------
@@ -185,7 +220,13 @@ class MainWindow(QMainWindow):
             self._dock_visibility = {n: d.isVisible() for n, d in self.docks.items()}
             for name, dock in self.docks.items():
                 dock.setVisible(name in PRESENTATION_DOCKS)
+            if self.screen() is not None:  # without a window manager (Xvfb) full screen alone does not resize
+                self.setGeometry(self.screen().geometry())
             self.showFullScreen()
+            # large type needs a wider column for the panels a projector shows
+            width = max(self.width(), self.screen().size().width() if self.screen() else 0)
+            self.resizeDocks([self.docks[n] for n in PRESENTATION_DOCKS], [int(width * 0.42)] * 2,
+                             Qt.Orientation.Horizontal)
         else:
             for name, dock in self.docks.items():
                 dock.setVisible(self._dock_visibility.get(name, True))
@@ -250,12 +291,15 @@ class MainWindow(QMainWindow):
         if device:
             self.session.device = str(device)
 
-    def startup(self) -> None:
-        """Load the last bundle (or the built-in default) and reopen the last file source."""
-        last = self.settings.value("last_bundle", "") if self.settings is not None else ""
-        self.session.load_bundle(last if last and Path(last).is_file() else None)
-        source = self.settings.value("last_source", "") if self.settings is not None else ""
-        if source and not str(source).startswith("camera:") and Path(source).exists():
+    def startup(self, bundle: str | None = None, source: str | None = None) -> None:
+        """Load `bundle` (default: the last one used, else the built-in one) and open `source`
+        (default: the last file source; a camera is never opened unasked)."""
+        s = self.settings
+        last = s.value("last_bundle", "") if s is not None else ""
+        self.session.load_bundle(bundle or (last if last and Path(last).is_file() else None))
+        last = s.value("last_source", "") if s is not None else ""
+        source = source or (last if last and not str(last).startswith("camera:") and Path(last).exists() else None)
+        if source:
             self.session.open_source(str(source))
 
     def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802

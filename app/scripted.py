@@ -68,7 +68,7 @@ class ScriptedRun(QObject):
 
     def start(self) -> None:
         self._timeout.start(int(self.timeout_s * 1000))
-        self.session.load_bundle(self.bundle)  # None = the built-in default
+        self.session.load_bundle(self.bundle, fallback=False)  # None = the built-in default
 
     def _on_model_loaded(self, info: ModelInfo) -> None:
         if not self._opened:

@@ -25,9 +25,9 @@ class Session(QObject):
     source_ended = Signal()
     source_failed = Signal(str)
     paused_changed = Signal(bool)
+    loading = Signal(str)  # a bundle started loading (what, for display)
     status = Signal(str)
     error = Signal(str)
-    busy_changed = Signal(bool)  # a model load or device switch is under way
 
     def __init__(self, device: str = "auto", engine_factory: Callable[..., Any] | None = None,
                  threads: int | None = None, parent: QObject | None = None):
@@ -45,37 +45,37 @@ class Session(QObject):
         self.resolution: tuple[int, int] | None = None
         self._slot = FrameSlot()
         self._capture: tuple[CaptureWorker, QThread] | None = None
+        self._stopping: list[tuple[CaptureWorker, QThread]] = []  # capture workers asked to stop
         self._tasks: list[tuple[TaskWorker, QThread]] = []
         self._inference = InferenceWorker(self._slot, engine_factory, threads)
         self._inference.model_loaded.connect(self._on_model_loaded)
         self._inference.device_changed.connect(self._on_device_changed)
         self._inference.result.connect(self._on_result)
-        self._inference.error.connect(self._on_inference_error)
+        self._inference.error.connect(self.error)
         self._inference.progress.connect(self.status)
         self._inference_thread = start_worker(self._inference, "offramp-inference")
         self._closed = False
 
     # -- model ------------------------------------------------------------------------------------
-    def load_bundle(self, bundle: Any, path: str = "") -> None:
+    def load_bundle(self, bundle: Any, path: str = "", fallback: bool = True) -> None:
         """Load a bundle file, an in-memory Bundle, or None for the built-in default; the current
-        model stays until the new one has loaded."""
+        model stays until the new one has loaded. `fallback`: on a device this machine lacks, say so
+        and use the best one here (a scripted run fails instead)."""
         path = path or (str(bundle) if isinstance(bundle, (str, Path)) else "")
-        self.busy_changed.emit(True)
-        self._inference.load(bundle, self.device, path)
+        self.loading.emit(Path(path).name if path else ("the built-in model" if bundle is None else "the new model"))
+        self._inference.load(bundle, self.device, path, fallback)
 
     def set_device(self, device: str) -> None:
         if self.info is None:
             self.device = device  # used by the next load
             self.device_changed.emit(device)
             return
-        self.busy_changed.emit(True)
         self._inference.set_device(device)
 
     def _on_model_loaded(self, info: ModelInfo) -> None:
         self.info, self.device = info, info.device
         self.policy = PolicyState(info)
         self.stats.reset(info.num_exits)
-        self.busy_changed.emit(False)
         self.model_loaded.emit(info)
         self.policy_changed.emit(self.policy)
         self.status.emit(f"model {info.name} loaded on {info.device}: {len(info.class_names)} classes, "
@@ -87,13 +87,8 @@ class Session(QObject):
             self.info.device, self.info.full_ms = info.device, info.full_ms
         self.device = info.device
         self.stats.reset()
-        self.busy_changed.emit(False)
         self.device_changed.emit(info.device)
         self.status.emit(f"running on {info.device}")
-
-    def _on_inference_error(self, message: str) -> None:
-        self.busy_changed.emit(False)
-        self.error.emit(message)
 
     # -- policy -------------------------------------------------------------------------------------
     def choose_policy(self, name: str) -> None:
@@ -153,7 +148,7 @@ class Session(QObject):
         self.spec = spec
         self.stats.reset()
         worker = CaptureWorker(spec, self._slot, pace=self.pace, mirror=self.mirror,
-                               loop=self.loop and spec.kind != "image", paused=False)
+                               loop=self.loop and spec.kind != "image")
         worker.opened.connect(self._on_source_info)
         worker.position.connect(self.source_position)
         worker.ended.connect(self._on_source_ended)
@@ -164,12 +159,19 @@ class Session(QObject):
         self.status.emit(f"opening {spec.display} …")
 
     def close_source(self) -> None:
+        """Stop the capture worker without waiting for it: a camera read can block for a while, and
+        the window must not. After this returns the old worker puts no more frames in the slot."""
         if self._capture is not None:
             worker, thread = self._capture
             self._capture = None
-            if not stop_worker(worker, thread):
-                self.error.emit("the capture thread did not stop in time; it will end when its source returns")
+            worker.stop()
+            thread.quit()
+            self._stopping.append((worker, thread))
+            thread.finished.connect(self._on_capture_stopped)
             self._slot.clear()
+
+    def _on_capture_stopped(self) -> None:
+        self._stopping = [(w, t) for w, t in self._stopping if not t.isFinished()]
 
     def _on_source_info(self, info: dict) -> None:
         self.source_info.emit(info)
@@ -180,9 +182,13 @@ class Session(QObject):
     def _on_source_ended(self) -> None:
         self._set_paused(True)
         self.source_ended.emit()
-        self.status.emit("end of source: paused")
+        still = self.spec is not None and self.spec.kind == "image"
+        self.status.emit("showing a still image: change thresholds to see their effect" if still
+                         else "end of the source: paused (play starts it again)")
 
     def _on_source_error(self, message: str) -> None:
+        if self._capture is None or self.sender() is not self._capture[0]:
+            return  # a worker already replaced by another source: its fate no longer matters
         self.source_failed.emit(message)
         self.error.emit(message)
 
@@ -249,10 +255,6 @@ class Session(QObject):
                 thread.wait(5000)  # run() has returned; the thread ends right after
                 self._tasks.remove((w, thread))
 
-    @property
-    def tasks_running(self) -> int:
-        return sum(1 for _, t in self._tasks if t.isRunning())
-
     # -- ending -----------------------------------------------------------------------------------------
     def shutdown(self) -> None:
         """Stop every worker and wait for its thread (cancelling long work); safe to call twice."""
@@ -260,6 +262,10 @@ class Session(QObject):
             return
         self._closed = True
         self.close_source()
+        for worker, thread in self._stopping:
+            if not stop_worker(worker, thread):
+                self.error.emit(f"the capture thread for {worker.spec.display} did not stop in time")
+        self._stopping.clear()
         for worker, thread in self._tasks:
             stop_worker(worker, thread, 30000)
         self._tasks.clear()

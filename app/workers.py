@@ -11,85 +11,17 @@ from __future__ import annotations
 import queue
 import threading
 import time
-import weakref
 from pathlib import Path
 from typing import Any, Callable
 
-from PySide6.QtCore import QObject, QThread, Signal
+from PySide6.QtCore import QObject, Signal
 
 from .sources import Frame, SourceError, SourceSpec, open_source
 from .state import ModelInfo
+from .threads import FrameSlot, finish_thread, lower_thread_priority, running_threads, start_worker, stop_worker
 
-_THREADS: "weakref.WeakSet[QThread]" = weakref.WeakSet()
-
-
-def running_threads() -> list[QThread]:
-    """QThreads started through `start_worker` that are still running (tests check this is empty)."""
-    return [t for t in list(_THREADS) if t.isRunning()]
-
-
-def start_worker(worker: QObject, name: str) -> QThread:
-    """Move `worker` to a new QThread named `name` and start its `run` loop there."""
-    thread = QThread()
-    thread.setObjectName(name)
-    worker.moveToThread(thread)
-    thread.started.connect(worker.run)
-    _THREADS.add(thread)
-    thread.start()
-    return thread
-
-
-def stop_worker(worker: QObject, thread: QThread, timeout_ms: int = 10000) -> bool:
-    """Ask `worker` to stop and wait for its thread; False if it is still running after `timeout_ms`."""
-    worker.stop()
-    thread.quit()
-    return thread.wait(timeout_ms)
-
-
-def _finish_thread() -> None:
-    # quit() before the thread's event loop starts makes exec() return at once, so a finished
-    # run() ends its thread without help from the GUI thread's event loop
-    QThread.currentThread().quit()
-
-
-class FrameSlot:
-    """A one-frame mailbox between two threads: put() replaces what is waiting (newest wins)."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._item: Frame | None = None
-        self.dropped = 0  # frames replaced before anyone took them
-
-    def put(self, item: Frame) -> None:
-        with self._cond:
-            if self._item is not None:
-                self.dropped += 1
-            self._item = item
-            self._cond.notify_all()
-
-    def take(self, timeout: float) -> Frame | None:
-        """The waiting frame (emptying the slot), or None after `timeout` seconds."""
-        with self._cond:
-            if self._item is None:
-                self._cond.wait(timeout)
-            item, self._item = self._item, None
-            self._cond.notify_all()
-            return item
-
-    def wait_empty(self, timeout: float) -> bool:
-        """Wait until the waiting frame was taken; True when the slot is empty."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._item is None, timeout)
-
-    def has_frame(self) -> bool:
-        with self._cond:
-            return self._item is not None
-
-    def clear(self) -> None:
-        with self._cond:
-            self._item = None
-            self._cond.notify_all()
-
+__all__ = ["CaptureWorker", "FrameSlot", "InferenceWorker", "TaskWorker", "running_threads", "start_worker",
+           "stop_worker"]
 
 class CaptureWorker(QObject):
     """Reads frames from a source into a FrameSlot at the chosen pace.
@@ -106,12 +38,13 @@ class CaptureWorker(QObject):
     finished = Signal()
 
     def __init__(self, spec: SourceSpec, slot: FrameSlot, *, pace: float | None = None, mirror: bool = False,
-                 loop: bool = False, paused: bool = False):
+                 loop: bool = False):
         super().__init__()
         self.spec, self.slot, self.loop = spec, slot, loop
         self._cond = threading.Condition()
         self._stop = False
-        self._paused = paused
+        self._paused = False
+        self._ended = False  # reached the end: playing again starts from the first frame
         self._pace = pace  # None = the source's own pace (video fps, 1 s per image)
         self._mirror = mirror
         self._seek: int | None = None
@@ -126,6 +59,8 @@ class CaptureWorker(QObject):
 
     def set_paused(self, paused: bool) -> None:
         with self._cond:
+            if not paused and self._ended:
+                self._seek, self._ended = 0, False
             self._paused = paused
             self._cond.notify_all()
 
@@ -151,6 +86,7 @@ class CaptureWorker(QObject):
 
     # -- the loop, in the worker thread -----------------------------------------------------------
     def run(self) -> None:
+        lower_thread_priority()
         source = None
         try:
             source = open_source(self.spec, loop=self.loop)
@@ -165,7 +101,7 @@ class CaptureWorker(QObject):
             if source is not None:
                 source.close()
             self.finished.emit()
-            _finish_thread()
+            finish_thread()
 
     def _loop(self, source) -> None:
         default_pace = source.interval if self.spec.kind == "video" else 1.0
@@ -191,14 +127,17 @@ class CaptureWorker(QObject):
                 source.seek(seek)
             frame = source.read()
             if frame is None:
-                self.ended.emit()
                 with self._cond:
-                    self._paused = True
+                    self._paused = self._ended = True
+                self.ended.emit()
                 continue
             if mirror:
                 frame = Frame(frame.image[:, ::-1].copy(), frame.index, frame.count, frame.name, frame.time)
             self._last_index = frame.index
-            self.slot.put(frame)
+            with self._cond:  # after stop() returns, this worker never touches the slot again
+                if self._stop:
+                    return
+                self.slot.put(frame)
             self.position.emit(frame.index, -1 if frame.count is None else frame.count, frame.name)
             next_due = max(next_due + pace, time.perf_counter()) if pace > 0 else time.perf_counter()
 
@@ -235,9 +174,10 @@ class InferenceWorker(QObject):
         self._stop.set()
 
     # -- commands (any thread) --------------------------------------------------------------------
-    def load(self, bundle: Any, device: str = "auto", path: str = "") -> None:
-        """Load a bundle (path or Bundle); on failure the current engine is kept."""
-        self._commands.put(lambda: self._load(bundle, device, path))
+    def load(self, bundle: Any, device: str = "auto", path: str = "", fallback: bool = True) -> None:
+        """Load a bundle (path or Bundle); on failure the current engine is kept. With `fallback`, a
+        device this machine lacks is reported and the best available one used instead."""
+        self._commands.put(lambda: self._load(bundle, device, path, fallback))
 
     def set_device(self, device: str) -> None:
         self._commands.put(lambda: self._set_device(device))
@@ -256,6 +196,7 @@ class InferenceWorker(QObject):
 
     # -- the loop -----------------------------------------------------------------------------------
     def run(self) -> None:
+        lower_thread_priority()
         self.started.emit()
         if self.threads:
             # one frame at a time gains nothing from intra-op threads, and on a busy machine their
@@ -268,9 +209,10 @@ class InferenceWorker(QObject):
                 frame = self.slot.take(timeout=0.05)
                 if frame is not None:
                     self._infer(frame)
+                    time.sleep(0)  # hand the GIL to the GUI thread between frames
         finally:
             self.finished.emit()
-            _finish_thread()
+            finish_thread()
 
     def _run_commands(self) -> None:
         ran = False
@@ -323,19 +265,26 @@ class InferenceWorker(QObject):
         from engine.runtime import Engine  # torch loads here, off the GUI thread
         return Engine(bundle, device=device)
 
-    def _load(self, bundle: Any, device: str, path: str) -> None:
+    def _load(self, bundle: Any, device: str, path: str, fallback: bool) -> None:
         if bundle is None:  # the built-in default
             from engine.bundle import default_bundle_path
             bundle = path = str(default_bundle_path())
             if not Path(path).is_file():
                 self.error.emit(f"no built-in model at {path}; load a bundle with Model ▸ Load bundle…")
                 return
+        from engine.bundle import BundleError
         shown = path or "the retrained model"
         self.progress.emit(f"loading {shown} …")
         try:
-            engine = self._make_engine(bundle, device)
+            try:
+                engine = self._make_engine(bundle, device)
+            except ValueError as e:  # a device this machine lacks (e.g. remembered from another one)
+                if not fallback or device == "auto" or isinstance(e, BundleError):
+                    raise
+                self.error.emit(f"device {device!r} cannot be used ({e}); loading on the best device here instead")
+                engine = self._make_engine(bundle, "auto")
             info = ModelInfo.from_engine(engine, path)
-        except Exception as e:  # noqa: BLE001 - BundleError, a missing device, anything: the old model stays
+        except Exception as e:  # noqa: BLE001 - BundleError, anything: the old model stays
             self.error.emit(f"could not load {shown}: {e}")
             return
         self.engine, self._path = engine, path
@@ -393,6 +342,7 @@ class TaskWorker(QObject):
 
     def run(self) -> None:
         from engine.progress import Cancelled
+        lower_thread_priority()
         self.started.emit()
         try:
             out = self.fn(progress=self._on_progress, cancel=self.cancel_flag)
@@ -404,4 +354,4 @@ class TaskWorker(QObject):
             self.result.emit(out)
         finally:
             self.finished.emit()
-            _finish_thread()
+            finish_thread()

@@ -9,7 +9,7 @@ from engine.backbones import build_backbone
 from engine.bundle import Bundle, save_bundle
 from engine.cost import measure_costs
 from engine.model import MultiExitNet
-from engine.policies import ThresholdPolicy
+from engine.policies import BolukbasiPolicy, ThresholdPolicy
 
 TINY_CLASSES = ["red", "green", "blue"]
 
@@ -18,7 +18,8 @@ def tiny_bundle(*, front: bool = True, seed: int = 0) -> Bundle:
     """cifar_resnet_small (3 stages, random weights) with an exit after every stage and 3 classes.
 
     Its default policy thresholds every early exit at 0.9 (a random model is never that sure, so
-    the last exit fires); meta["front"] holds four threshold configurations, cheapest first.
+    the last exit fires); "first exit" takes exit 0 always; "learned" is a (untrained) policy
+    without thresholds; meta["front"] holds four threshold configurations, cheapest first.
     """
     torch.manual_seed(seed)
     backbone = build_backbone("cifar_resnet_small", num_classes=len(TINY_CLASSES))
@@ -33,8 +34,9 @@ def tiny_bundle(*, front: bool = True, seed: int = 0) -> Bundle:
         meta["front"] = [{"policy": ThresholdPolicy(ts).to_json(), "accuracy": acc, "flops": f,
                           "saved": 1.0 - f / cost.full_flops} for ts, f, acc in points]
         meta["default_point"] = 2
-    return Bundle(model=model, policies={"threshold": policy, "first exit": ThresholdPolicy([0.0, 0.0, 0.0])},
-                  default_policy="threshold", cost=cost, meta=meta)
+    policies = {"threshold": policy, "first exit": ThresholdPolicy([0.0, 0.0, 0.0]),
+                "learned": BolukbasiPolicy(model.num_exits, len(TINY_CLASSES))}  # untrained: any answer will do
+    return Bundle(model=model, policies=policies, default_policy="threshold", cost=cost, meta=meta)
 
 
 def write_tiny_bundle(path: str | Path, **kw) -> Path:

@@ -46,6 +46,25 @@ def test_folder_source_loops_steps_and_skips_corrupt_files(tmp_path):
     assert frame.index == 2 and frame.image.shape == (8, 8, 3) and frame.image.dtype == np.uint8
 
 
+def test_video_source_plays_seeks_and_loops(tmp_path):
+    import cv2
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (32, 24))
+    if not writer.isOpened():
+        pytest.skip("this OpenCV build cannot write MJPG video")
+    for i in range(6):
+        writer.write(np.full((24, 32, 3), 40 * i, np.uint8))
+    writer.release()
+    src = open_source(SourceSpec.from_text(str(path)), loop=True)
+    assert src.count == 6 and src.interval == pytest.approx(0.1) and src.seekable
+    frames = [src.read() for _ in range(8)]
+    assert [f.index for f in frames] == [0, 1, 2, 3, 4, 5, 0, 1]  # loops at the end
+    assert frames[0].image.shape == (24, 32, 3) and frames[3].image.mean() > frames[0].image.mean()
+    src.seek(4)
+    assert src.read().index == 4
+    src.close()
+
+
 def test_unusable_sources_say_why(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

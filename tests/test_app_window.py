@@ -65,7 +65,7 @@ def test_folder_plays_and_panels_update(qtbot, window, image_folder):
     assert set(window.confidence.values) == {0, 1, 2} and window.confidence.threshold_values[:2] == [0.9, 0.9]
     assert "compute saved" in window.compute.big_label.text()
     assert window.compute.hist.opts["height"][2] == pytest.approx(100.0)
-    assert window.video.label == result.label and window.video._image is not None
+    assert window.video.label == result.label and window.video.has_frame
     assert "/ 12" in window.transport.position.text()
 
 
@@ -107,18 +107,26 @@ def test_budget_slider_walks_the_front_and_reset(qtbot, window, tmp_path):
 
 def test_policy_choice_and_saving_the_configuration(qtbot, window, tmp_path):
     from engine.bundle import load_bundle
+    window.open_source(str(_still(tmp_path)))
+    qtbot.waitUntil(lambda: window.session.stats.frames >= 1, timeout=WAIT)
     panel = window.policy_panel
-    assert [panel.combo.itemText(i) for i in range(panel.combo.count())] == ["threshold", "first exit"]
+    names = [panel.combo.itemText(i) for i in range(panel.combo.count())]
+    assert names == ["threshold", "first exit", "learned"]
+    # a policy without thresholds: the sliders are off, the live view goes on
+    panel.combo.setCurrentIndex(2)
+    _next_result(qtbot, window, lambda: panel.combo.activated.emit(2))
+    assert not panel.thresholds_box.isEnabled() and "no thresholds" in panel.thresholds_box.toolTip()
+    assert window.confidence.threshold_values == []
     panel.combo.setCurrentIndex(1)
-    panel.combo.activated.emit(1)
-    assert window.session.policy.thresholds == [0.0, 0.0, 0.0]
+    _next_result(qtbot, window, lambda: panel.combo.activated.emit(1), lambda r: r.exit_index == 0)
+    assert window.session.policy.thresholds == [0.0, 0.0, 0.0] and panel.thresholds_box.isEnabled()
     panel.rows[1].off.setChecked(True)
     out = tmp_path / "edited.offramp"
     panel.save_to(str(out))
     qtbot.waitUntil(lambda: out.exists() and panel.save_button.isEnabled(), timeout=WAIT)
     saved = load_bundle(out)
     assert saved.default_policy == "edited" and saved.policies["edited"].thresholds == [0.0, None, 0.0]
-    assert set(saved.policies) == {"threshold", "first exit", "edited"}
+    assert set(saved.policies) == {"threshold", "first exit", "learned", "edited"}
 
 
 def test_bad_inputs_are_shown_and_nothing_is_lost(qtbot, window, tmp_path, image_folder):
@@ -145,6 +153,15 @@ def test_bad_inputs_are_shown_and_nothing_is_lost(qtbot, window, tmp_path, image
     qtbot.waitUntil(lambda: session.stats.frames >= 2, timeout=WAIT)
 
 
+def _settled_frames(qtbot, session, quiet_ms: int = 300) -> int:
+    """The frame count once no result has arrived for `quiet_ms`."""
+    while True:
+        n = session.stats.frames
+        qtbot.wait(quiet_ms)
+        if session.stats.frames == n:
+            return n
+
+
 def test_keys_presentation_screenshot_drop_and_settings(qtbot, window, tmp_path, image_folder, bundle_path):
     session = window.session
     mime = QMimeData()
@@ -162,7 +179,7 @@ def test_keys_presentation_screenshot_drop_and_settings(qtbot, window, tmp_path,
     assert window.docks["policy"].isVisible() and not window.isFullScreen()
     qtbot.keyClick(window, Qt.Key.Key_Space)
     assert session.paused
-    n = session.stats.frames
+    n = _settled_frames(qtbot, session)  # a frame already in flight when paused may still arrive
     with qtbot.waitSignal(session.result, timeout=WAIT):
         qtbot.keyClick(window, Qt.Key.Key_Right)  # next image, while paused
     assert session.stats.frames == n + 1 and session.paused
@@ -173,3 +190,28 @@ def test_keys_presentation_screenshot_drop_and_settings(qtbot, window, tmp_path,
     s = window.settings
     assert s.value("last_source") == str(image_folder) and s.value("last_bundle") == str(bundle_path)
     assert s.value("geometry") is not None
+
+
+def test_built_in_default_model(qtbot, tmp_path, monkeypatch, bundle_path):
+    session = Session(device="cpu")
+    win = MainWindow(session, settings=QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
+    qtbot.addWidget(win)
+    monkeypatch.setenv("OFFRAMP_DEFAULT_BUNDLE", str(tmp_path / "none.offramp"))
+    with qtbot.waitSignal(session.error, timeout=WAIT):
+        win.startup()
+    assert "no built-in model" in win.banner.text.lower() and session.info is None
+    monkeypatch.setenv("OFFRAMP_DEFAULT_BUNDLE", str(bundle_path))
+    with qtbot.waitSignal(session.model_loaded, timeout=WAIT):  # Model ▸ Built-in default model
+        next(a for a in win.menuBar().actions()[1].menu().actions() if "Built-in" in a.text()).trigger()
+    assert session.info.path == str(bundle_path) and not win.banner.isVisible()
+
+
+def test_missing_device_falls_back_with_a_message(qtbot, tmp_path, bundle_path):
+    session = Session(device="cuda:5")  # e.g. remembered from another machine
+    win = MainWindow(session, settings=QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
+    qtbot.addWidget(win)
+    win.show()
+    with qtbot.waitSignals([session.error, session.model_loaded], timeout=WAIT):
+        session.load_bundle(str(bundle_path))
+    assert win.banner.isVisible() and "cuda:5" in win.banner.text
+    assert session.info.device == "cpu" and session.device == "cpu"

@@ -7,7 +7,7 @@ from .policy_panel import PolicyPanel
 from .retrain_panel import RetrainPanel
 from .theme import NORMAL, PRESENTATION, Theme
 from .transport import TransportBar
-from .video_view import VideoView
+from .video_view import EMPTY_TEXT, VideoView
 
-__all__ = ["ErrorBanner", "ComputePanel", "ConfidencePlot", "ExitDiagram", "PolicyPanel", "RetrainPanel",
+__all__ = ["EMPTY_TEXT", "ErrorBanner", "ComputePanel", "ConfidencePlot", "ExitDiagram", "PolicyPanel", "RetrainPanel",
            "NORMAL", "PRESENTATION", "Theme", "TransportBar", "VideoView"]

@@ -21,12 +21,15 @@ class ErrorBanner(QWidget):
         self.setStyleSheet("#error_banner { background: #b00020; } QLabel, QToolButton { color: white; "
                            "background: transparent; font-weight: bold; }")
         self.setAutoFillBackground(True)
+        self.origin = ""
         self.hide()
 
     @property
     def text(self) -> str:
         return self.label.text()
 
-    def show_error(self, message: str) -> None:
+    def show_error(self, message: str, origin: str = "") -> None:
+        """Show `message`; `origin` ("source", "model") lets the window clear it when that part recovers."""
+        self.origin = origin
         self.label.setText(message[:1].upper() + message[1:])
         self.show()

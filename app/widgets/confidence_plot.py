@@ -29,7 +29,7 @@ class ConfidencePlot(QWidget):
         self.threshold_values: list[float | None] = []
         self.values: dict[int, float] = {}
         self.fired: int | None = None
-        self._ticks: list = []
+        self._ticks: list | None = None
         self.set_theme(NORMAL)
 
     def set_theme(self, theme: Theme) -> None:

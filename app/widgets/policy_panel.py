@@ -2,12 +2,14 @@
 the Pareto front with a budget slider, reset to the bundle's default, save the configuration."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGridLayout, QGroupBox, QHBoxLayout,
                                QLabel, QPushButton, QSlider, QVBoxLayout, QWidget)
 
+from .. import tasks
 from ..session import Session
 from ..state import ModelInfo, PolicyState, front_label
 
@@ -174,7 +176,6 @@ class PolicyPanel(QWidget):
 
     def save_to(self, path: str) -> None:
         """Save the loaded bundle with the active configuration as its default policy, in a worker."""
-        from engine.bundle import save_bundle
         try:
             bundle = self.session.edited_bundle()
         except Exception as e:  # noqa: BLE001 - shown, nothing is written
@@ -182,7 +183,7 @@ class PolicyPanel(QWidget):
             return
         self.save_button.setEnabled(False)
         self.session.status.emit(f"saving {path} …")
-        self.session.start_task(lambda progress, cancel: save_bundle(bundle, path), "saving bundle",
+        self.session.start_task(functools.partial(tasks.save, bundle, path), "saving bundle",
                                 result=self._on_saved, error=self._on_save_failed)
 
     def _on_saved(self, path) -> None:

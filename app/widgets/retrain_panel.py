@@ -3,6 +3,7 @@ policy on the frozen backbone in a worker (progress, stage, time left, Cancel) �
 accuracy-vs-cost curve against the current one → use it, save it as a bundle."""
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import pyqtgraph as pg
 from PySide6.QtWidgets import (QFileDialog, QHBoxLayout, QLabel, QPlainTextEdit, QProgressBar, QPushButton, QSpinBox,
                                QVBoxLayout, QWidget)
 
+from .. import tasks
 from ..session import Session
 from ..state import curve_xy
 from .theme import NORMAL, Theme
@@ -104,12 +106,10 @@ class RetrainPanel(QWidget):
 
     def check(self, folder: str) -> None:
         """Check `folder` in a worker and show the report; training is possible once it is usable."""
-        from engine.data import check_folder
         self.folder, self.report_ok = folder, False
         self.folder_label.setText(folder)
         self.report.setPlainText("checking …")
-        self._start(lambda progress, cancel: check_folder(folder, progress=progress, cancel=cancel),
-                    "checking folder", result=self._on_checked)
+        self._start(functools.partial(tasks.check_folder, folder), "checking folder", result=self._on_checked)
 
     def _on_checked(self, report) -> None:
         lines = list(report.summary())
@@ -127,7 +127,6 @@ class RetrainPanel(QWidget):
         self.train()
 
     def train(self) -> None:
-        from engine.train.retrain import retrain_on_folder
         info, folder, epochs = self.session.info, self.folder, self.epochs.value()
         if info is None or folder is None:
             return
@@ -135,9 +134,8 @@ class RetrainPanel(QWidget):
         self.new_bundle = self.new_report = None
         self.progress.setValue(0)
         self.session.status.emit(f"retraining exits on {folder} …")
-        self._start(lambda progress, cancel: retrain_on_folder(bundle, folder, epochs=epochs, progress=progress,
-                                                               cancel=cancel),
-                    "retraining", result=self._on_trained, cancelled=self._on_cancelled)
+        self._start(functools.partial(tasks.retrain, bundle, folder, epochs), "retraining",
+                    result=self._on_trained, cancelled=self._on_cancelled)
 
     def _on_cancel_clicked(self) -> None:
         if self.task is not None:
@@ -193,7 +191,7 @@ class RetrainPanel(QWidget):
             self.plot.plot(old_x, old_y, pen=pg.mkPen("#888888", width=2), symbol="o", symbolSize=4, name="current")
         self.plot.plot(new_x, new_y, pen=pg.mkPen("#2ca02c", width=3), symbol="o", symbolSize=5, name="new")
         if not old_x:
-            self.legend.addItem(pg.PlotDataItem(pen=None), "current model has other classes: no common curve")
+            self.legend.addItem(pg.PlotDataItem(pen=None), "current model: no comparable curve (another class list)")
 
     # -- 3. use or save -----------------------------------------------------------------------------------
     def _on_use_clicked(self) -> None:
@@ -207,9 +205,7 @@ class RetrainPanel(QWidget):
             self.save_to(path if path.endswith(".offramp") else path + ".offramp")
 
     def save_to(self, path: str) -> None:
-        from engine.bundle import save_bundle
-        bundle = self.new_bundle
-        self._start(lambda progress, cancel: save_bundle(bundle, path), "saving bundle", result=self._on_saved)
+        self._start(functools.partial(tasks.save, self.new_bundle, path), "saving bundle", result=self._on_saved)
 
     def _on_saved(self, path) -> None:
         self.session.status.emit(f"saved the retrained bundle to {path}")

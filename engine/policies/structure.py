@@ -1,0 +1,447 @@
+"""Category-structure policy network (DESIGN.md, idea 3).
+
+At every early exit a small network reads the exit's pooled tap features plus *category-structure
+measures* — how clearly this input sits with one class at this depth, judged against class
+prototypes (per-class mean features of the training data at that exit) — and outputs a halting
+probability h_e; the sample takes the exit where h_e >= tau. It is trained end to end on recorded
+exit outputs with a differentiable cost-aware objective over the sequential halting
+probabilities, λ trading expected loss against expected compute.
+
+One network is shared by all exits, with a per-exit linear projection of the features (tap widths
+differ) and the exit's one-hot: the measures mean the same thing at every depth, so sharing lets
+the deep exits, which few training samples reach undecided, borrow what the early ones learn.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import replace
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cost import CostTable
+from ..model import Evidence
+from ..progress import CancelFlag, ProgressFn, report
+from .base import Policy, register_policy
+from .threshold import confidence
+
+if TYPE_CHECKING:
+    from ..evaluate import Records
+
+# Columns of `structure_measures`, in order.
+MEASURES = ("sim_top1", "sim_top2", "sim_gap", "separability", "sim_margin", "agree_prototype",
+            "agree_previous", "agree_last", "max_prob", "entropy", "margin")
+LOSSES = ("error", "ce")
+GRADIENTS = ("surrogate", "plain")
+
+
+# -- prototypes and measures ----------------------------------------------------------------------
+def compute_prototypes(features_per_exit: Sequence[torch.Tensor], labels: torch.Tensor, num_classes: int, *,
+                       centre: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Class prototypes at every exit: the per-class mean of the pooled tap features (minus
+    `centre[e]`, the training mean, when given), L2-normalised. Returns one (K, C_e) tensor per exit.
+
+    A class with no sample gets a zero prototype (cosine similarity 0 to every input).
+    Raises ValueError when a feature tensor does not have one row per label.
+    """
+    labels = labels.long().reshape(-1)
+    counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).float()  # (K,)
+    out = []
+    for e, f in enumerate(features_per_exit):
+        if f.dim() != 2 or f.shape[0] != labels.shape[0]:
+            raise ValueError(f"features of exit {e} have shape {tuple(f.shape)}, expected ({labels.shape[0]}, C)")
+        f = f.float() - (centre[e].float() if centre is not None else 0.0)
+        sums = torch.zeros(num_classes, f.shape[1]).index_add_(0, labels, f)
+        out.append(F.normalize(sums / counts[:, None], dim=1))
+    return out
+
+
+def structure_measures(history: Sequence[torch.Tensor], features: torch.Tensor, prototypes: torch.Tensor, *,
+                       centre: torch.Tensor | None = None, proto_temperature: float = 0.1) -> torch.Tensor:
+    """Category-structure measures of each input at one exit, (batch, len(MEASURES)).
+
+    `history`: calibrated logits (batch, K) of the exits evaluated so far, the current one last;
+    `features`: pooled tap features (batch, C) at this exit; `prototypes`: (K, C) L2-normalised;
+    `centre`: (C,) subtracted from the features first (the one the prototypes were built with).
+    With s_k = cos(features − centre, prototype_k):
+      sim_top1, sim_top2  the nearest and second-nearest prototype similarities; sim_gap = their difference;
+      separability        max_k softmax(s / proto_temperature): near 1 when one class's prototype
+                          clearly dominates for this input at this depth, 1/K when none does;
+      sim_margin          s_top1 − mean of the other K−1 similarities;
+      agree_prototype     1 where the exit's argmax is the nearest prototype's class;
+      agree_previous      fraction of earlier evaluated exits whose argmax equals this exit's (0 at the first);
+      agree_last          1 where the previous evaluated exit had the same argmax (0 at the first);
+      max_prob, entropy, margin   `confidence` of the exit's posterior (entropy as 1 − H / log K).
+    """
+    current = history[-1].float()
+    x = features.float() - (centre if centre is not None else 0.0)
+    sims = F.normalize(x, dim=1) @ prototypes.T  # (batch, K): the only matrix product here
+    k = sims.shape[1]
+    top = sims.topk(min(2, k), dim=1)
+    s1 = top.values[:, 0]
+    s2 = top.values[:, 1] if k > 1 else torch.zeros_like(s1)
+    separability = torch.softmax(sims / proto_temperature, dim=1).max(dim=1).values
+    others = (sims.sum(dim=1) - s1) / max(k - 1, 1)
+    answer = current.argmax(dim=1)
+    agree_proto = (answer == top.indices[:, 0]).float()
+    previous = [h.argmax(dim=1) == answer for h in history[:-1]]
+    agree_prev = torch.stack(previous, 1).float().mean(1) if previous else torch.zeros_like(s1)
+    agree_last = previous[-1].float() if previous else torch.zeros_like(s1)
+    cols = [s1, s2, s1 - s2, separability, s1 - others, agree_proto, agree_prev, agree_last,
+            confidence(current, "max_prob"), confidence(current, "entropy"), confidence(current, "margin")]
+    return torch.stack(cols, dim=1)
+
+
+# -- the policy -----------------------------------------------------------------------------------
+@register_policy
+class StructurePolicy(Policy):
+    """Halting network over pooled features + category-structure measures; exits where h_e >= tau.
+
+    Module state: per early exit e the prototypes `prototypes_e` (K, C_e), the feature centre
+    `centre_e` and scale `scale_e` (C_e,), the projection `project[e]` (C_e → proj_dim), and the
+    shared `trunk` (proj_dim + measures + exit one-hot → hidden → 1). The last exit decides nothing.
+    """
+
+    kind = "structure"
+
+    def __init__(self, feature_widths: Sequence[int], num_classes: int, *, proj_dim: int = 16, hidden: int = 32,
+                 tau: float = 0.5, proto_temperature: float = 0.1, info: dict | None = None):
+        super().__init__()
+        if len(feature_widths) < 1 or any(int(c) < 1 for c in feature_widths):
+            raise ValueError(f"feature_widths must list one positive width per exit, got {list(feature_widths)}")
+        if num_classes < 2:
+            raise ValueError(f"a structure policy needs at least 2 classes, got {num_classes}")
+        if proj_dim < 0 or hidden < 1:
+            raise ValueError(f"proj_dim must be >= 0 and hidden >= 1, got {proj_dim} and {hidden}")
+        if proto_temperature <= 0:
+            raise ValueError(f"proto_temperature must be positive, got {proto_temperature}")
+        self.feature_widths = [int(c) for c in feature_widths]
+        self.num_classes = int(num_classes)
+        self.proj_dim, self.hidden = int(proj_dim), int(hidden)
+        self.tau = float(tau)
+        self.proto_temperature = float(proto_temperature)
+        self.info = dict(info or {})  # how it was trained (λ, loss, epochs, ...), for the manifest
+        early = self.feature_widths[:-1]
+        for e, c in enumerate(early):
+            self.register_buffer(f"prototypes_{e}", torch.zeros(self.num_classes, c))
+            self.register_buffer(f"centre_{e}", torch.zeros(c))
+            self.register_buffer(f"scale_{e}", torch.ones(c))
+        # proj_dim 0: the network reads the measures only (no feature projection)
+        self.project = nn.ModuleList(nn.Linear(c, self.proj_dim) for c in early) if self.proj_dim else None
+        self.trunk = nn.Sequential(nn.Linear(self.input_width, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 1))
+
+    @property
+    def tau(self) -> float:
+        return self._tau
+
+    @tau.setter
+    def tau(self, value: float) -> None:
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"tau {value} is outside 0..1")
+        self._tau = float(value)
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.feature_widths)
+
+    @property
+    def input_width(self) -> int:
+        """Width of the trunk's input: projected features, measures, exit one-hot."""
+        return self.proj_dim + len(MEASURES) + self.num_exits - 1
+
+    def buffers_of(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(prototypes, centre, scale) of early exit e."""
+        return getattr(self, f"prototypes_{e}"), getattr(self, f"centre_{e}"), getattr(self, f"scale_{e}")
+
+    @torch.no_grad()
+    def set_prototypes(self, features_per_exit: Sequence[torch.Tensor], labels: torch.Tensor) -> "StructurePolicy":
+        """Fill centre, scale and prototypes of every early exit from TRAINING features (N, C_e) and
+        labels (N,). Raises ValueError when the widths are not the policy's."""
+        widths = [int(f.shape[1]) for f in features_per_exit]
+        if widths[: self.num_exits - 1] != self.feature_widths[:-1]:
+            raise ValueError(f"features of widths {widths} do not fit a policy built for {self.feature_widths}")
+        early = [f.float() for f in features_per_exit[: self.num_exits - 1]]
+        centres = [f.mean(0) for f in early]
+        protos = compute_prototypes(early, labels, self.num_classes, centre=centres)
+        for e, f in enumerate(early):
+            p, c, s = self.buffers_of(e)
+            p.copy_(protos[e])
+            c.copy_(centres[e])
+            s.copy_(f.std(0, unbiased=False).clamp_min(1e-6) if f.shape[0] > 1 else torch.ones_like(c))
+        return self
+
+    # -- the one computation shared by decide() and training --------------------------------------
+    def fixed_inputs(self, e: int, history: Sequence[torch.Tensor], features: torch.Tensor):
+        """What nothing learned changes at early exit e: standardised features (B, C_e) and the
+        structure measures (B, len(MEASURES))."""
+        prototypes, centre, scale = self.buffers_of(e)
+        measures = structure_measures(history, features, prototypes, centre=centre,
+                                      proto_temperature=self.proto_temperature)
+        return (features.float() - centre) / scale, measures
+
+    def halting_logit(self, e: int, standardised: torch.Tensor, measures: torch.Tensor) -> torch.Tensor:
+        """(B,) pre-sigmoid halting score at early exit e from `fixed_inputs`."""
+        onehot = torch.zeros(standardised.shape[0], self.num_exits - 1, device=standardised.device)
+        onehot[:, e] = 1.0
+        parts = [self.project[e](standardised)] if self.project is not None else []
+        x = torch.cat([*parts, measures, onehot], dim=1)  # (B, input_width)
+        return self.trunk(x).squeeze(1)
+
+    def halting_probabilities(self, logits: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """h (N, E−1) at every early exit for recorded calibrated `logits` (N, E, K) and pooled
+        `features` (one (N, C_e) per exit), every earlier exit counted as evaluated (as in run())."""
+        cols = []
+        for e in range(self.num_exits - 1):
+            std, m = self.fixed_inputs(e, [logits[:, j] for j in range(e + 1)], features[e])
+            cols.append(torch.sigmoid(self.halting_logit(e, std, m)))
+        return torch.stack(cols, 1) if cols else torch.empty(logits.shape[0], 0)
+
+    # -- Policy interface -------------------------------------------------------------------------
+    def decide(self, evidence: Evidence) -> torch.Tensor:
+        e = evidence.exit_index
+        if e >= self.num_exits - 1:
+            return torch.ones(evidence.current.shape[0], dtype=torch.bool, device=evidence.current.device)
+        std, m = self.fixed_inputs(e, evidence.logits, evidence.features)
+        return torch.sigmoid(self.halting_logit(e, std, m)) >= self.tau
+
+    def flops_per_exit(self) -> list[float]:
+        """FLOPs of one decision at each exit (multiply-add = 2; matrix products only, as
+        `engine.cost.count_flops` counts): prototype similarities, projection, trunk. 0 at the last exit."""
+        k, d, h = self.num_classes, self.proj_dim, self.hidden
+        trunk = 2 * self.input_width * h + 2 * h
+        return [float(2 * c * k + 2 * c * d + trunk) for c in self.feature_widths[:-1]] + [0.0]
+
+    decision_flops = flops_per_exit  # the name engine.policies.bolukbasi.with_policy_flops looks for
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "feature_widths": self.feature_widths, "num_classes": self.num_classes,
+                "proj_dim": self.proj_dim, "hidden": self.hidden, "tau": self.tau,
+                "proto_temperature": self.proto_temperature, "measures": list(MEASURES), "info": self.info}
+
+    @classmethod
+    def from_json(cls, d: dict, *, num_exits: int, num_classes: int) -> "StructurePolicy":
+        widths = d.get("feature_widths")
+        if not isinstance(widths, list) or len(widths) != num_exits:
+            raise ValueError(f"structure policy needs {num_exits} feature widths, got {widths!r}")
+        if d.get("num_classes", num_classes) != num_classes:
+            raise ValueError(f"structure policy was built for {d.get('num_classes')} classes, "
+                             f"the model has {num_classes}")
+        if list(d.get("measures", MEASURES)) != list(MEASURES):
+            raise ValueError(f"structure policy uses measures {d.get('measures')}, "
+                             f"this Offramp computes {list(MEASURES)}")
+        return cls(widths, num_classes, proj_dim=int(d.get("proj_dim", 16)), hidden=int(d.get("hidden", 32)),
+                   tau=float(d.get("tau", 0.5)), proto_temperature=float(d.get("proto_temperature", 0.1)),
+                   info=d.get("info"))
+
+    def describe(self) -> str:
+        lam = self.info.get("lambda")
+        return f"structure network (tau {self.tau:.2f}" + (f", λ {lam:g})" if lam is not None else ")")
+
+
+def with_policy_cost(cost: CostTable, policy: StructurePolicy) -> CostTable:
+    """A copy of `cost` whose policy_flops are the policy's analytic decision FLOPs."""
+    if cost.num_exits != policy.num_exits:
+        raise ValueError(f"the cost table has {cost.num_exits} exits, the policy {policy.num_exits}")
+    return replace(cost, policy_flops=policy.flops_per_exit())
+
+
+def log_halting_distribution(x: torch.Tensor) -> torch.Tensor:
+    """log P(halt at e), (N, E), from the halting logits x (N, E−1), h = sigmoid(x), computed stably:
+    P(halt at e) = h_e ∏_{j<e}(1 − h_j), the last exit taking the rest."""
+    stay = torch.cumsum(F.logsigmoid(-x), dim=1)  # log ∏_{j<=e}(1 − h_j)
+    before = torch.cat([torch.zeros_like(x[:, :1]), stay], dim=1)  # (N, E): log ∏_{j<e}(1 − h_j)
+    return before + torch.cat([F.logsigmoid(x), torch.zeros_like(x[:, :1])], dim=1)
+
+
+# -- training -------------------------------------------------------------------------------------
+def _exit_losses(records: "Records", loss: str) -> torch.Tensor:
+    """(N, E) loss of every sample at every exit: 0/1 error or cross-entropy of the calibrated logits."""
+    if loss == "error":
+        return (records.logits.argmax(-1) != records.labels[:, None]).float()
+    n, e, k = records.logits.shape
+    ce = F.cross_entropy(records.logits.reshape(n * e, k).float(), records.labels.repeat_interleave(e),
+                         reduction="none")
+    return ce.reshape(n, e)
+
+
+def train_structure_policy(records: "Records", cost: CostTable, lam: float, *,
+                           prototype_source: "Records | None" = None, epochs: int = 150, lr: float = 1e-2,
+                           batch_size: int = 256, weight_decay: float = 1e-4, loss: str = "error",
+                           gradient: str = "surrogate", holdout: float = 0.2, proj_dim: int = 16, hidden: int = 32,
+                           tau: float = 0.5, proto_temperature: float = 0.1, progress: ProgressFn | None = None,
+                           cancel: CancelFlag | None = None, seed: int = 0) -> StructurePolicy:
+    """Train a StructurePolicy on recorded exits (held-out `records` with features) for trade-off `lam`.
+
+    Prototypes, feature centre and scale come from `prototype_source` (a TRAINING-split recording;
+    default `records`). Objective, minimised with Adam over shuffled mini-batches:
+        mean_n Σ_e P_n(halt at e) · (loss_n,e + lam · cost_e / full cost),
+    P(halt at e) = h_e ∏_{j<e}(1 − h_j) (the last exit takes the rest), loss = 0/1 error or CE of the
+    exit's calibrated logits, cost_e = cumulative FLOPs to exit e with this policy's own FLOPs counted.
+    `gradient`: "surrogate" (default) follows the objective's gradient with the sigmoid's saturation
+    divided out (see `_surrogate`), "plain" its own gradient (it tends to stick at "never exit").
+    A `holdout` fraction of `records` is not trained on: the parameters of the epoch whose decisions
+    score best on it are kept (early stopping: the feature projection memorises small records).
+    Same seed, same policy. Returns the policy in eval mode. Raises ValueError for records without
+    features or a cost table of another model, Cancelled when `cancel` is set.
+    """
+    if not records.features:
+        raise ValueError("a structure policy needs the pooled features: record with with_features=True")
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    if gradient not in GRADIENTS:
+        raise ValueError(f"unknown gradient {gradient!r}; choose one of {', '.join(GRADIENTS)}")
+    if lam < 0 or epochs < 1:
+        raise ValueError(f"lam must be >= 0 and epochs >= 1, got lam={lam}, epochs={epochs}")
+    if cost.num_exits != records.num_exits:
+        raise ValueError(f"the cost table describes {cost.num_exits} exits but the records have {records.num_exits}")
+    source = prototype_source if prototype_source is not None else records
+    if not source.features or source.num_exits != records.num_exits:
+        raise ValueError("the prototype source must be a recording of the same exits, with features")
+    widths = [int(f.shape[1]) for f in records.features]
+    info = {"lambda": float(lam), "loss": loss, "epochs": int(epochs), "lr": float(lr), "gradient": gradient,
+            "holdout": float(holdout), "seed": int(seed)}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        policy = StructurePolicy(widths, records.num_classes, proj_dim=proj_dim, hidden=hidden, tau=tau,
+                                 proto_temperature=proto_temperature, info=info)
+    policy.set_prototypes(source.features, source.labels)
+    table = with_policy_cost(cost, policy)
+    step_cost = torch.tensor(table.cumulative_flops(), dtype=torch.float32) / table.full_flops  # (E,)
+    target = _exit_losses(records, loss) + lam * step_cost  # (N, E): what halting at e costs each sample
+    with torch.no_grad():  # the measures and standardised features are fixed: compute them once
+        fixed = [policy.fixed_inputs(e, [records.logits[:, j] for j in range(e + 1)], records.features[e])
+                 for e in range(records.num_exits - 1)]
+    if not fixed:  # a single exit: nothing to decide
+        return policy.eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny layers: more threads only add overhead on a shared CPU
+    try:
+        _fit(policy, fixed, target, lam=lam, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
+             gradient=gradient, holdout=holdout, seed=seed, progress=progress, cancel=cancel)
+    finally:
+        torch.set_num_threads(threads)
+    return policy.eval()
+
+
+def _surrogate(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A loss whose gradient is the expected objective's with the sigmoid's saturation divided out.
+
+    d E[target] / d x_e = S_e · h_e(1 − h_e) · Δ_e, with S_e = P(reach e) and Δ_e = target_e − V_{e+1}
+    (V_{e+1}: expected target of going on under the current policy). Once h saturates that gradient
+    vanishes, and the policy sticks where the first steps pushed it (usually: never exit). The
+    weighted logistic loss S_e·|Δ_e|·BCE(x_e, [Δ_e < 0]) (S, Δ held fixed) has the gradient
+    S_e·|Δ_e|·(h_e − [Δ_e < 0]): the same sign everywhere, divided by h_e or 1 − h_e; so its
+    decisions h_e >= 0.5 converge to the cost-optimal ones. x: (B, E−1) logits; target (B, E)."""
+    h = torch.sigmoid(x.detach())
+    value = target[:, -1]
+    terms = []
+    for e in range(x.shape[1] - 1, -1, -1):  # bottom-up: the value of going on needs the later exits
+        delta = target[:, e] - value
+        terms.append((e, delta))
+        value = h[:, e] * target[:, e] + (1.0 - h[:, e]) * value
+    reach = torch.cumprod(torch.cat([torch.ones_like(h[:, :1]), 1.0 - h[:, :-1]], dim=1), dim=1)  # (B, E−1)
+    loss = 0.0
+    for e, delta in terms:
+        bce = F.binary_cross_entropy_with_logits(x[:, e], (delta < 0).float(), reduction="none")
+        loss = loss + (reach[:, e] * delta.abs() * bce).mean()
+    return loss
+
+
+def _fit(policy: StructurePolicy, fixed: list, target: torch.Tensor, *, lam: float, epochs: int, lr: float,
+         batch_size: int, weight_decay: float, gradient: str, holdout: float, seed: int,
+         progress: ProgressFn | None, cancel: CancelFlag | None) -> None:
+    """Minimise the expected objective over `target` (N, E) with Adam (`gradient` "surrogate": see
+    `_surrogate`; "plain": its own gradient); keep the parameters of the epoch whose decisions
+    (h >= tau) have the lowest mean target on a held-out `holdout` fraction of the samples."""
+    n = target.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=generator)
+    n_out = int(round(holdout * n)) if n >= 10 else 0
+    fit_idx, out_idx = order[n_out:], order[:n_out]
+
+    def logits(idx):  # (B, E−1) halting logits
+        return torch.stack([policy.halting_logit(e, s[idx], m[idx]) for e, (s, m) in enumerate(fixed)], 1)
+
+    opt = torch.optim.Adam(policy.parameters(), lr=lr, weight_decay=weight_decay)
+    best_score, best_state, best_epoch = math.inf, None, epochs
+    for epoch in range(epochs):
+        policy.train()
+        total = 0.0
+        for idx in fit_idx[torch.randperm(fit_idx.numel(), generator=generator)].split(batch_size):
+            x = logits(idx)
+            objective = (log_halting_distribution(x).exp() * target[idx]).sum(1).mean()
+            loss = _surrogate(x, target[idx]) if gradient == "surrogate" else objective
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += objective.item() * idx.numel()
+        message = f"λ {lam:g}: expected objective {total / max(fit_idx.numel(), 1):.4f}"
+        if n_out:
+            policy.eval()
+            with torch.no_grad():
+                exits = _first_exit(torch.sigmoid(logits(out_idx)), policy.tau)
+                score = target[out_idx].gather(1, exits[:, None]).mean().item()
+            message += f", held out {score:.4f}"
+            if score < best_score:
+                best_score, best_epoch = score, epoch + 1
+                best_state = copy.deepcopy(policy.state_dict())
+        report(progress, cancel, "training structure policy", epoch + 1, epochs, message)
+    if best_state is not None:
+        policy.load_state_dict(best_state)
+    policy.info.update(objective=total / max(fit_idx.numel(), 1), best_epoch=best_epoch,
+                       held_out_objective=best_score if n_out else None)
+
+
+def structure_exits(policy: StructurePolicy, records: "Records") -> torch.Tensor:
+    """(N,) exit each sample takes, computed the training way (all samples at once): the first
+    early exit with h >= tau, else the last. Equals `simulate(policy, ...)`."""
+    with torch.no_grad():
+        return _first_exit(policy.halting_probabilities(records.logits, records.features), policy.tau)
+
+
+def _first_exit(h: torch.Tensor, tau: float) -> torch.Tensor:
+    """(N,) the first early exit with h >= tau (h: (N, E−1)), else the last exit E−1."""
+    stop = torch.cat([h >= tau, torch.ones(h.shape[0], 1, dtype=torch.bool, device=h.device)], dim=1)
+    return stop.float().argmax(dim=1)  # argmax returns the first maximum
+
+
+def structure_front(records_train: "Records", records_eval: "Records", cost: CostTable,
+                    lambdas: Sequence[float] = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5), *,
+                    taus: Sequence[float] = (0.5,), prototype_source: "Records | None" = None,
+                    return_policies: bool = False, progress: ProgressFn | None = None,
+                    cancel: CancelFlag | None = None, **train_kw):
+    """Train one policy per λ on `records_train` and score it at every tau on `records_eval` with
+    `engine.evaluate.evaluate_policy` (policy FLOPs in the cost table).
+
+    Points, in the order of lambdas then taus, like `threshold_curve`'s: lambda, tau, policy
+    (to_json), accuracy, flops (mean), saved, [ms, speedup when `cost` has latency]. With
+    `return_policies`, returns (points, policies) with one trained policy per point (tau set).
+    Raises Cancelled when `cancel` is set.
+    """
+    from ..evaluate import evaluate_policy  # evaluate imports the policies package
+
+    points, policies = [], []
+    for i, lam in enumerate(lambdas):
+        report(progress, cancel, "structure front", i, len(lambdas), f"training for λ {lam:g}")
+        trained = train_structure_policy(records_train, cost, lam, prototype_source=prototype_source,
+                                         cancel=cancel, **train_kw)
+        for t in taus:
+            policy = copy.deepcopy(trained)
+            policy.tau = t
+            policy.eval()
+            ev = evaluate_policy(records_eval, policy, with_policy_cost(cost, policy))
+            point = {"lambda": float(lam), "tau": float(t), "policy": policy.to_json(), "accuracy": ev["accuracy"],
+                     "flops": ev["mean_flops"], "saved": ev["saved"]}
+            if "mean_ms" in ev:
+                point.update(ms=ev["mean_ms"], speedup=ev["speedup"])
+            points.append(point)
+            policies.append(policy)
+    report(progress, cancel, "structure front", len(lambdas), len(lambdas))
+    return (points, policies) if return_policies else points
+
+
+__all__ = ["MEASURES", "StructurePolicy", "compute_prototypes", "log_halting_distribution",
+           "structure_exits", "structure_front", "structure_measures", "train_structure_policy", "with_policy_cost"]

@@ -1,0 +1,155 @@
+"""The learned early-exit policy after Bolukbasi et al. 2017, on synthetic exit records with known
+answers, plus its cost, JSON and bundle round trips on the tiny model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.bundle import Bundle, load_bundle, save_bundle
+from engine.cost import CostTable, measure_costs
+from engine.evaluate import Records, evaluate_policy, pareto, threshold_curve
+from engine.policies import BolukbasiPolicy, ThresholdPolicy, policy_from_json, simulate
+from engine.policies.bolukbasi import (DEFAULT_OFFSETS, bolukbasi_front, evidence_features, evidence_width,
+                                       records_evidence, train_bolukbasi, with_policy_flops)
+
+K = 4
+COST = CostTable([0, 1, 2], [1e6, 1e6, 1e6], [1e4, 1e4, 1e4])  # three equal stages
+
+
+def easy_hard_records(n: int = 400, seed: int = 0, noise: float = 0.1) -> Records:
+    """3 exits, 4 classes. Even samples are easy: exit 0 is right and sure. Odd samples are hard:
+    exit 0 is wrong and unsure; exit 1 is right for half of them. The last exit is always right.
+    `noise` blurs the confidences (0.1: separable; 1.0: overlapping)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, K, (n,), generator=g)
+    rows = torch.arange(n)
+    easy = rows % 2 == 0
+    wrong = (y + 1) % K
+    logits = torch.randn(n, 3, K, generator=g) * (0.5 if noise > 0.5 else 0.2)
+    blur = noise * torch.randn(2, n, generator=g)
+    logits[rows, 0, torch.where(easy, y, wrong)] += torch.where(easy, 5.0, 1.5) + blur[0]
+    right1 = easy | (rows % 4 == 1)
+    logits[rows, 1, torch.where(right1, y, wrong)] += torch.where(right1, 3.5, 1.5) + blur[1]
+    logits[rows, 2, y] += 6.0
+    return Records(logits, [], y, [f"c{i}" for i in range(K)], [0, 1, 2])
+
+
+def score(records: Records, policy) -> dict:
+    return evaluate_policy(records, policy, with_policy_flops(COST, policy))
+
+
+def test_small_lambda_keeps_accuracy_and_exits_the_easy_half_early():
+    train, held_out = easy_hard_records(seed=0), easy_hard_records(seed=1)
+    small = score(held_out, train_bolukbasi(train, COST, 0.01))
+    assert small["accuracy"] >= 0.99
+    assert 0.45 <= small["exit_fractions"][0] <= 0.55  # the easy half, and (almost) nothing else
+    assert small["exit_accuracy"][0] >= 0.99
+    large = score(held_out, train_bolukbasi(train, COST, 3.0))
+    assert large["exit_fractions"][0] > small["exit_fractions"][0] + 0.2
+    assert large["mean_flops"] < small["mean_flops"]
+
+
+def test_never_worse_than_the_best_fixed_threshold_at_matched_cost():
+    train, held_out = easy_hard_records(seed=0, noise=1.0), easy_hard_records(seed=1, noise=1.0)
+    # the threshold sweep is tuned on the held-out samples themselves: the policy gets no such help
+    thresholds = threshold_curve(held_out, COST)
+    points, policies = bolukbasi_front(train, held_out, COST, [0.01, 0.1, 0.3, 1.0, 3.0], pareto_only=False,
+                                       return_policies=True)
+    assert len(points) == 5 * len(DEFAULT_OFFSETS)
+    assert [p["flops"] for p in points] == sorted(p["flops"] for p in points)
+    assert [p["policy"] for p in points] == [q.to_json() for q in policies]
+    assert all(q.offset == p["offset"] for p, q in zip(points, policies))
+    plain = [p for p in points if p["offset"] == 0.0]  # the policies as trained, one per λ
+    for p in [*plain, *pareto(points)]:
+        cheaper = [t["accuracy"] for t in thresholds if t["flops"] <= p["flops"]]
+        assert p["accuracy"] >= max(cheaper, default=0.0) - 0.005, (p["lambda"], p["accuracy"], max(cheaper))
+
+
+def test_evidence_is_identical_from_records_and_from_evidence():
+    records = easy_hard_records(n=64, seed=3, noise=1.0)
+    policy = BolukbasiPolicy(3, K, top_k=3)
+    seen = {}
+    decide = policy.decide
+
+    def spy(evidence):
+        seen[evidence.exit_index] = (evidence.index.clone(), evidence_features(evidence.logits, policy.top_k))
+        return decide(evidence)
+
+    policy.decide = spy
+    with torch.no_grad():  # exit 0 where its max-prob passes 0.8, so some samples go on to exit 1
+        policy.classifiers[0].weight.zero_()
+        policy.classifiers[0].weight[0, 0] = 1.0
+        policy.classifiers[0].bias.fill_(-0.8)
+    simulate(policy, records.logits)
+    assert set(seen) == {0, 1}
+    for e, (index, x) in seen.items():
+        assert x.shape == (index.numel(), evidence_width(K, 3))
+        assert torch.equal(x, records_evidence(records, e, 3)[index])
+    assert seen[0][1][:, 3 + 3:].abs().sum() == 0  # no agreement evidence at the first exit
+    assert 0 < seen[1][0].numel() < 64
+
+
+def test_training_is_deterministic():
+    records = easy_hard_records(n=200, seed=4, noise=1.0)
+    for hidden in (0, 8):
+        a = train_bolukbasi(records, COST, 0.2, hidden=hidden, epochs=20).state_dict()
+        b = train_bolukbasi(records, COST, 0.2, hidden=hidden, epochs=20).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_json_round_trip_and_validation():
+    records = easy_hard_records(n=200, seed=5, noise=1.0)
+    policy = train_bolukbasi(records, COST, 0.3, hidden=6, epochs=30)
+    d = policy.to_json()
+    assert d["kind"] == "bolukbasi" and d["hidden"] == 6 and d["width"] == evidence_width(K, 5) and d["lambda"] == 0.3
+    again = policy_from_json(d, num_exits=3, num_classes=K)
+    again.load_state_dict(policy.state_dict())
+    assert torch.equal(simulate(again, records.logits), simulate(policy, records.logits))
+    with pytest.raises(ValueError, match="3 exits"):
+        policy_from_json(d, num_exits=4, num_classes=K)
+    with pytest.raises(ValueError, match="classes"):
+        policy_from_json(d, num_exits=3, num_classes=K + 1)
+    with pytest.raises(ValueError, match="width"):
+        policy_from_json({**d, "width": 99}, num_exits=3, num_classes=K)
+    with pytest.raises(ValueError, match="0 or more"):
+        train_bolukbasi(records, COST, -1.0)
+
+
+def _tiny_records(model, n: int = 48, seed: int = 0) -> tuple[torch.Tensor, Records]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        logits, feats = model.forward_all(x, with_features=True, calibrated=True)
+    labels = torch.stack(logits, 1)[:, -1].argmax(-1)  # the last exit is "right": a policy has something to learn
+    return x, Records(torch.stack(logits, 1), feats, labels, model.class_names, model.exit_stages)
+
+
+def test_policy_flops_measured_equal_the_analytic_count(tiny_model):
+    _, records = _tiny_records(tiny_model, n=32)
+    cost = measure_costs(tiny_model)
+    for hidden in (0, 5):
+        policy = train_bolukbasi(records, cost, 0.1, hidden=hidden, epochs=20)
+        measured = with_policy_flops(cost, policy, tiny_model).policy_flops
+        assert measured == with_policy_flops(cost, policy).policy_flops == policy.decision_flops()
+        assert measured[0] > 0 and measured[-1] == 0
+    assert with_policy_flops(cost, ThresholdPolicy.uniform(3, 0.9)).policy_flops == [0.0] * 3
+
+
+def test_bundle_round_trip_keeps_the_decisions(tiny_model, tmp_path):
+    x, records = _tiny_records(tiny_model)
+    cost = measure_costs(tiny_model)
+    policy = train_bolukbasi(records, cost, 0.05, hidden=4, epochs=30)
+    scores = policy.classifiers[0](records_evidence(records, 0, policy.top_k)).squeeze(-1).detach()
+    policy.offset = -float(scores.median())  # about half the samples exit at exit 0
+    bundle = Bundle(tiny_model, {"learned": policy, "threshold": ThresholdPolicy.uniform(3, 0.9)}, "learned",
+                    with_policy_flops(cost, policy, tiny_model))
+    loaded = load_bundle(save_bundle(bundle, tmp_path / "b.offramp"))
+    again = loaded.policies["learned"]
+    assert isinstance(again, BolukbasiPolicy) and again.to_json() == policy.to_json()
+    for k, v in policy.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v)
+    before, after = tiny_model.run(x, policy), loaded.model.run(x, again)
+    assert torch.equal(before.exit_index, after.exit_index)
+    assert torch.equal(before.exit_index, simulate(policy, records.logits))  # the records say what run() does
+    assert 0 < int((before.exit_index == 0).sum()) < x.shape[0]
+    assert loaded.cost.policy_flops == policy.decision_flops()
