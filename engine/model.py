@@ -26,16 +26,34 @@ def resolve_index(i: int, n: int, what: str = "exit") -> int:
     return j
 
 
-@dataclass
 class Evidence:
-    """What a policy sees at one exit, for the samples still running."""
+    """What a policy sees at one exit, for the samples still running.
 
-    exit_index: int  # which exit is deciding (0-based; last = the model's final classifier)
-    num_exits: int
-    logits: list[torch.Tensor]  # calibrated logits of the exits evaluated so far, each (batch, classes)
-    exits_run: list[int]  # the exit index of each entry in `logits`
-    features: torch.Tensor  # globally pooled tap features at this exit, (batch, channels)
-    index: torch.Tensor  # each sample's position in the original batch, (batch,)
+    `features` (globally pooled tap features, (batch, channels)) is computed from `tap` only when a
+    policy reads it, so policies that look at logits alone pay nothing for it.
+    """
+
+    __slots__ = ("exit_index", "num_exits", "logits", "exits_run", "index", "_features", "_tap")
+
+    def __init__(self, exit_index: int, num_exits: int, logits: list[torch.Tensor], exits_run: list[int],
+                 features: torch.Tensor | None = None, index: torch.Tensor | None = None, *,
+                 tap: torch.Tensor | None = None):
+        if features is None and tap is None:
+            raise ValueError("Evidence needs the pooled features or the tap they come from")
+        self.exit_index = exit_index  # which exit is deciding (0-based; last = the model's final classifier)
+        self.num_exits = num_exits
+        self.logits = logits  # calibrated logits of the exits evaluated so far, each (batch, classes)
+        self.exits_run = exits_run  # the exit index of each entry in `logits`
+        self.index = (torch.arange(logits[-1].shape[0], device=logits[-1].device)
+                      if index is None else index)  # each sample's position in the original batch
+        self._features, self._tap = features, tap
+
+    @property
+    def features(self) -> torch.Tensor:
+        if self._features is None:
+            t = self._tap
+            self._features = t.mean(dim=(2, 3)) if t.dim() == 4 else t.flatten(1)
+        return self._features
 
     @property
     def current(self) -> torch.Tensor:
@@ -152,15 +170,20 @@ class MultiExitNet(nn.Module):
     def run(self, x: torch.Tensor, policy: "Policy") -> StagedOutput:
         """Staged inference that really stops: a sample leaves the batch when its exit fires, and
         stages after the last exit anyone needs are never executed. Exits the policy leaves
-        inactive are not evaluated at all."""
+        inactive are not evaluated at all.
+
+        The loop does only what deciding needs (a batch of 1 is the live case, where every
+        tensor operation is overhead next to a small stage); the bookkeeping of the output is
+        assembled once at the end.
+        """
         b, n_exits = x.shape[0], self.num_exits
         active = policy.active_exits(n_exits)
         device = x.device
-        out_logits = torch.full((b, n_exits, self.num_classes), float("nan"), device=device)
-        ran = torch.zeros(b, n_exits, dtype=torch.bool, device=device)
-        fired = torch.full((b,), n_exits - 1, dtype=torch.long, device=device)
-        stages_run = torch.zeros(b, dtype=torch.long, device=device)
-        index = torch.arange(b, device=device)
+        exit_stage = self.exit_stages
+        temperature = self.temperature.tolist()
+        index = None  # positions in the batch of the samples still running; None = all of them
+        left: list[tuple[int, torch.Tensor | None]] = []  # (exit, positions that fired there)
+        computed: list[tuple[int, torch.Tensor | None, torch.Tensor]] = []  # (exit, positions, logits)
         history: list[torch.Tensor] = []
         history_exits: list[int] = []
         calls: list[int] = []
@@ -168,27 +191,51 @@ class MultiExitNet(nn.Module):
         for s, stage in enumerate(self.backbone.stages):
             x = stage(x)
             calls.append(int(x.shape[0]))
-            stages_run[index] += 1
-            if self.exits[e].spec.stage != s:
+            if exit_stage[e] != s:
                 continue
             if active[e] or e == n_exits - 1:
-                logits = self.exits[e](x) / self.temperature[e]
-                out_logits[index, e] = logits
-                ran[index, e] = True
+                logits = self.exits[e](x)
+                if temperature[e] != 1.0:
+                    logits = logits / temperature[e]
+                computed.append((e, index, logits))
                 history.append(logits)
                 history_exits.append(e)
                 if e == n_exits - 1:
                     break
-                ev = Evidence(e, n_exits, history, history_exits, x.mean(dim=(2, 3)), index)
-                stop = policy.decide(ev).to(torch.bool)
-                if stop.any():
-                    fired[index[stop]] = e
+                stop = policy.decide(Evidence(e, n_exits, history, history_exits, None, index, tap=x))
+                if x.shape[0] == 1:  # the live case: one sync, no indexing
+                    if bool(stop):
+                        left.append((e, index))
+                        index = None if index is None else index[:0]
+                        break
+                elif bool(stop.any()):
+                    stop = stop.to(torch.bool)
+                    pos = torch.arange(x.shape[0], device=device) if index is None else index
+                    left.append((e, pos[stop]))
                     keep = ~stop
-                    index, x = index[keep], x[keep]
+                    index, x = pos[keep], x[keep]
                     history = [h[keep] for h in history]
                     if index.numel() == 0:
                         break
             e += 1
+        return self._staged_output(b, device, left, computed, calls)
+
+    def _staged_output(self, b, device, left, computed, calls) -> StagedOutput:
+        n_exits = self.num_exits
+        fired = torch.full((b,), n_exits - 1, dtype=torch.long, device=device)
+        for e, pos in reversed(left):  # a sample leaves once: later entries never name it
+            if pos is None:
+                fired.fill_(e)
+            else:
+                fired[pos] = e
+        out_logits = torch.full((b, n_exits, self.num_classes), float("nan"), device=device)
+        ran = torch.zeros(b, n_exits, dtype=torch.bool, device=device)
+        for e, pos, logits in computed:
+            if pos is None:
+                out_logits[:, e], ran[:, e] = logits, True
+            else:
+                out_logits[pos, e], ran[pos, e] = logits, True
+        stages_run = torch.tensor(self.exit_stages, device=device)[fired] + 1
         final = out_logits[torch.arange(b, device=device), fired]
         return StagedOutput(fired, final, out_logits, ran, stages_run, calls)
 
