@@ -80,6 +80,7 @@ class MainWindow(QMainWindow):
         self._render_timer.setSingleShot(True)
         self._render_timer.timeout.connect(self._on_render_tick)
         self._stats_drawn = 0.0
+        self._shown = None  # the result on screen
 
         session.result.connect(self._on_result)
         session.model_loaded.connect(self._on_model_loaded)
@@ -113,6 +114,8 @@ class MainWindow(QMainWindow):
     def render_now(self, force_stats: bool = True) -> None:
         """Draw the newest result (the render timer calls this; a screenshot calls it directly)."""
         if self._pending is None:
+            if force_stats and self._shown is not None:  # e.g. a screenshot: figures of the frame shown
+                self._draw_stats(self._shown)
             return
         result, frame = self._pending
         self._pending = None
@@ -120,6 +123,7 @@ class MainWindow(QMainWindow):
         if result is None:
             self.video.set_prediction("", None, "")
             return
+        self._shown = result
         caption = (f"exit E{result.exit_index} of {result.num_exits} · {result.stages_run} of "
                    f"{result.num_stages} stages · saved {percent(result.saved)}")
         self.video.set_prediction(result.label, result.confidence, caption)
@@ -128,12 +132,17 @@ class MainWindow(QMainWindow):
         self.confidence.set_values(ran, result.exit_index)
         now = time.perf_counter()
         if force_stats or now - self._stats_drawn >= STATS_MS / 1000:
-            self._stats_drawn = now
-            stats = self.session.stats
-            self.compute.update_stats(stats)
-            self.fps_label.setText(f"{stats.fps:.1f} frames/s")
+            self._draw_stats(result)
+
+    def _draw_stats(self, shown) -> None:
+        """The running figures, with `shown` (the result on screen) as "this frame"."""
+        self._stats_drawn = time.perf_counter()
+        stats = self.session.stats
+        self.compute.update_stats(stats, shown)
+        self.fps_label.setText(f"{stats.fps:.1f} frames/s")
 
     def _on_model_loaded(self, info: ModelInfo) -> None:
+        self._shown = None
         if not self.video.has_frame:
             self.video.set_message(EMPTY_TEXT)
         self.model_label.setText(f"model: {info.name} ({info.backbone}, {len(info.class_names)} classes)")

@@ -110,9 +110,10 @@ class ComputePanel(QWidget):
         for label in (self.big_label, self.frame_label, self.total_label, self.fps_label):
             label.setText("0 % 123456789 frames/s FLOPs ms")
 
-    def update_stats(self, stats: LiveStats) -> None:
-        """Redraw from the running figures (called at most at the window's render rate)."""
-        r = stats.last
+    def update_stats(self, stats: LiveStats, shown=None) -> None:
+        """Redraw from the running figures (called at most at the window's render rate); "this
+        frame" is `shown`, the result on screen, else the newest one."""
+        r = shown if shown is not None else stats.last
         if r is None:
             return
         mean_ms = stats.ms / stats.frames if stats.frames else 0.0
