@@ -5,7 +5,15 @@
     offramp train-exits --data DIR ...         exits on a frozen backbone -> bundle
     offramp train-backbone --arch A --data D   a whole multi-exit network from scratch -> bundle
     offramp evaluate [BUNDLE] --data DIR       per-exit accuracy, policy cost, curve (JSON + PNG)
+    offramp search BUNDLE --data DIR           DyCE per-exit thresholds: front + default configuration
+    offramp train-policy BUNDLE --data DIR --kind K   a learned exit policy (threshold, bolukbasi, structure)
+    offramp bench BUNDLE --data DIR            every method on a held-out split: FLOPs, measured speed-up
     offramp list-backbones                     the registered backbones
+
+Data splits (search, train-policy, bench): "calibration" is the part of the data the exits were
+not trained on (for the CIFAR-10 zip: the validation part of its train split, as train-exits and
+train-backbone hold it out); bench reports on a "test" part used by nothing else (the CIFAR-10
+test split; for a plain class folder, half of that validation part, the other half calibrating).
 """
 from __future__ import annotations
 
@@ -88,6 +96,10 @@ def cmd_info(args) -> int:
     point = m.get("meta", {}).get("evaluation", {}).get("default_point")
     if point:
         print(f"default     accuracy {_pct(point['accuracy'])}, saved {_pct(point['saved'])} of FLOPs (validation split)")
+    search = m.get("meta", {}).get("search")
+    if search:
+        print(f"front       {len(m['meta'].get('front') or [])} configurations from a DyCE search on "
+              f"{search['samples']} calibration images")
     return 0
 
 
@@ -100,7 +112,11 @@ def cmd_run(args) -> int:
         bundle = paths.pop(0)
     if not paths:
         raise SystemExit("offramp run: name at least one image, folder or video")
+    import torch
+    torch.set_num_threads(1)  # one image at a time: more threads only spin (and the latency profile uses 1)
     engine = Engine(bundle, device=args.device)
+    if args.policy is not None:
+        engine.set_policy(args.policy)
     if args.threshold is not None:
         engine.set_thresholds([args.threshold] * engine.model.num_exits)
     for source, frame in iter_frames(paths, on_error=lambda msg: print(f"skipped: {msg}", file=sys.stderr)):
@@ -119,24 +135,16 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _print_skipped(path: str, reason: str) -> None:
+    print(f"skipped {path}: {reason}", file=sys.stderr)
+
+
 def _train_val_sets(data: str, preset, val_fraction: float):
     """(train set, validation set, class names) from a class folder (checked first: bad files are
     listed and skipped) or from the train split of the CIFAR-10 layout (zip or folder)."""
-    import torch
-    from .data import check_folder, open_dataset, preset_transform, split_indices
-    try:
-        ds = open_dataset(data, split="train")
-    except ValueError:
-        check = check_folder(data)
-        for path, reason in check.skipped:
-            print(f"skipped {path}: {reason}", file=sys.stderr)
-        check.raise_if_unusable()
-        ds = open_dataset(data, report=check)
-    if len(ds.classes) < 2:
-        raise ValueError(f"{data} has a single class; exits need at least two classes to tell apart")
-    ds.transform = preset_transform(preset)
-    tr, va = split_indices(ds.targets, val_fraction=val_fraction, seed=0)
-    return torch.utils.data.Subset(ds, tr), torch.utils.data.Subset(ds, va), list(ds.classes)
+    from .bench import open_splits
+    splits = open_splits(data, preset, val_fraction=val_fraction, on_skipped=_print_skipped)
+    return splits.train, splits.validation, splits.classes
 
 
 def cmd_train_exits(args) -> int:
@@ -159,7 +167,8 @@ def cmd_train_exits(args) -> int:
     keep = backbone.classifier is not None and args.weights is not None
     model = MultiExitNet.attach(backbone, class_names=classes, exit_stages=stages or (base.model.exit_stages if args.from_bundle else None),
                                 head=args.head, keep_classifier=keep)
-    meta = {"name": Path(args.out).stem, "source": {"command": " ".join(sys.argv[1:]), "data": args.data}}
+    meta = {"name": Path(args.out).stem, "source": {"command": " ".join(sys.argv[1:]), "data": args.data},
+            "split": {"val_fraction": args.val_fraction, "seed": 0}}
     bundle, rep = fit_exits(model, train_set, val_set, epochs=args.epochs, max_loss=args.max_loss / 100,
                             distill=args.distill, progress=progress, meta=meta)
     progress.close()
@@ -194,7 +203,8 @@ def cmd_train_backbone(args) -> int:
                                    progress=progress, log=lambda s: (progress.close(), print(s)))
     full.transform = preset_transform(preset)
     meta = {"name": Path(args.out).stem, "training": {"config": asdict(cfg), "history": history,
-                                                      "command": "offramp " + " ".join(sys.argv[1:])}}
+                                                      "command": "offramp " + " ".join(sys.argv[1:])},
+            "split": {"val_fraction": args.val_fraction, "seed": 0}}
     # Exits were trained jointly with the network; here they are only calibrated and the
     # thresholds searched on the held-out split (no further head training).
     bundle, rep = fit_exits(model, train_set, val_set, epochs=0, progress=progress, meta=meta)
@@ -219,12 +229,121 @@ def cmd_evaluate(args) -> int:
     progress = TerminalProgress()
     records = record_outputs(model, ds, batch_size=args.batch_size, progress=progress)
     progress.close()
-    cost = bundle.cost if bundle.cost.has_latency and not args.profile else profile_latency(model, bundle.cost)
+    cost = profile_latency(model, bundle.cost)  # this machine's batch-1 latency, not the one stored
     rep = evaluation_report(records, cost, bundle.policies, default=bundle.default_policy)
     out_json = args.json or f"{Path(args.bundle or 'default').stem}-evaluation.json"
     out_png = args.png or str(Path(out_json).with_suffix(".png"))
     save_report(rep, out_json, out_png)
     _print_report(rep)
+    print(f"wrote {out_json} and {out_png}")
+    return 0
+
+
+def _splits_for(bundle, args):
+    """The data splits for search / train-policy / bench: the validation fraction given, else the
+    one the bundle was trained with (meta["split"]), else 0.1 (train-exits' default)."""
+    from .bench import DEFAULT_VAL_FRACTION, open_splits
+    fraction = args.val_fraction
+    if fraction is None:
+        fraction = float((bundle.meta.get("split") or {}).get("val_fraction", DEFAULT_VAL_FRACTION))
+    splits = open_splits(args.data, bundle.model.backbone.preset, val_fraction=fraction, on_skipped=_print_skipped)
+    d = splits.describe()
+    print(f"data: {d['train']} training, {d['calibration']} calibration ({d['calibration_source']}), "
+          f"{d['test']} test images ({d['test_source']})", file=sys.stderr)
+    return splits
+
+
+def _record(model, subset, progress, with_features=True):
+    from .evaluate import record_outputs
+    if len(subset) == 0:
+        raise ValueError("the calibration split is empty; use more images or a larger --val-fraction")
+    records = record_outputs(model, subset, with_features=with_features, progress=progress)
+    progress.close()
+    return records
+
+
+def cmd_search(args) -> int:
+    from .bench_report import front_table
+    from .bundle import save_bundle
+    from .fronts import search_bundle
+    bundle = _load(args.bundle)
+    splits = _splits_for(bundle, args)
+    progress = TerminalProgress()
+    records = _record(bundle.model, splits.calibration, progress, with_features=False)
+    searched, rep = search_bundle(bundle, records, max_loss=args.max_loss / 100, budget=args.budget,
+                                  measure=args.measure, split=splits.describe())
+    full, flops = rep["full_accuracy"], rep["full_flops"]
+    print(f"DyCE front on {records.num_samples} calibration images ({len(rep['front'])} configurations; "
+          f"last exit {_pct(full)}); * = the default configuration:")
+    print("\n".join(front_table(rep["front"], rep["index"], flops, full)))
+    target = f"budget {args.budget:g}" if args.budget is not None else f"≤ {args.max_loss:g}-point loss"
+    for method, label in (("circular", "DyCE circular"), ("one_pass", "DyCE one-pass"), ("shared", "shared threshold")):
+        p = rep["at_target"][method]
+        print(f"{label + ':':<18} {_pct(p['accuracy'])} accuracy, {_pct(1 - p['flops'] / flops)} of FLOPs saved "
+              f"at {target}")
+    out = args.out or args.bundle
+    save_bundle(searched, out)
+    print(f"saved {out} (default policy 'threshold' = point {rep['index']}; its front drives the app's budget slider)")
+    return 0
+
+
+def cmd_train_policy(args) -> int:
+    from .bench import stratified_subset
+    from .bench_report import front_table
+    from .bundle import save_bundle
+    from .fronts import train_policy_bundle
+    bundle = _load(args.bundle)
+    splits = _splits_for(bundle, args)
+    progress = TerminalProgress()
+    records = _record(bundle.model, splits.calibration, progress)
+    proto = None
+    if args.kind == "structure":  # prototypes are class means of TRAINING features, never calibration ones
+        proto = _record(bundle.model, stratified_subset(splits.train, args.prototype_samples), progress)
+    trained, rep = train_policy_bundle(bundle, args.kind, records, name=args.name, lambdas=args.lambdas,
+                                       prototype_records=proto, epochs=args.epochs, max_loss=args.max_loss / 100,
+                                       make_default=args.default, split=splits.describe(), progress=progress)
+    progress.close()
+    print(f"{args.kind} front on {records.num_samples} calibration images; * = the stored policy "
+          f"(cheapest within {args.max_loss:g} points of the last exit's {_pct(rep['full_accuracy'])}):")
+    print("\n".join(front_table(rep["front"], rep["index"], rep["full_flops"], rep["full_accuracy"])))
+    out = args.out or args.bundle
+    save_bundle(trained, out)
+    default = " (now the default)" if args.default else ""
+    print(f"saved {out} with policy {rep['name']!r}{default}; use it with `offramp run --policy {rep['name']}`")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import torch
+    from . import bench_report
+    from .bench import run_benchmark
+    bundle = _load(args.bundle)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    statics = {Path(p).name: _load(p) for p in args.static}
+    cascade = {Path(p).name: _load(p) for p in args.cascade}
+    splits = _splits_for(bundle, args)
+    progress = TerminalProgress()
+    rep = run_benchmark(bundle, splits, statics=statics, cascade=cascade, learned=args.learned, lambdas=args.lambdas,
+                        structure_lambdas=args.structure_lambdas, structure_epochs=args.structure_epochs,
+                        prototype_samples=args.prototype_samples, timing_images=args.timing_images,
+                        progress=progress)
+    progress.close()
+    rep = {"bundle": str(args.bundle), "data": str(args.data),
+           "command": "offramp " + " ".join(sys.argv[1:]), **rep}
+    rep["goals"] = bench_report.assess_goals(rep)
+    rep["notes"] = bench_report.notes(rep)
+    out_json = args.json or f"{Path(args.bundle).stem}-bench.json"
+    out_png = args.png or str(Path(out_json).with_suffix(".png"))
+    bench_report.save(rep, out_json, out_png)
+    print("\n".join(bench_report.table(rep)))
+    print("chosen on the calibration split (cheapest within 0.5 point there), as it does on the test split:")
+    print("\n".join(bench_report.choice_lines(rep)))
+    print(f"learned policies: {rep['learned_policies']}")
+    print("goals (test split, cheapest point within 0.5 point of the full model):")
+    print("\n".join(bench_report.goal_lines(rep["goals"])))
+    for note in rep["notes"]:
+        print(f"note: {note}")
     print(f"wrote {out_json} and {out_png}")
     return 0
 
@@ -246,6 +365,57 @@ def _pick_device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _bundle_and_data(s: argparse.ArgumentParser, bundle_help: str) -> None:
+    """The arguments search, train-policy and bench share: the bundle and the data it was trained on."""
+    s.add_argument("bundle", metavar="BUNDLE", help=bundle_help)
+    s.add_argument("--data", required=True, help="the labelled data the bundle was trained on: the CIFAR-10 zip or "
+                   "folder (train/ and test/), or a folder with one sub-folder per class")
+    s.add_argument("--val-fraction", type=float, metavar="F", help="fraction of the training data held out of "
+                   "training, as given to train-exits / train-backbone (default: what the bundle records, else 0.1)")
+
+
+SEARCH_HELP = """Search per-exit confidence thresholds (DyCE, arXiv 2403.01695) on the calibration split.
+
+A configuration says which exits are active and the threshold of each. The search records every
+exit's answer once, then sweeps the accuracy/compute trade-off (one-pass search, then circular
+search: the single best change until none helps) and keeps the Pareto front. The bundle gets the
+front (the app's budget slider walks it) and, as its default policy "threshold", the cheapest
+configuration within --max-loss points of the last exit (or the one at --budget).
+
+example:
+  offramp search model.offramp --data cifar10-jpg.zip --out model-searched.offramp
+"""
+
+TRAIN_POLICY_HELP = """Train an exit policy on the calibration split and store it in the bundle by name.
+
+For a sweep of the price of compute (λ), each family's policies are fitted, the Pareto front of
+accuracy against mean FLOPs (decision cost included) is kept, and its cheapest policy within
+--max-loss points of the last exit is stored. Pick it at run time with
+`offramp run --policy NAME` or in the app's policy list.
+
+examples:
+  offramp train-policy model.offramp --data cifar10-jpg.zip --kind bolukbasi
+  offramp train-policy model.offramp --data cifar10-jpg.zip --kind structure --lambdas 0.01 0.05 0.2
+"""
+
+BENCH_HELP = """Benchmark every way to save compute on a held-out test split that nothing was fitted on.
+
+Methods: the full model; the network cut after exit k (a fixed-depth smaller network); --static
+networks; one shared threshold; the DyCE front; Bolukbasi and structure policy fronts; a --cascade;
+the bundle's own policies; the oracle (the bound). Thresholds, fronts and policies are fitted on
+the calibration split only. Mean FLOPs count every exit head that ran and did not fire and every
+policy decision. Batch-1 wall-clock is measured on this CPU for the full model and each method's
+table points, interleaved in one process, so speed-up = full-model ms / method ms.
+
+Prints, per method, accuracy, FLOPs saved and measured speed-up at the cheapest point within 0.5
+and within 1.0 accuracy points of the full model, then the goals (hit or miss). Writes a JSON
+report and a PNG plot (accuracy vs FLOPs and vs measured ms).
+
+example:
+  offramp bench model.offramp --data cifar10-jpg.zip --static small.offramp --timing-images 300
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="offramp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -262,7 +432,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("paths", nargs="+", metavar="PATH", help="images, folders or video files (a leading .offramp file is the bundle)")
     s.add_argument("--bundle", help="bundle to use (default: the built-in model)")
     s.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
-    s.add_argument("--threshold", type=float, help="one max-probability threshold for every exit, instead of the bundle's policy")
+    pick = s.add_mutually_exclusive_group()
+    pick.add_argument("--policy", metavar="NAME", help="a policy stored in the bundle by name, e.g. bolukbasi or "
+                      "structure after train-policy (see `offramp info`; default: the bundle's default policy)")
+    pick.add_argument("--threshold", type=float,
+                      help="one max-probability threshold for every exit, instead of the bundle's policy")
     s.add_argument("--json", action="store_true", help="one JSON object per line")
     s.set_defaults(fn=cmd_run)
 
@@ -302,10 +476,66 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="labelled image folder or the CIFAR-10 zip")
     s.add_argument("--split", default="test", help="split of the CIFAR-10 layout to use (default: test)")
     s.add_argument("--batch-size", type=int, default=256)
-    s.add_argument("--profile", action="store_true", help="re-measure latency on this machine first")
     s.add_argument("--json", help="report file (default: <bundle>-evaluation.json)")
     s.add_argument("--png", help="plot file (default: next to the JSON)")
     s.set_defaults(fn=cmd_evaluate)
+
+    raw = argparse.RawDescriptionHelpFormatter
+    s = sub.add_parser("search", formatter_class=raw, help="DyCE search: per-exit thresholds, a Pareto front and a "
+                       "default configuration, stored in the bundle", description=SEARCH_HELP)
+    _bundle_and_data(s, "the .offramp bundle to search (written back unless --out)")
+    target = s.add_mutually_exclusive_group()
+    target.add_argument("--max-loss", type=float, default=0.5, metavar="POINTS",
+                        help="default configuration: the cheapest within this many accuracy points of the last exit "
+                             "on the calibration split (default: 0.5)")
+    target.add_argument("--budget", type=float, metavar="B", help="default configuration: this far along the front "
+                        "instead, 0 = the cheapest point, 1 = the most accurate")
+    s.add_argument("--measure", default="max_prob", choices=["max_prob", "entropy", "margin"],
+                   help="the confidence every threshold is compared with (default: max_prob)")
+    s.add_argument("--out", help="write the searched bundle here instead of over BUNDLE (.offramp)")
+    s.set_defaults(fn=cmd_search)
+
+    s = sub.add_parser("train-policy", formatter_class=raw, help="train a learned exit policy (threshold, bolukbasi, "
+                       "structure) on the calibration split and store it in the bundle", description=TRAIN_POLICY_HELP)
+    _bundle_and_data(s, "the .offramp bundle (written back unless --out)")
+    s.add_argument("--kind", required=True, choices=["threshold", "bolukbasi", "structure"],
+                   help="threshold: one confidence threshold for every exit (best of max_prob, entropy, margin); "
+                        "bolukbasi: a small classifier per exit (Bolukbasi et al. 2017); "
+                        "structure: a network on features + class-prototype measures")
+    s.add_argument("--lambdas", type=float, nargs="+", metavar="λ", help="price of compute to sweep (accuracy traded "
+                   "per full model's FLOPs); larger = cheaper policies (default: the family's own sweep)")
+    s.add_argument("--epochs", type=int, help="structure: training epochs per λ (default 150)")
+    s.add_argument("--prototype-samples", type=int, default=5000, metavar="N",
+                   help="structure: training images whose features give the class prototypes (default: 5000)")
+    s.add_argument("--max-loss", type=float, default=0.5, metavar="POINTS", help="keep the cheapest policy within this "
+                   "many accuracy points of the last exit on the calibration split (default: 0.5)")
+    s.add_argument("--name", help="its name in the bundle (default: shared-threshold, bolukbasi or structure)")
+    s.add_argument("--default", action="store_true", help="make it the default policy (the app starts with it)")
+    s.add_argument("--out", help="write the bundle here instead of over BUNDLE (.offramp)")
+    s.set_defaults(fn=cmd_train_policy)
+
+    s = sub.add_parser("bench", formatter_class=raw, help="compare every method on a held-out split: accuracy, FLOPs "
+                       "saved, measured batch-1 CPU speed-up (JSON + PNG + table)", description=BENCH_HELP)
+    _bundle_and_data(s, "the multi-exit .offramp bundle to benchmark")
+    s.add_argument("--static", nargs="+", action="extend", default=[], metavar="SMALL.offramp",
+                   help="separately trained smaller networks on the same classes, compared at their last exit "
+                        "(is a plain small model as good?)")
+    s.add_argument("--cascade", nargs="+", action="extend", default=[], metavar="SMALL.offramp",
+                   help="cheaper networks, cheapest first, to run before BUNDLE in a Bolukbasi selection cascade")
+    s.add_argument("--timing-images", type=int, default=300, metavar="N",
+                   help="test images each timed configuration runs at batch 1 (default: 300)")
+    s.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for the batch-1 timing (default 1, as the app runs a frame; 0 = PyTorch's)")
+    s.add_argument("--learned", default="fit", choices=["fit", "bundle"], help="fit: fit the Bolukbasi and "
+                   "structure fronts here on the calibration split (default); bundle: only the bundle's own policies")
+    s.add_argument("--lambdas", type=float, nargs="+", metavar="λ", help="Bolukbasi (and cascade) λ sweep")
+    s.add_argument("--structure-lambdas", type=float, nargs="+", metavar="λ", help="structure policy λ sweep")
+    s.add_argument("--structure-epochs", type=int, help="structure policy training epochs per λ (default 150)")
+    s.add_argument("--prototype-samples", type=int, default=5000, metavar="N",
+                   help="training images whose features give the structure policy's prototypes (default: 5000)")
+    s.add_argument("--json", help="report file (default: <bundle>-bench.json)")
+    s.add_argument("--png", help="plot file (default: next to the JSON)")
+    s.set_defaults(fn=cmd_bench)
     return p
 
 

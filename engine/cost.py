@@ -200,15 +200,21 @@ def _median_ms(fn: Callable, x: torch.Tensor, device: torch.device, repeats: int
 
 
 def profile_latency(model: "MultiExitNet", table: CostTable, device="cpu", repeats: int = 30, warmup: int = 5,
-                    input_size: int | tuple[int, int] | None = None) -> CostTable:
+                    input_size: int | tuple[int, int] | None = None, threads: int | None = 1) -> CostTable:
     """A copy of `table` with the median batch-1 latency of every stage and exit head on `device`.
 
-    The model is moved to `device` (and stays there) and put in eval mode for the measurement.
+    On the CPU it is measured with `threads` intra-op threads (default 1, as the live app runs a
+    frame: one image gains little from more, and on a busy 2-core laptop their spin-waiting costs
+    more than the work; None = the current setting). The model is moved to `device` (and stays
+    there) and put in eval mode for the measurement.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, not {repeats}")
     device = torch.device(device)
     was_training = model.training
+    threads_before = torch.get_num_threads()
+    if device.type == "cpu" and threads:
+        torch.set_num_threads(threads)
     model.to(device).eval()
     try:
         with torch.no_grad(), torch.inference_mode():
@@ -221,4 +227,5 @@ def profile_latency(model: "MultiExitNet", table: CostTable, device="cpu", repea
             exit_ms = [_median_ms(head, taps[head.spec.stage], device, repeats, warmup)[0] for head in model.exits]
     finally:
         model.train(was_training)
+        torch.set_num_threads(threads_before)
     return replace(table, stage_ms=stage_ms, exit_ms=exit_ms, device=str(device))

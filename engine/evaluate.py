@@ -11,8 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -26,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from .cost import CostTable
 from .model import MultiExitNet
 from .policies import OraclePolicy, Policy, ThresholdPolicy, confidence, simulate
+from .files import write_atomic
 from .progress import CancelFlag, ProgressFn, report
 
 _RECORDS_KEY = "offramp.records"
@@ -87,7 +86,7 @@ class Records:
         tensors.update({f"features.{e}": f.float().contiguous() for e, f in enumerate(self.features)})
         meta = {"format": _RECORDS_FORMAT, "class_names": self.class_names, "exit_stages": self.exit_stages,
                 "num_features": len(self.features)}
-        _write_atomic(Path(path), save_tensors(tensors, metadata={_RECORDS_KEY: json.dumps(meta)}))
+        write_atomic(path, save_tensors(tensors, metadata={_RECORDS_KEY: json.dumps(meta)}))
 
     @classmethod
     def load(cls, path: str | Path) -> "Records":
@@ -351,7 +350,7 @@ def save_report(report: dict, json_path: str | Path, png_path: str | Path | None
     """Write the report as JSON (non-finite numbers become null) and, if asked, its plot as PNG;
     both atomically."""
     text = json.dumps(_finite(report), indent=1, allow_nan=False)
-    _write_atomic(Path(json_path), text.encode("utf-8"))
+    write_atomic(json_path, text.encode("utf-8"))
     if png_path is not None:
         plot_report(report, png_path)
 
@@ -392,15 +391,3 @@ def _finite(obj):
     return obj
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file next to `path`, then rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -4,14 +4,14 @@ evaluation reports. Drawn at twice the size and shrunk, so lines, markers and te
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import cv2
 import numpy as np
+
+from .files import write_atomic
 
 # Colours (BGR) of the usual qualitative palette: blue, orange, green, red, purple, brown, pink, grey
 PALETTE = [(180, 119, 31), (14, 127, 255), (44, 160, 44), (40, 39, 214), (189, 103, 148), (75, 86, 140),
@@ -97,16 +97,7 @@ def write_png(img: np.ndarray, path: str | Path) -> None:
     ok, buf = cv2.imencode(".png", img)
     if not ok:
         raise OSError(f"OpenCV could not encode the plot for {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, buf.tobytes())
 
 
 # -- pieces -------------------------------------------------------------------------------------

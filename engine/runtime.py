@@ -287,7 +287,8 @@ class Engine:
             try:
                 self.model.to(device)
                 policy.to(device)
-                cost = profile_latency(self.model, cost, device=device, repeats=self._repeats, warmup=3)
+                cost = profile_latency(self.model, cost, device=device, repeats=self._repeats, warmup=3,
+                                       threads=None)  # as this process runs frames
             except BaseException:  # e.g. out of GPU memory: stay where we were
                 self.model.to(previous)
                 policy.to(previous)

@@ -257,8 +257,8 @@ def search_front(records: Records, cost: CostTable, method: str = "circular", la
     method, lambda (the λ whose search reached it; None for the rest).
 
     circular: for every λ (default `default_lambdas()`), circular search from the better of the
-    one-pass result and the previous λ's configuration. A λ sweep only reaches the corners of
-    the front, so then, for `budgets` mean-cost targets evenly spread up to the full model, a
+    one-pass result (itself a candidate, method "one_pass") and the previous λ's configuration.
+    A λ sweep only reaches the corners of the front, so then, for `budgets` mean-cost targets evenly spread up to the full model, a
     circular search for the most accurate configuration within that cost, from the best one
     known within it (shared-threshold configurations included: point "method" says "shared"
     where one was not improved on). Every configuration a step reached is a candidate point.
@@ -277,6 +277,8 @@ def search_front(records: Records, cost: CostTable, method: str = "circular", la
     for lam in sorted(default_lambdas() if lambdas is None else [float(x) for x in lambdas]):
         th = _one_pass(t, lam)
         if method == "circular":
+            # kept even when the search starts elsewhere: else the front can lose to one-pass's
+            found.setdefault(tuple(th), ("one_pass", lam))
             if previous is not None and t.objective(previous, lam) > t.objective(th, lam):
                 th = previous
             visited = [tuple(th)]

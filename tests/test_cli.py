@@ -107,3 +107,27 @@ def test_cancelled_retraining_changes_nothing(trained_bundle, tmp_path):
         retrain_on_folder(bundle, folder, epochs=5, progress=progress, cancel=flag)
     for k, v in bundle.model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_new_commands_explain_themselves(capsys):
+    for command, words in (("search", ["DyCE", "--max-loss", "--budget", "calibration"]),
+                           ("train-policy", ["--kind", "bolukbasi", "structure", "offramp run --policy"]),
+                           ("bench", ["held-out", "--static", "--cascade", "--timing-images", "speed-up"])):
+        with pytest.raises(SystemExit) as done:
+            main([command, "--help"])
+        assert done.value.code == 0
+        text = capsys.readouterr().out
+        assert "example" in text and all(w in text for w in words), command
+
+
+def test_trained_policy_is_selectable_in_run(trained_bundle, ten_class_folder, tmp_path, capsys):
+    out = tmp_path / "policy.offramp"
+    assert main(["train-policy", str(trained_bundle), "--data", str(ten_class_folder), "--kind", "bolukbasi",
+                 "--lambdas", "0.05", "--val-fraction", "0.25", "--out", str(out)]) == 0
+    assert "bolukbasi" in read_manifest(out)["policies"]
+    capsys.readouterr()
+    image = str(sorted((ten_class_folder / "c1").iterdir())[0])
+    assert main(["run", str(out), image, "--policy", "bolukbasi", "--json"]) == 0
+    assert 0 <= json.loads(capsys.readouterr().out.splitlines()[0])["exit"] <= 2
+    assert main(["run", str(out), image, "--policy", "missing"]) == 2
+    assert "unknown policy 'missing'" in capsys.readouterr().err

@@ -280,3 +280,13 @@ def test_search_of_10000_samples_and_6_exits_takes_seconds():
     print(f"\nsearch_front(circular) on 10000 samples x 6 exits: {seconds:.2f} s, {len(front)} points")
     assert seconds < 60 and len(front) > 10
 
+
+
+def test_circular_front_is_never_worse_than_the_one_pass_front():
+    # the circular search may start from the previous λ's configuration instead of the one-pass one;
+    # the one-pass configuration must still be a candidate, or the front loses to it at some costs
+    for seed in range(4):
+        records, cost = _random_records(n=400, seed=seed), _cost()
+        one, front = search_front(records, cost, "one_pass"), search_front(records, cost, "circular")
+        for p in one:
+            assert max(q["accuracy"] for q in front if q["flops"] <= p["flops"]) >= p["accuracy"], (seed, p)

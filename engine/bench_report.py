@@ -1,0 +1,219 @@
+"""What `offramp bench` says about its report (`engine.bench.run_benchmark`): the goals the
+product is held to, hit or miss; the terminal table; the plot. And the front table `offramp
+search` and `offramp train-policy` print.
+
+Goals (issue 3), all read on the held-out test split at the cheapest point of each method whose
+accuracy is within 0.5 points of the full model's:
+  1. ≥ 60 % of FLOPs saved and ≥ 2× measured batch-1 CPU speed-up (best adaptive method);
+  2. each learned policy no worse than the best fixed threshold anywhere on the curve, and the best
+     of them using ≥ 10 % less compute than the fixed threshold at the 0.5-point point;
+  3. ≥ 80 % of the saving of the oracle at the same accuracy (`engine.bench.oracle_at`).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .evaluate import _finite, pareto
+from .files import write_atomic
+from .plot import plot_curves, write_png
+
+ADAPTIVE = ("threshold", "dyce", "bolukbasi", "structure", "cascade", "bundle")  # families that exit per image
+LEARNED = ("bolukbasi", "structure")
+FIXED = ("truncation", "static")  # plain networks of fixed depth
+KEY = "0.5"  # the at_loss entry the goals read
+
+
+# -- goals ----------------------------------------------------------------------------------------
+def shortfall(curve: Sequence[dict], reference: Sequence[dict]) -> float | None:
+    """The most accuracy (0..1) `curve` loses to `reference` at equal mean FLOPs along `curve`:
+    for every reference point within the curve's FLOPs range, its accuracy minus the curve's, the
+    curve read between its Pareto points by straight lines (mixing two policies at random per image
+    reaches them). A single point is compared with the best reference point at no more FLOPs.
+    <= 0: never worse; None: no reference point to compare with."""
+    if len(curve) == 1:
+        within = [r["accuracy"] for r in reference if r["flops"] <= curve[0]["flops"]]
+        return max(within) - curve[0]["accuracy"] if within else None
+    front = pareto(curve)
+    xs, ys = [p["flops"] for p in front], [p["accuracy"] for p in front]
+    lo, hi = min(c["flops"] for c in curve), max(c["flops"] for c in curve)
+    gaps = [r["accuracy"] - float(np.interp(r["flops"], xs, ys)) for r in reference if lo <= r["flops"] <= hi]
+    return max(gaps) if gaps else None
+
+
+def _pt(point: dict | None) -> str:
+    if point is None:
+        return "not reached"
+    speed = f", {point['speedup']:.2f}× measured" if point.get("speedup") else ""
+    return f"{100 * point['saved']:.1f} % FLOPs saved{speed}"
+
+
+def assess_goals(rep: dict) -> list[dict]:
+    """The goals as [{goal, method, achieved, hit}] (hit None: cannot be judged from this report)."""
+    methods = rep["methods"]
+    at = {n: m["at_loss"][KEY] for n, m in methods.items()}
+    adaptive = {n: p for n, p in at.items() if methods[n]["family"] in ADAPTIVE and p is not None}
+    goals = []
+
+    def both(p):
+        return p["saved"] >= 0.6 and (p.get("speedup") or 0.0) >= 2.0
+
+    best = max(adaptive, key=lambda n: (both(adaptive[n]), adaptive[n]["saved"]), default=None)
+    fastest = max(adaptive, key=lambda n: adaptive[n].get("speedup") or 0.0, default=None)
+    achieved = _pt(adaptive.get(best))
+    if fastest not in (None, best):
+        achieved += f"; fastest: {fastest}, {_pt(adaptive[fastest])}"
+    goals.append({"goal": "≥ 60 % FLOPs saved and ≥ 2× measured batch-1 CPU speed-up at ≤ 0.5-point loss",
+                  "method": best, "achieved": achieved, "hit": best is not None and both(adaptive[best])})
+    learned = [n for n in methods if methods[n]["family"] in LEARNED
+               or (methods[n]["family"] == "bundle" and methods[n]["points"][0]["policy"]["kind"] in LEARNED)]
+    threshold = methods.get("threshold")
+    for name in learned:
+        gap = shortfall(methods[name]["points"], threshold["points"]) if threshold else None
+        goals.append({"goal": f"{name} no worse than the best fixed threshold anywhere on the curve", "method": name,
+                      "achieved": "no overlap" if gap is None else f"worst shortfall {100 * gap:+.2f} points",
+                      "hit": None if gap is None else gap <= 0.0})
+    thr = at.get("threshold")
+    found = [n for n in learned if at[n] is not None]
+    cheapest = min(found, key=lambda n: at[n]["flops"], default=None)
+    less = None if cheapest is None or thr is None else 1.0 - at[cheapest]["flops"] / thr["flops"]
+    goals.append({"goal": "best learned policy uses ≥ 10 % less compute than the best fixed threshold at "
+                          "≤ 0.5-point loss", "method": cheapest,
+                  "achieved": "not reached" if less is None else f"{100 * less:.1f} % less compute",
+                  "hit": None if not learned else (less is not None and less >= 0.10)})
+    saved = adaptive[best]["oracle_saved"] if best is not None else 0.0
+    frac = adaptive[best]["saved"] / saved if best is not None and saved > 0 else None
+    goals.append({"goal": "≥ 80 % of the oracle's FLOPs saving at equal accuracy, at ≤ 0.5-point loss",
+                  "method": best,
+                  "achieved": "not reached" if frac is None else
+                  f"{100 * frac:.0f} % of the oracle's {100 * saved:.1f} %", "hit": frac is not None and frac >= 0.8})
+    return goals
+
+
+def notes(rep: dict) -> list[str]:
+    """Warnings a reader must not miss: a plain smaller network as good as early exit; leakage."""
+    out = []
+    methods = rep["methods"]
+    at = {n: m["at_loss"][KEY] for n, m in methods.items() if m["at_loss"][KEY] is not None}
+    fixed = {n: p for n, p in at.items() if methods[n]["family"] in FIXED}
+    adaptive = {n: p for n, p in at.items() if methods[n]["family"] in ADAPTIVE}
+    if fixed:
+        f = max(fixed, key=lambda n: fixed[n]["saved"])
+        a = max(adaptive, key=lambda n: adaptive[n]["saved"], default=None)
+        if a is None or fixed[f]["saved"] >= adaptive[a]["saved"]:
+            out.append(f"a plain smaller network ({f}{_exit_name(fixed[f])}) is as good as any early-exit policy "
+                       f"here at ≤ 0.5-point loss: {_pt(fixed[f])}; early exit does not pay on this model and data")
+    if rep["splits"]["layout"] == "folder":
+        out.append("no test split: calibration and test are halves of the validation part the bundle's exits were "
+                   "calibrated on, so test accuracy may flatter the temperatures a little")
+    return out
+
+
+def _exit_name(point: dict) -> str:
+    return f", exit {point['exit']}" if "exit" in point else ""
+
+
+# -- table ----------------------------------------------------------------------------------------
+def _cell(p: dict | None) -> str:
+    if p is None:
+        return f"{'not reached':<30}"
+    speed = f"{p['speedup']:.2f}×" if p.get("speedup") else "-"
+    ms = f"{p['ms']:.2f}" if p.get("ms") is not None else "-"
+    return f"{100 * p['accuracy']:>6.2f}% {100 * p['saved']:>6.1f}% {speed:>7} {ms:>6}"
+
+
+def table(rep: dict) -> list[str]:
+    """The terminal table: per method, accuracy, FLOPs saved, measured speed-up and ms at the
+    cheapest point within 0.5 and within 1.0 points of the full model (or "not reached")."""
+    t = rep["timing"]
+    lines = [f"held-out test split: {rep['splits']['test']} images; full model {100 * rep['full_accuracy']:.2f}% "
+             f"accuracy, {rep['full_flops'] / 1e6:.2f} MFLOPs, {t['full_ms']:.2f} ms at batch 1 "
+             f"({t['images']} images, {t['threads']} threads; "
+             f"staged run with no early exit {t['full_staged_ms']:.2f} ms)",
+             f"{'':<26}{'≤ 0.5 point below full model':<32}{'≤ 1.0 point below full model':<32}",
+             f"{'method':<26}" + f"{'accuracy':>7} {'saved':>7} {'speed':>7} {'ms':>6}  " * 2]
+    for name, m in rep["methods"].items():
+        label = name + (_exit_name(m["at_loss"]["0.5"]) if m["family"] == "truncation" and m["at_loss"]["0.5"] else "")
+        lines.append(f"{label[:25]:<26}{_cell(m['at_loss']['0.5'])}  {_cell(m['at_loss']['1'])}")
+    o = rep["oracle"]
+    lines.append(f"{'oracle (bound)':<26}{100 * o['accuracy']:>6.2f}% {100 * o['saved']:>6.1f}%")
+    return lines
+
+
+def choice_lines(rep: dict) -> list[str]:
+    """What a user would deploy: each fitted front's point chosen on calibration (cheapest within
+    0.5 point there), and how it does on the test split, where no choice was made."""
+    lines = []
+    for name, m in rep["methods"].items():
+        p = m.get("calibration_choice")
+        if p is not None:
+            speed = f", {p['speedup']:.2f}× measured" if p.get("speedup") else ""
+            change = 100 * (p["accuracy"] - rep["full_accuracy"])
+            lines.append(f"  {name:<12} test accuracy {100 * p['accuracy']:.2f}% ({change:+.2f} points), "
+                         f"{100 * p['saved']:.1f}% FLOPs saved{speed}")
+    return lines
+
+
+def goal_lines(goals: Sequence[dict]) -> list[str]:
+    mark = {True: "HIT ", False: "MISS", None: "n/a "}
+    return [f"[{mark[g['hit']]}] {g['goal']}: {g['achieved']}" + (f" ({g['method']})" if g.get("method") else "")
+            for g in goals]
+
+
+def front_table(points: Sequence[dict], chosen: int, full_flops: float, full_accuracy: float,
+                rows: int = 16) -> list[str]:
+    """A front (cheapest first) as at most `rows` evenly spread lines plus the chosen one, marked *."""
+    keep = sorted({int(round(i)) for i in np.linspace(0, len(points) - 1, min(rows, len(points)))} | {chosen})
+    lines = [f"  {'#':>4}  {'accuracy':>8}  {'vs last':>7}  {'MFLOPs':>8}  {'saved':>6}  policy"]
+    for i in keep:
+        p = points[i]
+        lines.append(f"{'*' if i == chosen else ' '} {i:>4}  {100 * p['accuracy']:>7.2f}%  "
+                     f"{100 * (p['accuracy'] - full_accuracy):>+7.2f}  {p['flops'] / 1e6:>8.3f}  "
+                     f"{100 * (1 - p['flops'] / full_flops):>5.1f}%  {_describe(p['policy'])}")
+    return lines
+
+
+def _describe(policy: dict) -> str:
+    if policy.get("kind") == "threshold":
+        return "[" + ", ".join("off" if t is None else f"{t:.3f}" for t in policy["thresholds"][:-1]) + "]"
+    info = {**policy.get("info", {}), **policy}  # a structure policy keeps its λ in info
+    keys = {"bolukbasi": ("lambda", "offset"), "structure": ("lambda", "tau")}.get(policy.get("kind"), ())
+    return " ".join([str(policy.get("kind")),
+                     *(f"{k}={info[k]:g}" for k in keys if isinstance(info.get(k), (int, float)))])
+
+
+# -- files ----------------------------------------------------------------------------------------
+def save(rep: dict, json_path: str | Path, png_path: str | Path | None = None) -> None:
+    """Write the report as JSON (non-finite numbers become null) and its plot as PNG, both atomically."""
+    write_atomic(Path(json_path), json.dumps(_finite(rep), indent=1, allow_nan=False).encode("utf-8"))
+    if png_path is not None:
+        plot(rep, png_path)
+
+
+def plot(rep: dict, path: str | Path | None = None) -> np.ndarray:
+    """Accuracy vs mean FLOPs (% of the full model) for every method, next to accuracy vs the
+    measured batch-1 ms of the points that were timed. Returns the BGR image; writes a PNG if `path`."""
+    full = rep["full_flops"]
+    by_flops, by_ms = [], []
+    for name, m in rep["methods"].items():
+        pts = sorted(m["points"], key=lambda p: p["flops"])
+        style = {"style": "line", "marker": "o"} if len(pts) > 1 and m["family"] not in FIXED else {"style": "points"}
+        by_flops.append({"name": name, "points": [(100 * p["flops"] / full, 100 * p["accuracy"]) for p in pts],
+                         **style})
+        timed = [(p["ms"], 100 * p["accuracy"]) for p in sorted(pts, key=lambda p: p.get("ms", 0)) if "ms" in p]
+        by_ms.append({"name": name, "points": timed, **style})
+    o = rep["oracle"]
+    by_flops.append({"name": "oracle", "points": [(100 * o["flops"] / full, 100 * o["accuracy"])],
+                     "style": "points", "marker": "^"})
+    n = rep["splits"]["test"]
+    left = plot_curves(by_flops, x_label="mean compute (% of the full model's FLOPs)", y_label="accuracy (%)",
+                       title=f"Held-out accuracy vs FLOPs ({n} images)")
+    right = plot_curves(by_ms, x_label=f"measured batch-1 ms on this CPU ({rep['timing']['images']} images)",
+                        y_label="accuracy (%)", title="Held-out accuracy vs measured time")
+    image = np.hstack([left, right])
+    if path is not None:
+        write_png(image, path)
+    return image

@@ -1,0 +1,159 @@
+"""Policy fronts fitted on a calibration split, and the bundles `offramp search` and
+`offramp train-policy` write from them.
+
+A front is a list of points (policy JSON, accuracy, mean flops, saved), cheapest first, none
+beaten by another; every family fits one across the accuracy / cost trade-off: one shared
+threshold swept, DyCE per-exit configurations, Bolukbasi classifiers over λ, structure networks
+over λ and the halting cut-off. A user's target (the cheapest point within some accuracy loss of
+the last exit, or a budget along the front) picks the point a bundle keeps.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import replace
+from typing import Sequence
+
+from .bundle import Bundle
+from .cost import CostTable, measure_costs
+from .data import split_indices
+from .evaluate import Records, accuracy_per_exit, operating_front, pareto, pick_point
+from .policies import MEASURES, Policy, ThresholdPolicy, bolukbasi_front, structure_front
+from .progress import CancelFlag, ProgressFn
+from .search import choose, search_front
+
+POLICY_KINDS = ("threshold", "bolukbasi", "structure")
+POLICY_NAMES = {"threshold": "shared-threshold", "bolukbasi": "bolukbasi", "structure": "structure"}
+STRUCTURE_LAMBDAS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+STRUCTURE_TAUS = (0.3, 0.5, 0.7)  # halting cut-offs tried per trained structure policy (no retraining)
+# Part of the calibration records a structure policy is not trained on: its points are scored there,
+# because its feature projection fits the rest closely enough to look ~3 points too good on CIFAR-10.
+STRUCTURE_SELECT = 0.3
+
+
+def structure_split(records: Records) -> tuple[Records, Records]:
+    """(records to train structure policies on, records to score and choose them on): a
+    deterministic stratified split of calibration records, STRUCTURE_SELECT of them for choosing."""
+    fit, select = split_indices(records.labels.tolist(), val_fraction=STRUCTURE_SELECT, seed=0)
+    return records.subset(fit), records.subset(select)
+
+
+def scored_on(kind: str, records: Records) -> Records:
+    """The part of calibration `records` that `fit_front(kind, records, ...)` scores its points on."""
+    return structure_split(records)[1] if kind == "structure" else records
+
+
+def model_cost(bundle: Bundle) -> CostTable:
+    """FLOPs of the bundle's model with no policy decisions: the bundle's table when it describes
+    this model, else measured now."""
+    cost, model = bundle.cost, bundle.model
+    if not (list(cost.exit_stages) == model.exit_stages and len(cost.stage_flops) == model.backbone.num_stages
+            and sum(cost.stage_flops) > 0):
+        cost = measure_costs(model)
+    return replace(cost, policy_flops=[0.0] * cost.num_exits)
+
+
+# -- fitting fronts on the calibration split ------------------------------------------------------
+def fit_front(kind: str, records: Records, cost: CostTable, *, lambdas: Sequence[float] | None = None,
+              prototype_records: Records | None = None, epochs: int | None = None,
+              progress: ProgressFn | None = None, cancel: CancelFlag | None = None) -> tuple[list[dict], list[Policy]]:
+    """Policies of family `kind` fitted on `records` (the calibration split) across the accuracy /
+    cost trade-off, and their points on the same records (policy, accuracy, flops, saved; decision
+    FLOPs counted): the Pareto front, cheapest first, with the policies aligned.
+
+    kind: "threshold" one confidence threshold shared by every exit, swept for each confidence
+    measure (max-probability, entropy, margin: the best fixed threshold at every cost); "dyce" per-exit
+    configurations from the DyCE circular search (`search_front`); "bolukbasi" the λ sweep of
+    `bolukbasi_front` (`lambdas`, default its own); "structure" the λ sweep of `structure_front`
+    (`lambdas` default STRUCTURE_LAMBDAS, `epochs` per λ, prototypes from `prototype_records`, a
+    recording of the train split; default `records`), trained and scored on the two parts of
+    `structure_split(records)`. Raises ValueError for an unknown kind."""
+    if kind in ("threshold", "dyce"):
+        points = (pareto([p for m in MEASURES for p in operating_front(records, cost, m)]) if kind == "threshold"
+                  else search_front(records, cost, "circular"))
+        return points, [ThresholdPolicy(p["policy"]["thresholds"], p["policy"]["measure"]) for p in points]
+    if kind == "bolukbasi":
+        kw = {} if lambdas is None else {"lambdas": [float(x) for x in lambdas]}
+        return bolukbasi_front(records, records, cost, return_policies=True, progress=progress, cancel=cancel, **kw)
+    if kind == "structure":
+        kw = {} if epochs is None else {"epochs": int(epochs)}
+        fit, select = structure_split(records)
+        points, policies = structure_front(fit, select, cost, list(lambdas or STRUCTURE_LAMBDAS),
+                                           taus=STRUCTURE_TAUS, prototype_source=prototype_records,
+                                           return_policies=True, progress=progress, cancel=cancel, **kw)
+        keep = {id(p) for p in pareto(points)}
+        pairs = sorted(((pt, p) for pt, p in zip(points, policies) if id(pt) in keep), key=lambda pp: pp[0]["flops"])
+        return [pt for pt, _ in pairs], [p for _, p in pairs]
+    raise ValueError(f"unknown policy kind {kind!r}; choose one of {', '.join((*POLICY_KINDS, 'dyce'))}")
+
+
+def target_index(points: Sequence[dict], full_accuracy: float, *, max_loss: float | None = None,
+                  budget: float | None = None) -> int:
+    """Index of the point a user's target picks: the cheapest within `max_loss` of `full_accuracy`
+    (none: the most accurate), or `budget` (0..1) along the front."""
+    if budget is not None:
+        return points.index(choose(points, budget=budget))
+    return points.index(pick_point(points, max_loss=max_loss, full_accuracy=full_accuracy))
+
+
+def search_bundle(bundle: Bundle, records: Records, *, max_loss: float = 0.005, budget: float | None = None,
+                  measure: str = "max_prob", split: dict | None = None) -> tuple[Bundle, dict]:
+    """DyCE search on calibration `records`: a copy of `bundle` whose meta["front"] is the circular
+    search's front (what the app's budget slider walks), meta["default_point"] the chosen point
+    (the cheapest within `max_loss` of the last exit, or `budget` along the front) and whose default
+    policy "threshold" is that configuration. meta["search"] keeps the one-pass and shared-threshold
+    fronts for comparison. Returns (bundle, summary). Raises ValueError for empty records."""
+    t0 = time.perf_counter()
+    cost = model_cost(bundle)
+    fronts = {m: search_front(records, cost, m, measure=measure) for m in ("circular", "one_pass", "shared")}
+    full = accuracy_per_exit(records)[-1]
+    index = target_index(fronts["circular"], full, max_loss=max_loss, budget=budget)
+    point = fronts["circular"][index]
+    at_target = {m: f[target_index(f, full, max_loss=max_loss, budget=budget)] for m, f in fronts.items()}
+    meta = copy.deepcopy(bundle.meta)
+    meta.update(front=fronts["circular"], default_point=index)
+    meta.setdefault("evaluation", {})["default_point"] = point
+    meta["search"] = {"method": "DyCE circular search from one-pass, with budget-constrained refinement",
+                      "measure": measure, "split": split or {}, "samples": records.num_samples,
+                      "full_accuracy": full, "target": {"max_loss": None if budget is not None else max_loss,
+                                                        "budget": budget},
+                      "chosen": point, "one_pass_front": fronts["one_pass"], "shared_front": fronts["shared"],
+                      "seconds": round(time.perf_counter() - t0, 2)}
+    policy = ThresholdPolicy(point["policy"]["thresholds"], point["policy"]["measure"])
+    searched = replace(bundle, policies={**bundle.policies, "threshold": policy}, default_policy="threshold",
+                       meta=meta)
+    return searched, {"front": fronts["circular"], "index": index, "full_accuracy": full, "at_target": at_target,
+                      "full_flops": cost.full_flops}
+
+
+def train_policy_bundle(bundle: Bundle, kind: str, records: Records, *, name: str | None = None,
+                        lambdas: Sequence[float] | None = None, prototype_records: Records | None = None,
+                        epochs: int | None = None, max_loss: float = 0.005, make_default: bool = False,
+                        split: dict | None = None, progress: ProgressFn | None = None,
+                        cancel: CancelFlag | None = None) -> tuple[Bundle, dict]:
+    """Fit the `kind` front on calibration `records` (see `fit_front`) and return a copy of
+    `bundle` holding the policy of its cheapest point within `max_loss` of the last exit as policy
+    `name` (default POLICY_NAMES[kind]), the default policy too with `make_default`; meta
+    ["policy_fronts"][name] keeps the front. Returns (bundle, summary). Raises ValueError."""
+    if kind not in POLICY_KINDS:
+        raise ValueError(f"unknown policy kind {kind!r}; choose one of {', '.join(POLICY_KINDS)}")
+    t0 = time.perf_counter()
+    cost = model_cost(bundle)
+    points, policies = fit_front(kind, records, cost, lambdas=lambdas, prototype_records=prototype_records,
+                                 epochs=epochs, progress=progress, cancel=cancel)
+    scored = scored_on(kind, records)
+    full = accuracy_per_exit(scored)[-1]  # the last exit on the same images as the points
+    index = target_index(points, full, max_loss=max_loss)
+    name = name or POLICY_NAMES[kind]
+    meta = copy.deepcopy(bundle.meta)
+    meta.setdefault("policy_fronts", {})[name] = {
+        "kind": kind, "split": split or {}, "samples": scored.num_samples, "full_accuracy": full,
+        "scored_on": (f"{STRUCTURE_SELECT:g} of the calibration split, held out of training" if kind == "structure"
+                      else "the calibration split"),
+        "max_loss": max_loss, "chosen": index, "points": points, "seconds": round(time.perf_counter() - t0, 2),
+        "lambdas": None if lambdas is None else [float(x) for x in lambdas]}
+    policy = policies[index].eval()
+    trained = replace(bundle, policies={**bundle.policies, name: policy}, meta=meta,
+                      default_policy=name if make_default else bundle.default_policy)
+    return trained, {"front": points, "index": index, "full_accuracy": full, "name": name,
+                     "full_flops": cost.full_flops}
