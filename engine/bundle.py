@@ -24,6 +24,7 @@ from .backbones import InputPreset, build_backbone
 from .cost import CostTable
 from .exits import ExitSpec
 from .model import MultiExitNet
+from .files import current_umask
 from .policies import Policy, policy_from_json
 
 FORMAT = "offramp-bundle"
@@ -131,6 +132,7 @@ def save_bundle(bundle: Bundle, path: str | os.PathLike) -> Path:
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
         save_file(tensors, str(tmp), metadata={MANIFEST_KEY: manifest})
+        os.chmod(tmp, 0o666 & ~current_umask())  # safetensors writes owner-only files
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -311,3 +311,12 @@ def test_default_bundle_path(monkeypatch, tmp_path):
     assert default_bundle_path() == repo / "resources" / "default.offramp"
     monkeypatch.setenv("OFFRAMP_DEFAULT_BUNDLE", str(tmp_path / "mine.offramp"))
     assert default_bundle_path() == tmp_path / "mine.offramp"
+
+
+def test_saved_files_get_the_usual_permissions(saved, tmp_path):
+    import os
+    import stat
+    from engine.bundle import load_bundle, save_bundle
+    from engine.files import current_umask
+    out = save_bundle(load_bundle(saved[1]), tmp_path / "copy.offramp")
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o666 & ~current_umask()
