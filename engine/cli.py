@@ -356,6 +356,8 @@ def _print_report(rep: dict) -> None:
         ms = f"{r['mean_ms']:.2f}" if r.get("mean_ms") is not None else "-"
         speedup = f"{r['speedup']:.2f}x" if r.get("speedup") else "-"
         print(f"{name:<24}{_pct(r['accuracy']):>10}{r['mean_flops'] / 1e6:>10.2f}{_pct(r['saved']):>8}{ms:>8}{speedup:>10}")
+    print("ms and speed-up: expected batch-1 latency from this machine's per-stage profile (1 thread); "
+          "`offramp bench` times whole runs, decisions included")
 
 
 def _pick_device(name: str) -> str:
