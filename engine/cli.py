@@ -175,6 +175,7 @@ def cmd_train_exits(args) -> int:
     save_bundle(bundle, args.out)
     acc = rep["accuracy_per_exit"]
     print("validation accuracy per exit: " + "  ".join(f"{e}:{_pct(a)}" for e, a in enumerate(acc)))
+    _print_calibration(rep["calibration"])
     p = rep["default_point"]
     print(f"default policy: {_pct(p['accuracy'])} accuracy, {_pct(p['saved'])} of FLOPs saved")
     print(f"saved {args.out}")
@@ -211,6 +212,7 @@ def cmd_train_backbone(args) -> int:
     progress.close()
     save_bundle(bundle, args.out)
     print("validation accuracy per exit: " + "  ".join(f"{e}:{_pct(a)}" for e, a in enumerate(rep["accuracy_per_exit"])))
+    _print_calibration(rep["calibration"])
     print(f"saved {args.out}")
     return 0
 
@@ -346,6 +348,13 @@ def cmd_bench(args) -> int:
         print(f"note: {note}")
     print(f"wrote {out_json} and {out_png}")
     return 0
+
+
+def _print_calibration(cal: dict) -> None:
+    """Temperature and expected calibration error (ECE) per exit, before and after scaling."""
+    print("calibration (held-out split): " + "  ".join(
+        f"{e}: T={t:.2f} ECE {b * 100:.1f}->{a * 100:.1f}%"
+        for e, (t, b, a) in enumerate(zip(cal["temperatures"], cal["ece_before"], cal["ece_after"]))))
 
 
 def _print_report(rep: dict) -> None:

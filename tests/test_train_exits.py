@@ -177,3 +177,16 @@ def test_calibrate_exits_sets_model_temperature(cache):
     temps = calibrate_exits(model, cache)
     assert len(temps) == 3 and all(t > 0 for t in temps)
     assert model.temperature.tolist() == pytest.approx(temps)
+
+
+def test_calibration_report_gives_ece_before_and_after(cache):
+    from engine.train.calibrate import calibrate_with_report
+    model = build_tiny_model()
+    model.temperature.fill_(3.0)  # a stale temperature must not leak into "before"
+    rep = calibrate_with_report(model, cache)
+    raw = cache.exit_logits(model) * 1.0  # temperature is applied by the caller, not exit_logits
+    assert model.temperature.tolist() == pytest.approx(rep["temperatures"])
+    for e in range(3):
+        assert rep["ece_before"][e] == pytest.approx(expected_calibration_error(raw[:, e], cache.labels))
+        t = rep["temperatures"][e]
+        assert rep["ece_after"][e] == pytest.approx(expected_calibration_error(raw[:, e] / t, cache.labels))

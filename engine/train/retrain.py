@@ -20,7 +20,7 @@ from ..features import FeatureCache, cache_features
 from ..model import MultiExitNet
 from ..policies import ThresholdPolicy
 from ..progress import CancelFlag, ProgressFn, report
-from .calibrate import calibrate_exits
+from .calibrate import calibrate_with_report
 from .exits import train_exits
 
 DEFAULT_MAX_LOSS = 0.005  # the default operating point: at most 0.5 points below the last exit
@@ -49,7 +49,7 @@ def fit_exits(model: MultiExitNet, train_set, val_set, *, epochs: int = 30, max_
                               train_exits=train_which, progress=progress, cancel=cancel)
         train_samples = len(train_cache.labels)
     report(progress, cancel, "evaluating", 0, 1)
-    temps = calibrate_exits(model, val_cache)
+    calibration = calibrate_with_report(model, val_cache)
     records = records_from_cache(model, val_cache)
     cost = measure_costs(model)
     per_exit = accuracy_per_exit(records)
@@ -59,7 +59,8 @@ def fit_exits(model: MultiExitNet, train_set, val_set, *, epochs: int = 30, max_
     policy = ThresholdPolicy.from_json(point["policy"], num_exits=model.num_exits, num_classes=model.num_classes)
     report(progress, cancel, "evaluating", 1, 1)
     evaluation = {"split": "validation", "samples": len(records.labels), "accuracy_per_exit": per_exit,
-                  "temperatures": temps, "default_point": point}
+                  "temperatures": calibration["temperatures"], "ece_before": calibration["ece_before"],
+                  "ece_after": calibration["ece_after"], "default_point": point}
     bundle_meta = dict(meta or {})
     bundle_meta.update({"front": front, "default_point": front.index(point), "evaluation": evaluation,
                         "exit_training": {"epochs": epochs, "distill": distill, "history": history,
@@ -68,7 +69,7 @@ def fit_exits(model: MultiExitNet, train_set, val_set, *, epochs: int = 30, max_
     bundle = Bundle(model=model, policies={"threshold": policy}, default_policy="threshold", cost=cost,
                     meta=bundle_meta)
     return bundle, {"accuracy_per_exit": per_exit, "curve": curve, "front": front, "default_point": point,
-                    "history": history}
+                    "history": history, "calibration": calibration}
 
 
 def retrain_on_folder(bundle: Bundle, folder: str | Path, *, head: str = "linear", epochs: int = 30,
