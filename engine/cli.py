@@ -359,6 +359,7 @@ def _print_calibration(cal: dict) -> None:
 
 def _print_report(rep: dict) -> None:
     print("accuracy per exit: " + "  ".join(f"{e}:{_pct(a)}" for e, a in enumerate(rep["accuracy_per_exit"])))
+    print("calibration error (ECE) per exit: " + "  ".join(f"{e}:{_pct(a)}" for e, a in enumerate(rep["ece_per_exit"])))
     rows = [("full model", rep["full"])] + [(k, v) for k, v in rep["policies"].items()] + [("oracle", rep["oracle"])]
     print(f"{'method':<24}{'accuracy':>10}{'MFLOPs':>10}{'saved':>8}{'ms':>8}{'speed-up':>10}")
     for name, r in rows:

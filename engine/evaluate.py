@@ -329,14 +329,18 @@ def evaluation_report(records: Records, cost: CostTable, policies: dict[str, Pol
     """Everything about these exits on these samples, JSON-able: per-exit accuracy, the full
     model, each named policy's `evaluate_policy`, the oracle, the threshold curve and its front
     (with the full model). Keys: num_samples, class_names, exit_stages, measure, cost,
-    accuracy_per_exit, full, policies {name: ...}, default_policy, oracle, threshold_curve, front.
+    accuracy_per_exit, ece_per_exit (of the calibrated
+    exits), full, policies {name: ...}, default_policy, oracle, threshold_curve, front.
     `default` names the policy the app starts with (marked in the plot)."""
+    from .train.calibrate import expected_calibration_error
     full = evaluate_policy(records, full_model_policy(records.num_exits, measure), cost)
     curve = threshold_curve(records, cost, measure, thresholds)
     return {
         "num_samples": records.num_samples, "class_names": records.class_names,
         "exit_stages": records.exit_stages, "measure": measure, "cost": cost.to_json(),
         "accuracy_per_exit": accuracy_per_exit(records),
+        "ece_per_exit": [expected_calibration_error(records.logits[:, e], records.labels)
+                         for e in range(records.num_exits)],
         "full": full,
         "policies": {name: evaluate_policy(records, p, cost) for name, p in (policies or {}).items()},
         "default_policy": default,
