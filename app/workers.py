@@ -23,6 +23,9 @@ from .threads import FrameSlot, finish_thread, lower_thread_priority, running_th
 __all__ = ["CaptureWorker", "FrameSlot", "InferenceWorker", "TaskWorker", "running_threads", "start_worker",
            "stop_worker"]
 
+
+REFERENCE_EVERY = 10  # frames between live timings of the full model
+
 class CaptureWorker(QObject):
     """Reads frames from a source into a FrameSlot at the chosen pace.
 
@@ -263,7 +266,9 @@ class InferenceWorker(QObject):
         if self._factory is not None:
             return self._factory(bundle, device=device)
         from engine.runtime import Engine  # torch loads here, off the GUI thread
-        return Engine(bundle, device=device)
+        # every REFERENCE_EVERY-th frame the full model runs once too, so "ms saved" compares
+        # timings taken under the same live conditions
+        return Engine(bundle, device=device, reference_every=REFERENCE_EVERY)
 
     def _load(self, bundle: Any, device: str, path: str, fallback: bool) -> None:
         if bundle is None:  # the built-in default

@@ -9,6 +9,7 @@ import os
 import threading
 import time
 import weakref
+from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Sequence, Union
 
@@ -69,8 +70,9 @@ class InferenceResult:
     flops: float  # FLOPs used for this frame, exit heads that ran and did not fire included
     full_flops: float  # FLOPs of the full model (every stage + last exit)
     ms: float  # measured wall-clock of the staged run on the device
-    full_ms: float  # measured latency of the full model on the same device (profile)
+    full_ms: float  # latency of the full model on the same device: measured live (see `Engine`), else profiled
     totals: RunningTotals
+    full_ms_live: bool = False  # True when full_ms comes from full-model runs timed alongside the live ones
 
     @property
     def saved(self) -> float:
@@ -183,8 +185,14 @@ class Engine:
     """
 
     def __init__(self, bundle: Bundle | str | os.PathLike | None = None, device: str = "auto", *,
-                 latency_repeats: int = 20):
+                 latency_repeats: int = 20, reference_every: int = 0):
         """`bundle`: a Bundle, a bundle file, or None for the default bundle (`default_bundle_path()`).
+
+        `reference_every` = N > 0: after every N-th single frame, the full model (every stage, the
+        last exit, no other head, no decision) also runs once on it and is timed the same way, so
+        results compare the staged run's milliseconds with the full model's measured under the
+        same conditions (a busy laptop, other threads) instead of with an idle-time profile. These
+        reference runs count in no FLOPs or exit figure.
 
         Raises BundleError when the bundle is missing or damaged, ValueError for a device this
         machine does not have.
@@ -201,6 +209,11 @@ class Engine:
         self.bundle = bundle
         self.model = bundle.model.eval()
         self._repeats = latency_repeats
+        if reference_every < 0:
+            raise ValueError(f"reference_every must be 0 (off) or a number of frames, not {reference_every}")
+        self._reference_every = reference_every
+        self._frames_run = 0
+        self._reference_ms: deque[float] = deque(maxlen=32)  # the latest live full-model timings
         self._run_lock = threading.Lock()  # held while the model runs, moves or is profiled
         self._lock = threading.Lock()  # held briefly to read or swap the policy, cost and totals
         self._device = str(next(self.model.parameters()).device)
@@ -295,6 +308,7 @@ class Engine:
                 raise
             with self._lock:
                 self._device, self._cost = device, cost
+                self._reference_ms.clear()  # timings of the previous device
 
     def set_policy(self, policy: str | Policy) -> None:
         """Make `policy` (a name from the bundle, or a Policy) the active one, from the next frame on.
@@ -380,12 +394,36 @@ class Engine:
                 out = self.model.run(x, policy)
             _sync(device)
             ms = (time.perf_counter() - start) * 1000.0 / x.shape[0]
+            self._frames_run += 1
+            if self._reference_every and x.shape[0] == 1 and (self._frames_run - 1) % self._reference_every == 0:
+                self._time_full_model(x, device)
         return self._results(out, policy, cost, ms)
+
+    def _time_full_model(self, x: torch.Tensor, device: str) -> None:
+        """Run and time the full model on `x` (the caller holds the run lock)."""
+        _sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for stage in self.model.backbone.stages:
+                x = stage(x)
+            self.model.exits[-1](x)
+        _sync(device)
+        with self._lock:
+            self._reference_ms.append((time.perf_counter() - start) * 1000.0)
+
+    def _full_ms(self, cost: CostTable) -> tuple[float, bool]:
+        """The full model's ms to compare with: the mean of the live reference runs, else the profile."""
+        with self._lock:
+            live = list(self._reference_ms)
+        if live:
+            return sum(live) / len(live), True
+        return (cost.full_ms if cost.has_latency else 0.0), False
 
     def _results(self, out: StagedOutput, policy: Policy, cost: CostTable, ms: float) -> list[InferenceResult]:
         model, n_exits = self.model, self.model.num_exits
         flops_at = cost.cumulative_flops(policy.active_exits(n_exits))
-        full_flops, full_ms = cost.full_flops, (cost.full_ms if cost.has_latency else 0.0)
+        full_flops = cost.full_flops
+        full_ms, full_ms_live = self._full_ms(cost)
         measure = getattr(policy, "measure", "max_prob")
         limits = policy.thresholds if isinstance(policy, ThresholdPolicy) else [None] * n_exits
         logits = out.exit_logits.float().cpu()  # (batch, exits, classes), NaN where an exit did not run
@@ -414,7 +452,7 @@ class Engine:
                 exit_index=fired, num_exits=n_exits, class_index=top_i[i][fired][0],
                 label=names[top_i[i][fired][0]], confidence=top_p[i][fired][0], exits=readings,
                 stages_run=stages[i], num_stages=model.backbone.num_stages, flops=flops_at[fired],
-                full_flops=full_flops, ms=ms, full_ms=full_ms, totals=totals))
+                full_flops=full_flops, ms=ms, full_ms=full_ms, totals=totals, full_ms_live=full_ms_live))
         return results
 
 
