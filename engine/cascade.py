@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .bundle import Bundle
-from .cost import CostTable, count_flops, measure_costs, profile_latency
+from .cost import CostTable, count_decision_flops, measure_costs, profile_latency
 from .evaluate import Records, _length, evaluate_policy
 from .model import Evidence, MultiExitNet
 from .policies import Policy
@@ -163,8 +163,7 @@ class Cascade(nn.Module):
             logits, features = self.answer(i, x)
             history.append(logits)
             run_ids.append(i)
-            ev = Evidence(i, m, list(history), list(run_ids), features, torch.arange(1, device=x.device))
-            flops.append(count_flops(policy.decide, ev))
+            flops.append(count_decision_flops(policy, i, m, history, run_ids, features))
         return flops
 
     def measure_cost(self, policy: Policy | None = None, *, input_size=None, latency: bool = False,

@@ -173,9 +173,20 @@ def measure_policy_flops(policy: "Policy", model: "MultiExitNet", taps: Sequence
         logits.append(head(tap) / model.temperature[e])  # calibrated, as run() gives the policy
         run.append(e)
         features = tap.mean(dim=(2, 3)) if tap.dim() == 4 else tap  # (1, channels)
-        evidence = Evidence(e, n, list(logits), list(run), features, torch.arange(1, device=tap.device))
-        flops.append(count_flops(policy.decide, evidence))
+        flops.append(count_decision_flops(policy, e, n, logits, run, features))
     return flops
+
+
+def count_decision_flops(policy: "Policy", exit_index: int, num_exits: int, logits: Sequence[torch.Tensor],
+                         exits_run: Sequence[int], features: torch.Tensor) -> float:
+    """FLOPs of one `policy.decide` for one sample whose evidence is `logits` (each (1, classes))
+    and pooled `features` (1, channels). Asked as a batch of two and halved: a policy may take a
+    numpy shortcut for a single frame, which the FLOP counter (it sees torch operations) misses."""
+    def two(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t[:1], t[:1]])
+    evidence = Evidence(exit_index, num_exits, [two(l) for l in logits], list(exits_run), two(features),
+                        torch.arange(2, device=features.device))
+    return count_flops(policy.decide, evidence) / 2
 
 
 def _synchronize(device: torch.device) -> None:

@@ -153,3 +153,32 @@ def test_bundle_round_trip_keeps_the_decisions(tiny_model, tmp_path):
     assert torch.equal(before.exit_index, simulate(policy, records.logits))  # the records say what run() does
     assert 0 < int((before.exit_index == 0).sum()) < x.shape[0]
     assert loaded.cost.policy_flops == policy.decision_flops()
+
+
+def test_one_frame_path_matches_the_batched_one():
+    """The live case (batch 1, numpy) computes the same evidence and the same decision as a batch."""
+    from engine.model import Evidence
+    from engine.policies.bolukbasi import BolukbasiPolicy, evidence_features, evidence_features_one
+    g = torch.Generator().manual_seed(3)
+    logits = [torch.randn(64, 7, generator=g) * s for s in (0.5, 2.0, 5.0)]
+    for n in (1, 2, 3):
+        batched = evidence_features(logits[:n], top_k=4)
+        ones = torch.stack([torch.from_numpy(evidence_features_one([l[i].numpy() for l in logits[:n]], 4))
+                            for i in range(64)])
+        assert torch.allclose(batched, ones, atol=1e-5)
+    for hidden in (0, 8):
+        policy = BolukbasiPolicy(4, 7, top_k=4, hidden=hidden, offset=0.1)
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.normal_(generator=g)
+            for e in range(3):
+                ev = Evidence(e, 4, logits[:e + 1], list(range(e + 1)), torch.zeros(64, 3))
+                together = policy.decide(ev)
+                alone = torch.cat([policy.decide(Evidence(e, 4, [l[i:i + 1] for l in logits[:e + 1]],
+                                                          list(range(e + 1)), torch.zeros(1, 3)))
+                                   for i in range(64)])
+                assert torch.equal(together, alone)
+            for p in policy.parameters():  # new weights (as after training) reach the numpy copy
+                p.mul_(-1)
+            ev1 = Evidence(0, 4, [logits[0][:1]], [0], torch.zeros(1, 3))
+            assert torch.equal(policy.decide(ev1), policy.exit_now(0, evidence_features([logits[0][:1]], 4)))
