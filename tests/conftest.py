@@ -11,6 +11,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # Qt tests never need a screen
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))  # lets tests `from synth import make_image_folder`
 
@@ -32,3 +33,13 @@ def synthetic_folder(tmp_path_factory) -> Path:
 def tiny_model() -> MultiExitNet:
     """`build_tiny_model()`: a fresh 3-exit model on SYNTH_CLASSES for each test."""
     return build_tiny_model()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-tensor tests: on a shared 2-core machine more
+    threads only wait for each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -21,13 +21,7 @@ from engine.plot import nice_ticks, plot_curves
 from engine.policies import OraclePolicy, ThresholdPolicy, simulate
 from engine.progress import CancelFlag, Cancelled
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # these tensors are tiny: on a shared 2-core machine, intra-op threads only wait for each other
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only wait for each other
 
 
 # (max-probability, right?) of each sample at exits 0 and 1; exit 2 is right for samples 0-2 only

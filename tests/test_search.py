@@ -16,13 +16,7 @@ from engine.search import (ConfigurationTable, _Tables, choose, circular, evalua
                            search_front)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors on a shared 2-core machine: intra-op threads only wait for each other
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only wait for each other
 
 
 def _pair(p: float, right: bool) -> list[float]:
