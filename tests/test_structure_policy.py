@@ -220,3 +220,29 @@ def test_structure_front_points_are_evaluate_policy_with_policy_flops():
         assert point["policy"] == policy.to_json() and policy.tau == point["tau"]
         without = evaluate_policy(test, policy, COST)["mean_flops"]
         assert point["flops"] > without  # the policy's own decisions are paid for
+
+
+@pytest.mark.parametrize("proj_dim", [0, 4])
+def test_one_frame_path_matches_the_batched_one(proj_dim):
+    """The live case (batch 1, numpy) gives the same measures and decisions as a batch."""
+    from engine.model import Evidence
+    from engine.policies.structure import structure_measures, structure_measures_one
+    train, test = random_records(300, seed=0), random_records(100, seed=1)
+    policy = train_structure_policy(train, COST, 0.3, epochs=5, proj_dim=proj_dim)
+    for e in range(2):
+        prototypes, centre, _ = policy.buffers_of(e)
+        history = [test.logits[:, j] for j in range(e + 1)]
+        batched = structure_measures(history, test.features[e], prototypes, centre=centre,
+                                     proto_temperature=policy.proto_temperature)
+        ones = torch.stack([torch.from_numpy(structure_measures_one(
+            [h[i].numpy() for h in history], test.features[e][i].numpy(), prototypes.numpy(), centre.numpy(),
+            policy.proto_temperature)) for i in range(100)])
+        assert torch.allclose(batched, ones, atol=1e-5)
+        h = policy.halting_probabilities(test.logits, test.features).detach()[:, e]
+        policy.tau = float(h.median())
+        with torch.no_grad():
+            together = policy.decide(Evidence(e, 3, history, list(range(e + 1)), test.features[e]))
+            alone = torch.cat([policy.decide(Evidence(e, 3, [x[i:i + 1] for x in history], list(range(e + 1)),
+                                                      test.features[e][i:i + 1])) for i in range(100)])
+        close = (h - policy.tau).abs() < 1e-5  # float32 rounding may tip a probability sitting on tau
+        assert torch.equal(together[~close], alone[~close]) and 20 < int(alone.sum()) < 80

@@ -4,14 +4,50 @@ bundle stores as tensors; everything else goes into `to_json()`.
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..model import Evidence
 
 _POLICIES: dict[str, type["Policy"]] = {}
+
+
+# -- one frame at a time in numpy -----------------------------------------------------------------
+# The live case decides for one frame, where each tiny torch operation costs more than its
+# arithmetic; learned policies compute that case in numpy, on float32 copies of their weights.
+def one_frame(evidence: Evidence) -> bool:
+    """True when `evidence` is a single sample on the CPU outside autograd (the numpy case)."""
+    cur = evidence.current
+    return cur.shape[0] == 1 and cur.device.type == "cpu" and not torch.is_grad_enabled()
+
+
+def numpy_copies(owner: nn.Module, name: str, tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
+    """float32 numpy copies of `tensors`, cached on `owner` under `name` and made again whenever
+    one of them was changed in place (training, load_state_dict) or replaced."""
+    key = tuple((t.data_ptr(), t._version) for t in tensors)
+    cache = owner.__dict__.setdefault("_numpy_cache", {})
+    hit = cache.get(name)
+    if hit is None or hit[0] != key:
+        hit = cache[name] = (key, [t.detach().float().cpu().numpy().copy() for t in tensors])
+    return hit[1]
+
+
+def softmax_row(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def linear_stack(layers: Sequence[nn.Linear], owner: nn.Module, name: str, x: np.ndarray) -> np.ndarray:
+    """`x` through Linear layers with ReLU between them (not after the last), in numpy."""
+    arrays = numpy_copies(owner, name, [t for m in layers for t in (m.weight, m.bias)])
+    for i in range(0, len(arrays), 2):
+        x = arrays[i] @ x + arrays[i + 1]
+        if i < len(arrays) - 2:
+            x = np.maximum(x, 0)
+    return x
 
 
 def register_policy(cls: type["Policy"]) -> type["Policy"]:

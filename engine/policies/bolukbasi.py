@@ -24,7 +24,7 @@ from torch import nn
 from ..cost import CostTable, measure_policy_flops
 from ..model import Evidence
 from ..progress import CancelFlag, ProgressFn, report
-from .base import Policy, register_policy
+from .base import Policy, linear_stack, one_frame, register_policy, softmax_row
 from .threshold import ThresholdPolicy
 
 if TYPE_CHECKING:
@@ -79,11 +79,6 @@ def evidence_features(logits: Sequence[torch.Tensor], top_k: int) -> torch.Tenso
     return torch.cat([top, extra], dim=-1)
 
 
-def _softmax_row(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max())
-    return e / e.sum()
-
-
 def evidence_features_one(logits: Sequence[np.ndarray], top_k: int) -> np.ndarray:
     """`evidence_features` of one sample, from its logits rows (each (classes,) float32), in numpy.
 
@@ -92,7 +87,7 @@ def evidence_features_one(logits: Sequence[np.ndarray], top_k: int) -> np.ndarra
     float32 (tests hold the two together).
     """
     cur = logits[-1]
-    p = _softmax_row(cur)
+    p = softmax_row(cur)
     k = p.shape[0]
     top = -np.sort(-p)[:min(top_k, k)]
     entropy = -(p * np.log(np.maximum(p, np.float32(1e-12)))).sum() / np.float32(math.log(k) if k > 1 else 1.0)
@@ -102,7 +97,7 @@ def evidence_features_one(logits: Sequence[np.ndarray], top_k: int) -> np.ndarra
     cls = int(p.argmax())
     agree_prev = prev_max = prev_top = agree_frac = 0.0
     if len(logits) > 1:
-        prev = _softmax_row(logits[-2])
+        prev = softmax_row(logits[-2])
         agree_prev = float(int(prev.argmax()) == cls)
         prev_max, prev_top = prev.max(), prev[cls]
         agree_frac = sum(int(row.argmax()) == cls for row in logits[:-1]) / (len(logits) - 1)
@@ -161,34 +156,13 @@ class BolukbasiPolicy(Policy):
         e = evidence.exit_index
         if e >= self.num_exits - 1:  # run() never asks at the last exit; it always answers
             return torch.ones(evidence.current.shape[0], dtype=torch.bool, device=evidence.current.device)
-        cur = evidence.current
-        if cur.shape[0] == 1 and cur.device.type == "cpu" and not torch.is_grad_enabled():
+        if one_frame(evidence):
             rows = [l[0].float().numpy() for l in evidence.logits]
-            return torch.tensor([self._exit_now_one(e, evidence_features_one(rows, self.top_k))])
-        return self.exit_now(e, evidence_features(evidence.logits, self.top_k)).to(cur.device)
-
-    def _exit_now_one(self, exit_index: int, x: np.ndarray) -> bool:
-        """`exit_now` for one evidence vector, with the classifier's weights as numpy arrays."""
-        layers = self._numpy_layers(exit_index)
-        for i, (w, b) in enumerate(layers):
-            x = w @ x + b
-            if i < len(layers) - 1:
-                x = np.maximum(x, 0)
-        return bool(x[0] + self.offset > 0)
-
-    def _numpy_layers(self, exit_index: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """The classifier's (weight, bias) pairs as float32 numpy, rebuilt whenever a parameter
-        changed (training, load_state_dict) or moved."""
-        net = self.classifiers[exit_index]
-        linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
-        key = tuple((m.weight.data_ptr(), m.weight._version, m.bias.data_ptr(), m.bias._version) for m in linears)
-        cache = self.__dict__.setdefault("_numpy_cache", {})
-        hit = cache.get(exit_index)
-        if hit is None or hit[0] != key:
-            arrays = [(m.weight.detach().float().cpu().numpy().copy(), m.bias.detach().float().cpu().numpy().copy())
-                      for m in linears]
-            hit = cache[exit_index] = (key, arrays)
-        return hit[1]
+            net = self.classifiers[e]
+            layers = [m for m in net.modules() if isinstance(m, nn.Linear)]
+            score = linear_stack(layers, self, f"classifier{e}", evidence_features_one(rows, self.top_k))
+            return torch.tensor([bool(score[0] + self.offset > 0)])
+        return self.exit_now(e, evidence_features(evidence.logits, self.top_k)).to(evidence.current.device)
 
     def decision_flops(self) -> list[float]:
         """FLOPs of one decision at every exit, from the layer sizes (a multiply-add counts 2, as

@@ -18,6 +18,7 @@ import math
 from dataclasses import replace
 from typing import TYPE_CHECKING, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,7 +26,7 @@ from torch import nn
 from ..cost import CostTable
 from ..model import Evidence
 from ..progress import CancelFlag, ProgressFn, report
-from .base import Policy, register_policy
+from .base import Policy, linear_stack, numpy_copies, one_frame, register_policy, softmax_row
 from .threshold import confidence
 
 if TYPE_CHECKING:
@@ -93,6 +94,30 @@ def structure_measures(history: Sequence[torch.Tensor], features: torch.Tensor, 
     cols = [s1, s2, s1 - s2, separability, s1 - others, agree_proto, agree_prev, agree_last,
             confidence(current, "max_prob"), confidence(current, "entropy"), confidence(current, "margin")]
     return torch.stack(cols, dim=1)
+
+
+def structure_measures_one(history: Sequence[np.ndarray], features: np.ndarray, prototypes: np.ndarray,
+                           centre: np.ndarray, proto_temperature: float) -> np.ndarray:
+    """`structure_measures` of one sample in numpy: `history` its logits rows (each (K,)),
+    `features` (C,), `prototypes` (K, C), `centre` (C,). Same columns, same float32."""
+    current = history[-1]
+    x = features - centre
+    sims = prototypes @ (x / max(float(np.sqrt((x * x).sum())), 1e-12))  # (K,)
+    k = sims.shape[0]
+    nearest = int(sims.argmax())
+    s1 = sims[nearest]
+    s2 = np.partition(sims, k - 2)[k - 2] if k > 1 else np.float32(0.0)
+    separability = softmax_row(sims / np.float32(proto_temperature)).max()
+    others = (sims.sum() - s1) / max(k - 1, 1)
+    answer = int(current.argmax())
+    previous = [float(int(h.argmax()) == answer) for h in history[:-1]]
+    p = softmax_row(current)
+    top = np.partition(p, k - 2)[k - 2:] if k > 1 else np.concatenate([p, [0.0]])  # the two largest
+    entropy = -(p * np.log(np.maximum(p, np.float32(1e-12)))).sum()
+    cols = [s1, s2, s1 - s2, separability, s1 - others, float(answer == nearest),
+            sum(previous) / len(previous) if previous else 0.0, previous[-1] if previous else 0.0,
+            p.max(), 1.0 - entropy / math.log(k) if k > 1 else 1.0, top.max() - top.min()]
+    return np.array(cols, dtype=np.float32)
 
 
 # -- the policy -----------------------------------------------------------------------------------
@@ -204,8 +229,25 @@ class StructurePolicy(Policy):
         e = evidence.exit_index
         if e >= self.num_exits - 1:
             return torch.ones(evidence.current.shape[0], dtype=torch.bool, device=evidence.current.device)
+        if one_frame(evidence):
+            return torch.tensor([self._decide_one(e, evidence)])
         std, m = self.fixed_inputs(e, evidence.logits, evidence.features)
         return torch.sigmoid(self.halting_logit(e, std, m)) >= self.tau
+
+    def _decide_one(self, e: int, evidence: Evidence) -> bool:
+        """`decide` for one frame, in numpy (see engine.policies.base.one_frame)."""
+        prototypes, centre, scale = numpy_copies(self, f"buffers{e}", self.buffers_of(e))
+        rows = [l[0].float().numpy() for l in evidence.logits]
+        features = evidence.features[0].float().numpy()
+        measures = structure_measures_one(rows, features, prototypes, centre, self.proto_temperature)
+        onehot = np.zeros(self.num_exits - 1, dtype=np.float32)
+        onehot[e] = 1.0
+        parts = [linear_stack([self.project[e]], self, f"project{e}", (features - centre) / scale)] \
+            if self.project is not None else []
+        x = np.concatenate([*parts, measures, onehot])
+        logit = float(linear_stack([m for m in self.trunk if isinstance(m, nn.Linear)], self, "trunk", x)[0])
+        z = math.exp(-abs(logit))  # a sigmoid that never overflows
+        return (1.0 / (1.0 + z) if logit >= 0 else z / (1.0 + z)) >= self.tau
 
     def flops_per_exit(self) -> list[float]:
         """FLOPs of one decision at each exit (multiply-add = 2; matrix products only, as
