@@ -14,6 +14,8 @@ class ConfidencePlot(QWidget):
         self.theme: Theme = NORMAL
         self.plot = pg.PlotWidget()
         self.plot.setMenuEnabled(False)
+        self.plot.setToolTip("confidence of every exit that ran for this frame; red: its threshold; "
+                             "E3 – : the exit did not run (the frame left earlier); off: the exit is switched off")
         self.plot.setMouseEnabled(False, False)
         self.plot.hideButtons()
         self.plot.setYRange(0, 1.05, padding=0)
@@ -76,8 +78,9 @@ class ConfidencePlot(QWidget):
         labels = []
         for e in xs:
             off = e < len(self.threshold_values) and self.threshold_values[e] is None and e != last
-            state = "off" if off else ("" if e in self.values or not self.values else "not run")
-            labels.append((e, f"E{e}" + (f" ({state})" if state else "")))
+            # short marks so that 6+ exits fit under the bars, large type included: "–" did not run
+            state = "off" if off else ("" if e in self.values or not self.values else "–")
+            labels.append((e, f"E{e}" + (f" {state}" if state else "")))
         if labels != self._ticks:  # setting ticks re-lays the axis out: only when they change
             self._ticks = labels
             self.plot.getAxis("bottom").setTicks([labels])
