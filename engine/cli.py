@@ -127,7 +127,7 @@ def cmd_run(args) -> int:
                               "exits": [{"exit": x.exit_index, "confidence": x.confidence, "top": x.top_k[0][0]}
                                         for x in r.exits]}))
         else:
-            print(f"{source}: {r.label} ({_pct(r.confidence)}) at exit {r.exit_index}/{r.num_exits - 1}, "
+            print(f"{source}: {r.label} ({_pct(r.confidence)}) at exit E{r.exit_index} of {r.num_exits}, "
                   f"{r.flops / 1e6:.2f} of {r.full_flops / 1e6:.2f} MFLOPs ({_pct(r.saved)} saved), {r.ms:.2f} ms")
     t = engine.totals
     if t.frames and not args.json:

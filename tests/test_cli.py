@@ -60,7 +60,7 @@ def test_run_on_a_folder_prints_exit_label_and_cost(trained_bundle, ten_class_fo
     for r in lines:
         assert 0 <= r["exit"] <= 2 and r["flops"] <= r["full_flops"] * 1.5 and r["label"]
     assert main(["run", str(trained_bundle), str(images[0]), "--threshold", "0"]) == 0
-    assert "at exit 0/2" in capsys.readouterr().out
+    assert "at exit E0 of 3" in capsys.readouterr().out
 
 
 def test_bad_input_gives_one_clear_line(tmp_path, capsys):
