@@ -198,7 +198,8 @@ def cmd_train_backbone(args) -> int:
     images, labels = decode_dataset(full, preset.crop, progress=progress)
     tr, _ = split_indices(labels.tolist(), val_fraction=args.val_fraction, seed=0)
     cfg = NetworkConfig(arch=args.arch, head=args.head, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                        label_smoothing=args.label_smoothing, seed=args.seed)
+                        label_smoothing=args.label_smoothing, seed=args.seed,
+                        exit_weights=[float(w) for w in args.exit_weights.split(",")] if args.exit_weights else [])
     checkpoint = args.checkpoint or str(Path(args.out).with_suffix(".ckpt"))
     model, history = train_network(cfg, images[tr], labels[tr], classes, device=device, checkpoint=checkpoint,
                                    progress=progress, log=lambda s: (progress.close(), print(s)))
@@ -475,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=128)
     s.add_argument("--lr", type=float, default=0.1)
     s.add_argument("--label-smoothing", type=float, default=0.1)
+    s.add_argument("--exit-weights", metavar="W,W,...",
+                   help="loss weight of each exit, comma-separated (default: all 1, joint training); "
+                        "0,...,0,1 trains the backbone alone, for exits put on it afterwards with train-exits --from")
     s.add_argument("--head", default="linear", choices=["linear", "conv"])
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--val-fraction", type=float, default=0.1)

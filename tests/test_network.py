@@ -47,3 +47,20 @@ def test_cancel_stops_training(tmp_path):
         train_network(NetworkConfig(arch="cifar_resnet_small", epochs=1, batch_size=32), images, labels,
                       ["r", "g", "b"], checkpoint=tmp_path / "c.ckpt", cancel=flag, log=lambda s: None)
     assert not (tmp_path / "c.ckpt").exists()
+
+
+def test_zero_exit_weights_leave_those_heads_untrained():
+    """exit_weights 0,...,0,1 trains the backbone and last exit only (backbone-then-exits recipe)."""
+    from engine.train.network import build_network
+    images, labels = _data()
+    cfg = NetworkConfig(arch="cifar_resnet_small", epochs=1, batch_size=32, lr=0.05, exit_weights=[0, 0, 1])
+    torch.manual_seed(cfg.seed)
+    untouched = build_network(cfg, ["r", "g", "b"])
+    model, _ = train_network(cfg, images, labels, ["r", "g", "b"], log=lambda s: None)
+    for e in (0, 1):
+        for a, b in zip(model.exits[e].parameters(), untouched.exits[e].parameters()):
+            assert torch.equal(a, b)
+    assert not all(torch.equal(a, b) for a, b in zip(model.exits[2].parameters(), untouched.exits[2].parameters()))
+    with pytest.raises(ValueError, match="exit_weights"):
+        train_network(NetworkConfig(arch="cifar_resnet_small", epochs=1, exit_weights=[1, 1]), images, labels,
+                      ["r", "g", "b"], log=lambda s: None)

@@ -132,6 +132,8 @@ def train_network(cfg: NetworkConfig, images: torch.Tensor, labels: torch.Tensor
     weights = cfg.exit_weights or [1.0] * model.num_exits
     if len(weights) != model.num_exits:
         raise ValueError(f"exit_weights has {len(weights)} entries but {cfg.arch} has {model.num_exits} exits")
+    for head, w in zip(model.exits, weights):
+        head.requires_grad_(w != 0)  # a head with no loss is not trained (nor decayed): exits come later
     history: list[dict] = []
     start_epoch = 0
     ckpt = Path(checkpoint) if checkpoint else None
