@@ -32,7 +32,7 @@ class ComputePanel(QWidget):
         self.time_plot.setMenuEnabled(False)
         self.time_plot.hideButtons()
         # fixed ranges: an axis that rescales every frame re-lays itself out, which is most of a redraw
-        self.time_plot.setYRange(-5, 100, padding=0)
+        self.time_plot.setYRange(-5, 105, padding=0)  # room above 100 for its tick label
         self.time_plot.setXRange(-HISTORY + 1, 0, padding=0.02)
         self.time_plot.setLabel("left", "saved %")
         self.time_plot.setLabel("bottom", "frames ago")
@@ -44,7 +44,7 @@ class ComputePanel(QWidget):
         self.hist_plot.setMenuEnabled(False)
         self.hist_plot.hideButtons()
         self.hist_plot.setLabel("left", "% of frames")
-        self.hist_plot.setYRange(0, 100, padding=0.02)
+        self.hist_plot.setYRange(0, 105, padding=0.02)
         self.hist_plot.getAxis("bottom").setTicks([[]])  # exit names come with the model
         self.hist = pg.BarGraphItem(x=[], height=[], width=0.6, pen=None)
         self.hist_plot.addItem(self.hist)
