@@ -15,7 +15,6 @@ cost of running models 0..i (plus their decisions) and `full_flops` is the large
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
@@ -25,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .bundle import Bundle
 from .cost import CostTable, count_decision_flops, measure_costs, profile_latency
-from .evaluate import Records, _length, evaluate_policy
+from .evaluate import Records, _length, as_loader, evaluate_policy
 from .model import Evidence, MultiExitNet
 from .policies import Policy
 from .policies.bolukbasi import with_policy_flops
@@ -197,13 +196,7 @@ def record_cascade(models: Cascade | Sequence[MultiExitNet | Bundle],
     stage: "recording cascade". Raises Cancelled, ValueError for an empty dataset.
     """
     cascade = models if isinstance(models, Cascade) else Cascade(models)
-    loader = dataset_or_loader
-    if isinstance(loader, Dataset) and not isinstance(loader, torch.utils.data.IterableDataset):
-        from .data import make_loader, preset_transform
-        if getattr(loader, "transform", "absent") is None:
-            loader = copy.copy(loader)
-            loader.transform = preset_transform(cascade.preset)
-        loader = make_loader(loader, batch_size, shuffle=False, workers=workers)
+    loader = as_loader(dataset_or_loader, cascade.preset, batch_size, workers)
     total = _length(loader)
     states = [(next(mm.parameters()).device, mm.training) for mm in cascade.models]
     device = torch.device(device)

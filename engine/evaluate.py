@@ -105,6 +105,20 @@ class Records:
                              "record_outputs(...).save(path)") from err
 
 
+def as_loader(dataset_or_loader, preset, batch_size: int, workers: int | None):
+    """A map-style dataset becomes an unshuffled DataLoader (one whose `transform` is None gets
+    `preset`'s on a shallow copy, since it would yield PIL images); loaders and other iterables of
+    (images, labels) batches pass through."""
+    loader = dataset_or_loader
+    if isinstance(loader, Dataset) and not isinstance(loader, torch.utils.data.IterableDataset):
+        from .data import make_loader, preset_transform
+        if getattr(loader, "transform", "absent") is None:
+            loader = copy.copy(loader)
+            loader.transform = preset_transform(preset)
+        loader = make_loader(loader, batch_size, shuffle=False, workers=workers)
+    return loader
+
+
 def record_outputs(model: MultiExitNet, dataset_or_loader: Dataset | DataLoader | Iterable, *, batch_size: int = 256,
                    device: str | torch.device = "cpu", with_features: bool = True, workers: int | None = None,
                    progress: ProgressFn | None = None, cancel: CancelFlag | None = None) -> Records:
@@ -116,13 +130,7 @@ def record_outputs(model: MultiExitNet, dataset_or_loader: Dataset | DataLoader 
     restored afterwards. Progress stage: "recording exits". Raises Cancelled, and ValueError for
     an empty dataset.
     """
-    loader = dataset_or_loader
-    if isinstance(loader, Dataset) and not isinstance(loader, torch.utils.data.IterableDataset):
-        from .data import make_loader, preset_transform
-        if getattr(loader, "transform", "absent") is None:  # it would yield PIL images: use the model's preset
-            loader = copy.copy(loader)
-            loader.transform = preset_transform(model.backbone.preset)
-        loader = make_loader(loader, batch_size, shuffle=False, workers=workers)
+    loader = as_loader(dataset_or_loader, model.backbone.preset, batch_size, workers)
     total = _length(loader)
     was_training = model.training
     old_device = next(model.parameters()).device

@@ -206,7 +206,6 @@ class MultiExitNet(nn.Module):
                 if x.shape[0] == 1:  # the live case: one sync, no indexing
                     if bool(stop):
                         left.append((e, index))
-                        index = None if index is None else index[:0]
                         break
                 elif bool(stop.any()):
                     stop = stop.to(torch.bool)

@@ -56,8 +56,12 @@ def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins:
 def calibrate_exits(model: MultiExitNet, cache: FeatureCache) -> list[float]:
     """Fit one temperature per exit on `cache` (held-out data), store it in `model.temperature`
     and return it. Raises ValueError when the cache belongs to another model."""
-    logits = cache.exit_logits(model)  # (N, E, K), uncalibrated
-    temps = [fit_temperature(logits[:, e], cache.labels) for e in range(model.num_exits)]
+    return _fit_temperatures(model, cache.exit_logits(model), cache.labels)
+
+
+def _fit_temperatures(model: MultiExitNet, logits: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    """Temperatures fitted on uncalibrated `logits` (N, E, K), stored in `model.temperature`."""
+    temps = [fit_temperature(logits[:, e], labels) for e in range(model.num_exits)]
     model.temperature.copy_(torch.tensor(temps, dtype=model.temperature.dtype))
     return temps
 
@@ -66,9 +70,8 @@ def calibrate_exits(model: MultiExitNet, cache: FeatureCache) -> list[float]:
 def calibrate_with_report(model: MultiExitNet, cache: FeatureCache) -> dict:
     """`calibrate_exits`, and the expected calibration error of every exit before and after it
     (on the same held-out cache): {"temperatures", "ece_before", "ece_after"}."""
-    model.temperature.fill_(1.0)
-    raw = cache.exit_logits(model)
-    temps = calibrate_exits(model, cache)
+    raw = cache.exit_logits(model)  # uncalibrated, whatever temperature the model holds
+    temps = _fit_temperatures(model, raw, cache.labels)
     before = [expected_calibration_error(raw[:, e], cache.labels) for e in range(model.num_exits)]
     after = [expected_calibration_error(raw[:, e] / t, cache.labels) for e, t in enumerate(temps)]
     return {"temperatures": temps, "ece_before": before, "ece_after": after}
