@@ -8,6 +8,7 @@
     offramp search BUNDLE --data DIR           DyCE per-exit thresholds: front + default configuration
     offramp train-policy BUNDLE --data DIR --kind K   a learned exit policy (threshold, bolukbasi, structure)
     offramp bench BUNDLE --data DIR            every method on a held-out split: FLOPs, measured speed-up
+    offramp export [BUNDLE] --out DIR          ONNX graphs per stage, exit and decision + a manifest
     offramp list-backbones                     the registered backbones
 
 Data splits (search, train-policy, bench): "calibration" is the part of the data the exits were
@@ -155,22 +156,22 @@ def cmd_train_exits(args) -> int:
     import torch
     torch.manual_seed(args.seed)  # a new backbone's random init and the heads' init are reproducible
     progress = TerminalProgress()
-    if args.from_bundle:
-        base = _load(args.from_bundle)
-        backbone = base.model.backbone
-    else:
-        if not args.backbone:
-            raise SystemExit("offramp train-exits: give --backbone NAME (see `offramp list-backbones`) or --from BUNDLE")
-        backbone = build_backbone(args.backbone, weights=args.weights)
-    train_set, val_set, classes = _train_val_sets(args.data, backbone.preset, args.val_fraction)
     stages = [int(s) for s in args.exits.split(",")] if args.exits else None
-    keep = backbone.classifier is not None and args.weights is not None
-    model = MultiExitNet.attach(backbone, class_names=classes, exit_stages=stages or (base.model.exit_stages if args.from_bundle else None),
-                                head=args.head, keep_classifier=keep)
-    meta = {"name": Path(args.out).stem, "source": {"command": " ".join(sys.argv[1:]), "data": args.data},
+    base = _load(args.from_bundle) if args.from_bundle else None
+    if base is None and not args.backbone:
+        raise SystemExit("offramp train-exits: give --backbone NAME (see `offramp list-backbones`) or --from BUNDLE")
+    meta = {"name": Path(args.out).stem, "source": {"command": "offramp " + " ".join(sys.argv[1:]),
+                                                    "data": args.data or args.unlabelled},
             "split": {"val_fraction": args.val_fraction, "seed": 0}}
+    if args.unlabelled:
+        return _distil_exits(args, base, stages, meta, progress)
+    backbone = base.model.backbone if base is not None else build_backbone(args.backbone, weights=args.weights)
+    train_set, val_set, classes = _train_val_sets(args.data, backbone.preset, args.val_fraction)
+    keep = backbone.classifier is not None and args.weights is not None
+    model = MultiExitNet.attach(backbone, class_names=classes, exit_stages=stages or (base.model.exit_stages if base else None),
+                                head=args.head, keep_classifier=keep)
     bundle, rep = fit_exits(model, train_set, val_set, epochs=args.epochs, max_loss=args.max_loss / 100,
-                            distill=args.distill, progress=progress, meta=meta)
+                            distill=args.distill or 0.0, progress=progress, meta=meta)
     progress.close()
     save_bundle(bundle, args.out)
     acc = rep["accuracy_per_exit"]
@@ -180,6 +181,58 @@ def cmd_train_exits(args) -> int:
     print(f"default policy: {_pct(p['accuracy'])} accuracy, {_pct(p['saved'])} of FLOPs saved")
     print(f"saved {args.out}")
     return 0
+
+
+def _distil_exits(args, base, stages, meta, progress) -> int:
+    """train-exits --unlabelled: early exits learn the last exit's answers on unlabelled images."""
+    from .backbones import build_backbone
+    from .bundle import save_bundle
+    from .data import check_unlabelled, open_unlabelled, preset_transform
+    from .model import MultiExitNet
+    from .train.retrain import distil_exits, early_exits_on
+    if base is not None:
+        model = early_exits_on(base.model, exit_stages=stages, head=args.head)
+    else:
+        if args.weights is None:
+            raise ValueError("distilling needs a trained last exit to learn from; give --weights DEFAULT (the "
+                             "pretrained torchvision classifier) or --from BUNDLE")
+        from .backbones.torchvision_models import torchvision_categories
+        backbone = build_backbone(args.backbone, weights=args.weights)
+        model = MultiExitNet.attach(backbone, class_names=torchvision_categories(args.backbone, args.weights),
+                                    exit_stages=stages, head=args.head, keep_classifier=True)
+    split = "train" if _has_train_split(args.unlabelled) else None
+    check = check_unlabelled(args.unlabelled, split, progress=progress)
+    progress.close()
+    for path, reason in check.skipped:
+        _print_skipped(path, reason)
+    check.raise_if_unusable()
+    images = open_unlabelled(args.unlabelled, split, report=check, transform=preset_transform(model.backbone.preset))
+    print(f"{check.count} images in {check.path}" + (f" ({len(check.skipped)} skipped)" if check.skipped else ""),
+          file=sys.stderr)
+    distill = 1.0 if args.distill is None else args.distill
+    bundle, rep = distil_exits(model, images, val_fraction=args.val_fraction, epochs=args.epochs,
+                               max_loss=args.max_loss / 100, distill=distill, progress=progress, meta=meta)
+    progress.close()
+    save_bundle(bundle, args.out)
+    agree = rep["agreement_per_exit"]
+    print(f"agreement with the last exit on {rep['held_out']} held-out images: "
+          + "  ".join(f"E{e}:{_pct(a)}" for e, a in enumerate(agree[:-1])))
+    _print_calibration(rep["calibration"])
+    p = rep["default_point"]
+    print(f"default policy: answers as the last exit on {_pct(p['accuracy'])} of held-out images, "
+          f"{_pct(p['saved'])} of FLOPs saved")
+    print(f"saved {args.out}")
+    return 0
+
+
+def _has_train_split(path: str) -> bool:
+    """True for a folder or zip in the train/test layout (use its train split, never its test split)."""
+    from .data import open_dataset
+    try:
+        open_dataset(path, split="train")
+        return True
+    except ValueError:
+        return False
 
 
 def cmd_train_backbone(args) -> int:
@@ -316,6 +369,61 @@ def cmd_train_policy(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import OnnxRunner, export_bundle
+    import torch
+    torch.set_num_threads(1)
+    bundle = _load(args.bundle)
+    inputs = _check_images(args.images, bundle, args.check_images) if args.images else None
+    progress = TerminalProgress()
+    manifest = export_bundle(bundle, args.out, policy=args.policy, check=not args.no_check, check_inputs=inputs,
+                             overwrite=args.overwrite, progress=progress)
+    progress.close()
+    files = sorted(Path(args.out).iterdir())
+    size = sum(f.stat().st_size for f in files)
+    pol = manifest["policy"]
+    print(f"wrote {len(files)} files ({size / 1e6:.1f} MB) to {args.out}: {len(manifest['stages'])} stages, "
+          f"{len(manifest['exits'])} exits, policy {pol['name']!r} ({pol['kind']}) with "
+          f"{sum(d is not None for d in pol['decisions'])} decision graphs")
+    check = manifest.get("check")
+    if check:
+        worst = max(check["max_abs_diff"].values())
+        print(f"checked with onnxruntime on {check['samples']} {'images' if inputs is not None else 'random inputs'}: "
+              f"largest difference from torch {worst:.2g} (stages and exits), the same exit for all "
+              f"{check['exits_agree']} (exits taken {check['exit_counts']}), logits within {check['max_logit_diff']:.2g}")
+        if inputs is not None:
+            runner = OnnxRunner(args.out)
+            ms = _mean_ms(lambda x: runner.run(x.numpy()), inputs)
+            full = _mean_ms(lambda x: runner.run_full(x.numpy()), inputs)
+            ms_again = _mean_ms(lambda x: runner.run(x.numpy()), inputs)  # interleaved: load drifts
+            print(f"onnxruntime, batch 1, 1 thread, mean over the {inputs.shape[0]} images: early-exit loop "
+                  f"{min(ms, ms_again):.2f} ms, every stage {full:.2f} ms ({full / min(ms, ms_again):.2f}x)")
+    return 0
+
+
+def _check_images(path: str, bundle, limit: int):
+    """Up to `limit` preprocessed images from a folder or zip (its test split when it has one), spread over it."""
+    from .data import open_dataset, open_unlabelled, preset_transform
+    import torch
+    try:
+        open_dataset(path, split="test")
+        split = "test"
+    except ValueError:
+        split = None
+    images = open_unlabelled(path, split, transform=preset_transform(bundle.model.backbone.preset))
+    step = max(1, len(images) // limit)
+    return torch.stack([images[i][0] for i in range(0, len(images), step)][:limit])
+
+
+def _mean_ms(fn, inputs) -> float:
+    """Mean milliseconds per image of `fn` over `inputs`, one image at a time, after a warm-up image."""
+    fn(inputs[:1])
+    t = time.perf_counter()
+    for i in range(inputs.shape[0]):
+        fn(inputs[i:i + 1])
+    return (time.perf_counter() - t) * 1e3 / inputs.shape[0]
+
+
 def cmd_bench(args) -> int:
     import torch
     from . import bench_report
@@ -429,9 +537,30 @@ example:
 """
 
 
+EXPORT_HELP = """Export a bundle for runtimes outside Offramp (needs onnx, onnxruntime, onnxscript:
+pip install 'offramp[export]').
+
+Every stage, every exit head (calibrated) and the policy's decision at every active exit becomes
+its own ONNX graph, so a runtime computes only the stages an image needs; manifest.json says how
+to preprocess, the order to run them in and when to stop (thresholds are also listed in plain
+JSON for threshold policies). Every graph is run with onnxruntime and compared with torch, and the
+whole early-exit loop must pick the same exit as the bundle's staged run for every check image.
+
+example:
+  offramp export resources/default.offramp --out default-onnx --images cifar10-jpg.zip
+"""
+
+TRAIN_EXITS_EPILOG = """examples:
+  offramp train-exits --backbone resnet18 --weights DEFAULT --data my_classes/ --out r18.offramp
+  offramp train-exits --backbone resnet50 --weights DEFAULT --unlabelled photos/ --out r50.offramp
+  offramp train-exits --from resources/default.offramp --head conv --data cifar10-jpg.zip --out b.offramp
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="offramp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    raw = argparse.RawDescriptionHelpFormatter
 
     s = sub.add_parser("list-backbones", help="list the registered backbones")
     s.set_defaults(fn=cmd_list_backbones)
@@ -453,8 +582,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="one JSON object per line")
     s.set_defaults(fn=cmd_run)
 
-    s = sub.add_parser("train-exits", help="train exit heads on a frozen backbone and save a bundle")
-    s.add_argument("--data", required=True, help="labelled image folder (one sub-folder per class) or the CIFAR-10 zip")
+    s = sub.add_parser("train-exits", help="train exit heads on a frozen backbone and save a bundle",
+                       formatter_class=raw, epilog=TRAIN_EXITS_EPILOG)
+    data = s.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data", help="labelled image folder (one sub-folder per class) or the CIFAR-10 zip")
+    data.add_argument("--unlabelled", metavar="FOLDER", help="images without labels (any sub-folders, or a zip): "
+                      "the early exits learn the last exit's answers (distillation); needs --weights or --from")
     src = s.add_mutually_exclusive_group()
     src.add_argument("--backbone", help="registered backbone name (see list-backbones)")
     src.add_argument("--from", dest="from_bundle", metavar="BUNDLE", help="keep this bundle's trained backbone, put new exits on it")
@@ -462,7 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--head", default="linear", choices=["linear", "conv"], help="exit head design (default: linear)")
     s.add_argument("--exits", help="comma-separated stage indices to put exits after (default: every stage)")
     s.add_argument("--epochs", type=int, default=30)
-    s.add_argument("--distill", type=float, default=0.0, help="weight of distillation from the last exit (0..1)")
+    s.add_argument("--distill", type=float, help="weight of distillation from the last exit (0..1; default 0 with "
+                   "--data, 1 with --unlabelled)")
     s.add_argument("--val-fraction", type=float, default=0.1, help="held out for calibration and threshold search")
     s.add_argument("--max-loss", type=float, default=0.5, help="default policy: accuracy points below the last exit allowed")
     s.add_argument("--seed", type=int, default=0)
@@ -496,7 +630,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--png", help="plot file (default: next to the JSON)")
     s.set_defaults(fn=cmd_evaluate)
 
-    raw = argparse.RawDescriptionHelpFormatter
     s = sub.add_parser("search", formatter_class=raw, help="DyCE search: per-exit thresholds, a Pareto front and a "
                        "default configuration, stored in the bundle", description=SEARCH_HELP)
     _bundle_and_data(s, "the .offramp bundle to search (written back unless --out)")
@@ -529,6 +662,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--default", action="store_true", help="make it the default policy (the app starts with it)")
     s.add_argument("--out", help="write the bundle here instead of over BUNDLE (.offramp)")
     s.set_defaults(fn=cmd_train_policy)
+
+    s = sub.add_parser("export", help="export a bundle to ONNX graphs (one per stage, exit and decision) + manifest",
+                       formatter_class=raw, description=EXPORT_HELP)
+    s.add_argument("bundle", nargs="?", help="bundle (default: the built-in model)")
+    s.add_argument("--out", required=True, metavar="FOLDER", help="folder to write (must not exist, or --overwrite)")
+    s.add_argument("--policy", metavar="NAME", help="the bundle's policy to export (default: its default policy)")
+    s.add_argument("--images", metavar="PATH", help="check on these images (a folder or zip; its test split if it "
+                   "has one) instead of random inputs, and time the exported loop")
+    s.add_argument("--check-images", type=int, default=64, metavar="N", help="how many images to check on (default 64)")
+    s.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("bench", formatter_class=raw, help="compare every method on a held-out split: accuracy, FLOPs "
                        "saved, measured batch-1 CPU speed-up (JSON + PNG + table)", description=BENCH_HELP)

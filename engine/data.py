@@ -428,41 +428,119 @@ def check_folder(path: str | os.PathLike, split: str | None = None, *, progress:
     loc, split_locs = _locate(path, split)
     listings = [_list(s) for s in split_locs]
     listing = listings[split_locs.index(loc)]
-    total = sum(len(f) for f in listing.files.values())
     counts: dict[str, int] = {}
     skipped, converted = [], []
-    done = 0
-    zf = open(loc.archive, "rb") if loc.archive else None  # noqa: SIM115 - closed below
-    members = _zip_members(loc.archive) if loc.archive else {}
-    report(progress, cancel, "checking images", 0, total)
-    try:
+    with _ImageChecker(loc, sum(len(f) for f in listing.files.values()), progress, cancel) as checker:
         for cls, files in listing.files.items():
-            counts[cls] = 0
-            for src, size in files:
-                name = loc.name(src)
-                if size == 0:
-                    skipped.append((name, "zero bytes"))
-                else:
-                    try:
-                        data = _read_member(zf, _entry(members[src]), loc.archive, src) if zf else src
-                        _, mode = _open(data, draft=64)
-                        counts[cls] += 1
-                        if mode != "RGB":
-                            converted.append((name, mode))
-                    except Exception as err:  # noqa: BLE001 - classified and reported
-                        skipped.append((name, _reason(err)))
-                done += 1
-                if done % 256 == 0 or done == total:
-                    report(progress, cancel, "checking images", done, total)
-    finally:
-        if zf is not None:
-            zf.close()
+            counts[cls] = sum(checker.check(src, size, skipped, converted) for src, size in files)
     if split is None:
         classes = [c for c, n in counts.items() if n > 0]
     else:
         classes = _classes(listings, True)
     return FolderReport(loc.display, split, classes, counts, skipped, converted,
                         [c for c, n in counts.items() if n == 0], listing.ignored, listing.loose)
+
+
+class _ImageChecker:
+    """Opens each image of a folder or zip once (reduced-size JPEG decode), for the checks; reports
+    progress every 256 files and closes the archive handle when done."""
+
+    def __init__(self, loc: _Location, total: int, progress: ProgressFn | None, cancel: CancelFlag | None):
+        self.loc, self.total, self.progress, self.cancel, self.done = loc, total, progress, cancel, 0
+        self.fp = open(loc.archive, "rb") if loc.archive else None  # noqa: SIM115 - closed in __exit__
+        self.members = _zip_members(loc.archive) if loc.archive else {}
+
+    def __enter__(self) -> "_ImageChecker":
+        report(self.progress, self.cancel, "checking images", 0, self.total)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fp is not None:
+            self.fp.close()
+
+    def check(self, src: str, size: int, skipped: list, converted: list) -> bool:
+        """True when `src` is a readable image; else (file, reason) goes to `skipped`."""
+        name, ok = self.loc.name(src), False
+        if size == 0:
+            skipped.append((name, "zero bytes"))
+        else:
+            try:
+                data = _read_member(self.fp, _entry(self.members[src]), self.loc.archive, src) if self.fp else src
+                _, mode = _open(data, draft=64)
+                ok = True
+                if mode != "RGB":
+                    converted.append((name, mode))
+            except Exception as err:  # noqa: BLE001 - classified and reported
+                skipped.append((name, _reason(err)))
+        self.done += 1
+        if self.done % 256 == 0 or self.done == self.total:
+            report(self.progress, self.cancel, "checking images", self.done, self.total)
+        return ok
+
+
+# -- unlabelled images --------------------------------------------------------------------------
+UNLABELLED = -1  # the label an unlabelled dataset yields
+
+
+@dataclass
+class UnlabelledReport:
+    """What `check_unlabelled` found: readable images anywhere under the path, and the bad files."""
+
+    path: str
+    split: str | None
+    count: int
+    skipped: list[tuple[str, str]]  # (file, reason), as FolderReport.skipped
+    converted: list[tuple[str, str]]
+    ignored: list[str] = field(default_factory=list)
+
+    def raise_if_unusable(self, minimum: int = 2) -> None:
+        if self.count < minimum:
+            why = f" (all {len(self.skipped)} image files were skipped)" if self.skipped else ""
+            raise ValueError(f"{self.path} has {self.count} readable images{why}; distilling exits needs at least "
+                             f"{minimum}, in any sub-folders, ending in {', '.join(IMG_EXTENSIONS)}.")
+
+
+def _all_images(loc: _Location, ignored: list[str]) -> list[tuple[str, int]]:
+    """Every image file under `loc`, sub-folders included, in a stable order."""
+    if loc.archive is None:
+        return _walk(loc.root, ignored)
+    found = []
+    for info in _zip_members(loc.archive).values():
+        rest = info.filename[len(loc.root):]
+        if info.is_dir() or not info.filename.startswith(loc.root) or any(_hidden(p) for p in rest.split("/")):
+            continue
+        if _is_image_name(rest):
+            found.append((info.filename, info.file_size))
+        else:
+            ignored.append(info.filename)
+    return sorted(found)
+
+
+def check_unlabelled(path: str | os.PathLike, split: str | None = None, *, progress: ProgressFn | None = None,
+                     cancel: CancelFlag | None = None) -> UnlabelledReport:
+    """Open every image under a folder or zip (any layout; class folders are ignored) once and
+    report what is readable. Bad files are reported, never raised. Raises ValueError for a
+    missing path or a split layout without `split`; Cancelled if asked."""
+    loc, _ = _locate(path, split)
+    ignored: list[str] = []
+    files = _all_images(loc, ignored)
+    skipped, converted = [], []
+    with _ImageChecker(loc, len(files), progress, cancel) as checker:
+        count = sum(checker.check(src, size, skipped, converted) for src, size in files)
+    return UnlabelledReport(loc.display, split, count, skipped, converted, ignored)
+
+
+def open_unlabelled(path: str | os.PathLike, split: str | None = None, *, report: UnlabelledReport | None = None,
+                    transform: Callable | None = None) -> ImageFolderData:
+    """Every image under a folder or zip as a dataset whose items are (image, UNLABELLED); photos or
+    webcam captures in any sub-folders. `report` (from `check_unlabelled`) leaves out its bad files.
+    Raises ValueError naming the path when it holds no images."""
+    loc, _ = _locate(path, split)
+    skip = {src for src, _ in report.skipped} if report is not None else set()
+    samples = [(src, UNLABELLED) for src, size in _all_images(loc, []) if size > 0 and loc.name(src) not in skip]
+    if not samples:
+        raise ValueError(f"{loc.display} has no images; image files end in {', '.join(IMG_EXTENSIONS)}.")
+    return ImageFolderData(samples, [], root=loc.display, archive=loc.archive, split=split, transform=transform)
 
 
 # -- splits, transforms, loaders ----------------------------------------------------------------

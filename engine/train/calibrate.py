@@ -3,6 +3,7 @@ logits, and the expected calibration error that tells whether it helped."""
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,19 +60,23 @@ def calibrate_exits(model: MultiExitNet, cache: FeatureCache) -> list[float]:
     return _fit_temperatures(model, cache.exit_logits(model), cache.labels)
 
 
-def _fit_temperatures(model: MultiExitNet, logits: torch.Tensor, labels: torch.Tensor) -> list[float]:
-    """Temperatures fitted on uncalibrated `logits` (N, E, K), stored in `model.temperature`."""
-    temps = [fit_temperature(logits[:, e], labels) for e in range(model.num_exits)]
+def _fit_temperatures(model: MultiExitNet, logits: torch.Tensor, labels: torch.Tensor,
+                      keep: Sequence[int] = ()) -> list[float]:
+    """Temperatures fitted on uncalibrated `logits` (N, E, K), stored in `model.temperature`; the
+    exits in `keep` keep the temperature they have."""
+    temps = [float(model.temperature[e]) if e in keep else fit_temperature(logits[:, e], labels)
+             for e in range(model.num_exits)]
     model.temperature.copy_(torch.tensor(temps, dtype=model.temperature.dtype))
     return temps
 
 
 @torch.no_grad()
-def calibrate_with_report(model: MultiExitNet, cache: FeatureCache) -> dict:
+def calibrate_with_report(model: MultiExitNet, cache: FeatureCache, keep: Sequence[int] = ()) -> dict:
     """`calibrate_exits`, and the expected calibration error of every exit before and after it
-    (on the same held-out cache): {"temperatures", "ece_before", "ece_after"}."""
+    (on the same held-out cache): {"temperatures", "ece_before", "ece_after"}. Exits in `keep`
+    keep their temperature (a teacher exit cannot be calibrated on its own predictions)."""
     raw = cache.exit_logits(model)  # uncalibrated, whatever temperature the model holds
-    temps = _fit_temperatures(model, raw, cache.labels)
+    temps = _fit_temperatures(model, raw, cache.labels, keep)
     before = [expected_calibration_error(raw[:, e], cache.labels) for e in range(model.num_exits)]
     after = [expected_calibration_error(raw[:, e] / t, cache.labels) for e, t in enumerate(temps)]
     return {"temperatures": temps, "ece_before": before, "ece_after": after}

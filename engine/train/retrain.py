@@ -33,23 +33,27 @@ def records_from_cache(model: MultiExitNet, cache: FeatureCache) -> Records:
 
 
 def fit_exits(model: MultiExitNet, train_set, val_set, *, epochs: int = 30, max_loss: float = DEFAULT_MAX_LOSS,
-              distill: float = 0.0, train_which: list[int] | None = None, device: str = "cpu",
-              meta: dict | None = None, progress: ProgressFn | None = None,
+              distill: float = 0.0, train_which: list[int] | None = None, teacher_labels: bool = False,
+              device: str = "cpu", meta: dict | None = None, progress: ProgressFn | None = None,
               cancel: CancelFlag | None = None) -> tuple[Bundle, dict]:
     """Train `model`'s exits on `train_set` (backbone frozen), calibrate and search thresholds on
     `val_set`, and return a bundle whose default policy is the cheapest threshold configuration
-    within `max_loss` of the last exit on `val_set`, plus a report. Raises Cancelled."""
+    within `max_loss` of the last exit on `val_set`, plus a report. Raises Cancelled.
+
+    `teacher_labels`: the sets' labels are ignored; every image is labelled with the last exit's
+    prediction, so "accuracy" throughout (training, calibration, the front, the report) means
+    agreement with the last exit, and the last exit itself agrees 100 %."""
     t0 = time.perf_counter()
     model.eval()
-    val_cache = cache_features(model, val_set, device=device, progress=progress, cancel=cancel)
+    val_cache = _cache(model, val_set, teacher_labels, device, progress, cancel)
     history, train_samples = [], 0
     if epochs > 0:  # 0: exits already trained (jointly with the network); only calibrate and search
-        train_cache = cache_features(model, train_set, device=device, progress=progress, cancel=cancel)
+        train_cache = _cache(model, train_set, teacher_labels, device, progress, cancel)
         history = train_exits(model, train_cache, epochs=epochs, val_cache=val_cache, distill=distill,
                               train_exits=train_which, progress=progress, cancel=cancel)
         train_samples = len(train_cache.labels)
     report(progress, cancel, "evaluating", 0, 1)
-    calibration = calibrate_with_report(model, val_cache)
+    calibration = calibrate_with_report(model, val_cache, keep=[model.num_exits - 1] if teacher_labels else ())
     records = records_from_cache(model, val_cache)
     cost = measure_costs(model)
     per_exit = accuracy_per_exit(records)
@@ -59,17 +63,63 @@ def fit_exits(model: MultiExitNet, train_set, val_set, *, epochs: int = 30, max_
     policy = ThresholdPolicy.from_json(point["policy"], num_exits=model.num_exits, num_classes=model.num_classes)
     report(progress, cancel, "evaluating", 1, 1)
     evaluation = {"split": "validation", "samples": len(records.labels), "accuracy_per_exit": per_exit,
+                  "labels": "last exit's predictions" if teacher_labels else "the data's labels",
                   "temperatures": calibration["temperatures"], "ece_before": calibration["ece_before"],
                   "ece_after": calibration["ece_after"], "default_point": point}
     bundle_meta = dict(meta or {})
     bundle_meta.update({"front": front, "default_point": front.index(point), "evaluation": evaluation,
-                        "exit_training": {"epochs": epochs, "distill": distill, "history": history,
-                                          "train_samples": train_samples,
+                        "exit_training": {"epochs": epochs, "distill": distill, "teacher_labels": teacher_labels,
+                                          "history": history, "train_samples": train_samples,
                                           "seconds": round(time.perf_counter() - t0, 1)}})
     bundle = Bundle(model=model, policies={"threshold": policy}, default_policy="threshold", cost=cost,
                     meta=bundle_meta)
     return bundle, {"accuracy_per_exit": per_exit, "curve": curve, "front": front, "default_point": point,
                     "history": history, "calibration": calibration}
+
+
+def _cache(model: MultiExitNet, dataset, teacher_labels: bool, device: str, progress, cancel) -> FeatureCache:
+    cache = cache_features(model, dataset, device=device, progress=progress, cancel=cancel)
+    if teacher_labels:
+        cache.labels = cache.teacher_logits.argmax(1)
+    return cache
+
+
+def early_exits_on(base: MultiExitNet, *, exit_stages: list[int] | None = None, head: str = "linear") -> MultiExitNet:
+    """New, untrained early exits after `exit_stages` (default: every stage) on a copy of `base`'s
+    backbone, with a copy of `base`'s last exit (and its temperature) as the last exit: the teacher
+    that `distil_exits` learns from. `base` is untouched."""
+    # The last exit always reads the last stage, in `base` as in the new model (attach adds it).
+    model = MultiExitNet.attach(copy.deepcopy(base.backbone), class_names=base.class_names, exit_stages=exit_stages,
+                                head=head, keep_classifier=False)
+    model.exits[-1] = copy.deepcopy(base.exits[-1])
+    model.temperature[-1] = base.temperature[-1]
+    return model
+
+
+def distil_exits(model: MultiExitNet, images, *, val_fraction: float = 0.1, epochs: int = 30,
+                 max_loss: float = DEFAULT_MAX_LOSS, distill: float = 1.0, device: str = "cpu",
+                 meta: dict | None = None, progress: ProgressFn | None = None,
+                 cancel: CancelFlag | None = None) -> tuple[Bundle, dict]:
+    """Early exits without labels: every exit but the last learns the last exit's predictions on
+    `images` (a dataset of (image tensor, anything), e.g. `open_unlabelled`), with the loss
+    (1 - distill) * cross-entropy on the last exit's argmax + distill * KL to its softened output.
+    A held-out `val_fraction` calibrates the exits and picks the thresholds; the report's
+    "agreement_per_exit" is how often each exit's answer equals the last exit's there.
+    The last exit is the teacher: it must already be trained (e.g. the torchvision classifier).
+    Raises ValueError for fewer than 2 images or a single-exit model; Cancelled."""
+    if model.num_exits < 2:
+        raise ValueError("the model has a single exit, so there is no early exit to distil")
+    if len(images) < 2:
+        raise ValueError(f"distilling exits needs at least 2 images, got {len(images)}")
+    train_idx, val_idx = split_indices(len(images), val_fraction=val_fraction, seed=0)
+    train_set = torch.utils.data.Subset(images, train_idx)
+    val_set = torch.utils.data.Subset(images, val_idx)
+    bundle, rep = fit_exits(model, train_set, val_set, epochs=epochs, max_loss=max_loss, distill=distill,
+                            train_which=list(range(model.num_exits - 1)), teacher_labels=True, device=device,
+                            meta=meta, progress=progress, cancel=cancel)
+    rep["agreement_per_exit"] = rep["accuracy_per_exit"]
+    rep["held_out"] = len(val_idx)
+    return bundle, rep
 
 
 def retrain_on_folder(bundle: Bundle, folder: str | Path, *, head: str = "linear", epochs: int = 30,

@@ -1,0 +1,184 @@
+"""Bring your own model: a torchvision backbone (weights=None, small inputs) gets early exits
+distilled from its last exit on unlabelled images, is saved, reloaded and exported to ONNX, and
+the exported graphs run by onnxruntime reproduce torch's outputs and early exits."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from engine.backbones import build_backbone
+from engine.bundle import load_bundle, save_bundle
+from engine.cli import main
+from engine.data import UNLABELLED, check_unlabelled, open_dataset, open_unlabelled, preset_transform
+from engine.export import ExportError, OnnxRunner, export_bundle
+from engine.model import MultiExitNet
+from engine.progress import CancelFlag, Cancelled
+from engine.train.retrain import distil_exits, early_exits_on, fit_exits
+from synth import SYNTH_CLASSES, make_image_folder
+
+pytest.importorskip("onnxruntime")
+
+
+def _unlabelled_copy(labelled, root):
+    """The labelled folder's images without their classes: nested folders, loose files, one corrupt file."""
+    root.mkdir()
+    for i, f in enumerate(sorted(labelled.rglob("*.*"))):
+        target = root / ("captures/day1" if i % 3 == 0 else "captures" if i % 3 == 1 else ".") / f"img{i:04d}{f.suffix}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, target)
+    (root / "captures" / "broken.jpg").write_bytes(b"not a jpeg")
+    (root / "notes.txt").write_text("ignored")
+    return root
+
+
+@pytest.fixture(scope="module")
+def teacher_bundle(tmp_path_factory):
+    """resnet18 from weights=None at 32×32 whose own classifier (the last exit) was trained on the
+    generated colour classes: a teacher that knows something, as a pretrained classifier would."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("labelled")
+    folder = make_image_folder(root, SYNTH_CLASSES, per_class=40, seed=3)
+    backbone = build_backbone("resnet18", weights=None, num_classes=len(SYNTH_CLASSES))
+    backbone.preset = dataclasses.replace(backbone.preset, crop=32, resize=32)
+    model = MultiExitNet.attach(backbone, class_names=list(SYNTH_CLASSES), exit_stages=[3], keep_classifier=True)
+    assert model.num_exits == 1 and model.exits[-1].spec.kind == "original"
+    data = open_dataset(folder, transform=preset_transform(backbone.preset))
+    half = torch.utils.data.Subset(data, list(range(0, len(data), 2)))
+    rest = torch.utils.data.Subset(data, list(range(1, len(data), 2)))
+    bundle, rep = fit_exits(model, half, rest, epochs=40, train_which=[0])
+    assert rep["accuracy_per_exit"][-1] > 0.6  # chance is 25 %
+    return bundle, folder
+
+
+def test_distil_save_reload_export_matches_torch(teacher_bundle, tmp_path):
+    teacher, labelled = teacher_bundle
+    images_dir = _unlabelled_copy(labelled, tmp_path / "photos")
+    check = check_unlabelled(images_dir)
+    assert check.count == 160 and [why for _, why in check.skipped] == ["not an image"]
+    assert any(f.endswith("notes.txt") for f in check.ignored)
+    preset = teacher.model.backbone.preset
+    images = open_unlabelled(images_dir, report=check, transform=preset_transform(preset))
+    assert len(images) == 160 and images[0][1] == UNLABELLED
+
+    model = early_exits_on(teacher.model, exit_stages=[0, 1, 2])
+    assert model.num_exits == 4
+    torch.testing.assert_close(model.exits[-1].post[0].weight, teacher.model.exits[-1].post[0].weight)
+    bundle, rep = distil_exits(model, images, val_fraction=0.25, epochs=30)
+    agree = rep["agreement_per_exit"]
+    assert rep["held_out"] == 40 and agree[-1] == 1.0
+    assert max(agree[:-1]) > 0.6  # the exits learnt the teacher's answers (chance 25 %) without a label
+    assert bundle.meta["evaluation"]["labels"] == "last exit's predictions"
+    # the teacher keeps its temperature: it was not calibrated on its own answers
+    assert float(bundle.model.temperature[-1]) == float(teacher.model.temperature[-1])
+
+    path = save_bundle(bundle, tmp_path / "distilled.offramp")
+    loaded = load_bundle(path)
+    labelled_images = open_unlabelled(labelled, transform=preset_transform(preset))
+    inputs = torch.stack([labelled_images[i][0] for i in range(0, 160, 5)])  # 32 real images
+    manifest = export_bundle(loaded, tmp_path / "onnx", check_inputs=inputs)
+
+    files = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
+    assert files["format"] == "offramp-onnx/1" and files["class_names"] == list(SYNTH_CLASSES)
+    assert len(files["stages"]) == 4 and len(files["exits"]) == 4
+    assert files["policy"]["json"]["thresholds"] == loaded.policy.thresholds
+    assert manifest["check"]["exits_agree"] == 32
+
+    # Independently of export_bundle's own check: onnxruntime against the reloaded torch model.
+    runner = OnnxRunner(tmp_path / "onnx")
+    with torch.no_grad():
+        all_logits = loaded.model.forward_all(inputs, calibrated=True)
+        out = loaded.model.run(inputs, loaded.policy)
+    x = inputs.numpy()
+    for s in range(4):
+        x = runner.stage(s, x)
+        np.testing.assert_allclose(runner.exit(s, x), all_logits[s].numpy(), rtol=1e-3, atol=1e-4)
+    fired = []
+    for i in range(inputs.shape[0]):
+        r = runner.run(inputs[i:i + 1].numpy())
+        fired.append(r.exit_index)
+        np.testing.assert_allclose(r.logits, out.logits[i].numpy(), rtol=1e-3, atol=1e-4)
+        assert r.stages_run == int(out.stages_run[i])
+    assert fired == out.exit_index.tolist()
+    assert min(fired) < 3  # some images really left early, so the decision graphs were exercised
+    # A stage after the exit is never run: the loop stops (stages_run counts what it computed).
+    assert min(r for r in out.stages_run.tolist()) < 4
+
+
+def test_learned_policy_exports_with_its_decision_graphs(tmp_path, trained_cli_bundle):
+    bundle = load_bundle(trained_cli_bundle)
+    assert "bolukbasi" in bundle.policies
+    inputs = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    manifest = export_bundle(bundle, tmp_path / "b", policy="bolukbasi", check_inputs=inputs)
+    decisions = manifest["policy"]["decisions"]
+    assert [d is not None for d in decisions] == [True, True, False]
+    assert manifest["check"]["exits_agree"] == 6
+
+
+@pytest.fixture(scope="module")
+def trained_cli_bundle(tmp_path_factory):
+    folder = make_image_folder(tmp_path_factory.mktemp("cls"), SYNTH_CLASSES, per_class=30, seed=2)
+    out = tmp_path_factory.mktemp("b") / "b.offramp"
+    assert main(["train-exits", "--data", str(folder), "--backbone", "cifar_resnet_small", "--epochs", "10",
+                 "--val-fraction", "0.3", "--out", str(out)]) == 0
+    assert main(["train-policy", str(out), "--data", str(folder), "--kind", "bolukbasi", "--val-fraction", "0.3",
+                 "--lambdas", "0.01"]) == 0
+    return out
+
+
+def test_cli_distils_from_a_bundle_and_exports(trained_cli_bundle, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    make_image_folder(photos, ["a", "b", "c"], per_class=20, seed=4)  # folders are not classes here
+    out = tmp_path / "d.offramp"
+    assert main(["train-exits", "--from", str(trained_cli_bundle), "--unlabelled", str(photos), "--epochs", "5",
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "agreement with the last exit on 6 held-out images" in text
+    assert load_bundle(out).class_names == load_bundle(trained_cli_bundle).class_names
+    assert main(["export", str(out), "--out", str(tmp_path / "x"), "--images", str(photos),
+                 "--check-images", "8"]) == 0
+    text = capsys.readouterr().out
+    assert "the same exit for all 8" in text and "early-exit loop" in text
+    assert (tmp_path / "x" / "manifest.json").exists()
+
+
+def test_bad_input_is_refused_in_one_sentence(trained_cli_bundle, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "bad.png").write_bytes(b"")
+    assert main(["train-exits", "--from", str(trained_cli_bundle), "--unlabelled", str(empty), "--out",
+                 str(tmp_path / "e.offramp")]) == 2
+    err = capsys.readouterr().err
+    assert str(empty) in err and "readable images" in err and "Traceback" not in err
+    code = main(["train-exits", "--backbone", "resnet18", "--unlabelled", str(empty), "--out", str(tmp_path / "f")])
+    assert code == 2
+    assert "--weights" in capsys.readouterr().err
+    # export: an existing folder is not overwritten; an unknown policy is named
+    (tmp_path / "taken").mkdir()
+    assert main(["export", str(trained_cli_bundle), "--out", str(tmp_path / "taken")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["export", str(trained_cli_bundle), "--out", str(tmp_path / "n"), "--policy", "nope"]) == 2
+    assert "'nope'" in capsys.readouterr().err and not (tmp_path / "n").exists()
+
+
+def test_cancelled_or_failed_export_leaves_nothing(trained_cli_bundle, tmp_path, monkeypatch):
+    bundle = load_bundle(trained_cli_bundle)
+    flag = CancelFlag()
+
+    def progress(p):
+        if p.done >= 2:
+            flag.set()
+
+    with pytest.raises(Cancelled):
+        export_bundle(bundle, tmp_path / "c", progress=progress, cancel=flag, check=False)
+    assert list(tmp_path.iterdir()) == []
+    # A graph that does not reproduce torch fails the check, and nothing is written.
+    import engine.export as ex
+    monkeypatch.setattr(ex, "ATOL", -1.0)
+    with pytest.raises(ExportError, match="stage 0"):
+        export_bundle(bundle, tmp_path / "d")
+    assert list(tmp_path.iterdir()) == []
