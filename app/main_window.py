@@ -16,12 +16,13 @@ from .menus import build_menus
 from .session import Session
 from .sources import SourceSpec
 from .state import ModelInfo, PolicyState, percent
-from .widgets import (EMPTY_TEXT, NORMAL, PRESENTATION, ComputePanel, ConfidencePlot, ErrorBanner, ExitDiagram, PolicyPanel,
-                      RetrainPanel, Theme, TransportBar, VideoView)
+from .widgets import (EMPTY_TEXT, NORMAL, PRESENTATION, CapturePanel, ComputePanel, ConfidencePlot, ErrorBanner,
+                      ExitDiagram, PolicyPanel, RetrainPanel, Theme, TransportBar, VideoView)
 
 RENDER_MS = 33  # redraw the frame at most 30 times a second, whatever the inference rate
 STATS_MS = 100  # the compute-saved plots at most 10 times a second: they change slowly
-PRESENTATION_DOCKS = ("confidence", "compute")  # the panels a projector shows
+PRESENTATION_DOCKS = ("confidence", "compute")  # the panels a projector shows (C and R still capture)
+CAPTURE_SETTINGS = ("folder", "class", "every", "limit", "format")  # remembered as capture/<key>
 
 
 class MainWindow(QMainWindow):
@@ -34,6 +35,7 @@ class MainWindow(QMainWindow):
         self._base_font = QFont(QApplication.font())
         self._dock_visibility: dict[str, bool] = {}
         self._pending = None  # (result, frame) waiting to be drawn
+        self.shown_frame = None  # the Frame on screen (what Capture saves)
         self._next_error_origin = "model"  # "source" errors clear when another source opens
         self.setWindowTitle("Offramp — watch early exits happen")
         self.setObjectName("offramp_main_window")
@@ -57,13 +59,17 @@ class MainWindow(QMainWindow):
         self.compute = ComputePanel()
         self.policy_panel = PolicyPanel(session)
         self.retrain_panel = RetrainPanel(session)
+        self.capture_panel = CapturePanel(session, lambda: self.shown_frame)
         self.docks = {
             "confidence": self._dock("confidence", "Confidence per exit", self.confidence, Qt.DockWidgetArea.RightDockWidgetArea),
             "compute": self._dock("compute", "Compute saved", self.compute, Qt.DockWidgetArea.RightDockWidgetArea),
             "policy": self._dock("policy", "Policy", self.policy_panel, Qt.DockWidgetArea.LeftDockWidgetArea),
             "retrain": self._dock("retrain", "Retraining", self.retrain_panel, Qt.DockWidgetArea.LeftDockWidgetArea),
+            "capture": self._dock("capture", "Capture to folder", self.capture_panel,
+                                  Qt.DockWidgetArea.LeftDockWidgetArea),
         }
         self.tabifyDockWidget(self.docks["policy"], self.docks["retrain"])
+        self.tabifyDockWidget(self.docks["retrain"], self.docks["capture"])
         self.docks["policy"].raise_()
         self.resizeDocks([self.docks["policy"], self.docks["confidence"]], [380, 420], Qt.Orientation.Horizontal)
 
@@ -91,6 +97,8 @@ class MainWindow(QMainWindow):
         session.source_opened.connect(self._on_source_opened)
         session.source_failed.connect(self._on_source_failed)
         session.loading.connect(self._on_loading)
+        self.capture_panel.retrain_requested.connect(self._on_retrain_requested)
+        self.capture_panel.changed.connect(self._on_capture_changed)
         self._restore_settings()
         if presentation:
             self.set_presentation(True)
@@ -119,6 +127,7 @@ class MainWindow(QMainWindow):
             return
         result, frame = self._pending
         self._pending = None
+        self.shown_frame = frame
         self.video.set_frame(frame.image)
         if result is None:
             self.video.set_prediction("", None, "")
@@ -242,6 +251,32 @@ class MainWindow(QMainWindow):
             self.showNormal()
         self.actions.presentation.setChecked(on)
 
+    def show_capture_panel(self) -> None:
+        """Bring the Capture panel to the front, ready for a class name."""
+        dock = self.docks["capture"]
+        dock.show()
+        dock.raise_()
+        self.capture_panel.class_combo.setFocus()
+
+    def _on_retrain_requested(self, folder: str) -> None:
+        """The Capture panel's "Retrain on this folder": the Retraining panel checks the folder and,
+        when it is usable, trains at once."""
+        panel = self.retrain_panel
+        if panel.task is not None:
+            self.show_error("the Retraining panel is busy: wait for it or cancel it, then retrain again")
+            return
+        if self.session.info is None:
+            self.show_error("no model is loaded to retrain: load a bundle with Model ▸ Load bundle…")
+            return
+        self.docks["retrain"].show()
+        self.docks["retrain"].raise_()
+        panel.check(folder, train_when_ready=True)
+
+    def _on_capture_changed(self) -> None:
+        if self.settings is not None:
+            for key, value in self.capture_panel.state().items():
+                self.settings.setValue(f"capture/{key}", value)
+
     def toggle_full_screen(self) -> None:
         self.showNormal() if self.isFullScreen() else self.showFullScreen()
 
@@ -299,6 +334,8 @@ class MainWindow(QMainWindow):
         device = s.value("device", "")
         if device:
             self.session.device = str(device)
+        self.capture_panel.restore({k: s.value(f"capture/{k}") for k in CAPTURE_SETTINGS
+                                    if s.value(f"capture/{k}") is not None})
 
     def startup(self, bundle: str | None = None, source: str | None = None) -> None:
         """Load `bundle` (default: the last one used, else the built-in one) and open `source`

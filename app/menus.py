@@ -1,4 +1,4 @@
-"""The window's menus and keyboard shortcuts: File (sources, camera, screenshot), Model, Device, View."""
+"""The window's menus and keyboard shortcuts: File (sources, camera, capture, screenshot), Model, Device, View."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -15,7 +15,10 @@ if TYPE_CHECKING:
 
 RESOLUTIONS = [None, (320, 240), (640, 480), (1280, 720), (1920, 1080)]
 SHORTCUTS = [("Space", "pause / play"), ("Left / Right", "previous / next image or frame"), ("F11", "full screen"),
-             ("F5", "presentation mode"), ("S", "screenshot to PNG"), ("Ctrl+O", "open an image"),
+             ("F5", "presentation mode"), ("S", "screenshot to PNG"),
+             ("C", "capture the frame on screen into the dataset folder"),
+             ("R", "record: save every Nth frame into the dataset folder, until pressed again"),
+             ("Ctrl+O", "open an image"),
              ("Ctrl+Shift+O", "open a folder"), ("Ctrl+B", "load a bundle"), ("Ctrl+I", "model info")]
 
 
@@ -46,6 +49,12 @@ class Actions(QObject):
         self.mirror = QAction("Mirror image", window, checkable=True)
         self.mirror.toggled.connect(self._on_mirror)
         file.addAction(self.mirror)
+        file.addSeparator()
+        capture = window.capture_panel
+        self._add(file, "Capture to folder…", window, window.show_capture_panel)
+        self._add(file, "Capture frame", window, capture.capture, "C")
+        self.record = self._add(file, "Record frames", window, capture.set_recording, "R", checkable=True)
+        capture.recording_changed.connect(self.record.setChecked)
         file.addSeparator()
         self._add(file, "Save screenshot", window, self._on_screenshot, "S")
         file.addSeparator()

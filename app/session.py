@@ -11,7 +11,7 @@ from PySide6.QtCore import QObject, QThread, Signal
 
 from .sources import SourceError, SourceSpec
 from .state import LiveStats, ModelInfo, PolicyState
-from .workers import CaptureWorker, FrameSlot, InferenceWorker, TaskWorker, start_worker, stop_worker
+from .workers import CaptureWorker, FrameSlot, FrameWriter, InferenceWorker, TaskWorker, start_worker, stop_worker
 
 
 class Session(QObject):
@@ -26,6 +26,8 @@ class Session(QObject):
     source_failed = Signal(str)
     paused_changed = Signal(bool)
     loading = Signal(str)  # a bundle started loading (what, for display)
+    frame_saved = Signal(str, str)  # file written by save_frame, class
+    save_failed = Signal(str)  # why a frame given to save_frame was not written (also sent to `error`)
     status = Signal(str)
     error = Signal(str)
 
@@ -47,6 +49,8 @@ class Session(QObject):
         self._capture: tuple[CaptureWorker, QThread] | None = None
         self._stopping: list[tuple[CaptureWorker, QThread]] = []  # capture workers asked to stop
         self._tasks: list[tuple[TaskWorker, QThread]] = []
+        self._writer: tuple[FrameWriter, QThread] | None = None  # started by the first save_frame
+        self._last_save_error = ""
         self._inference = InferenceWorker(self._slot, engine_factory, threads)
         self._inference.model_loaded.connect(self._on_model_loaded)
         self._inference.device_changed.connect(self._on_device_changed)
@@ -236,6 +240,29 @@ class Session(QObject):
         """Frames captured but replaced by a newer one before inference took them."""
         return self._slot.dropped
 
+    # -- saving frames into a dataset folder --------------------------------------------------------------
+    def save_frame(self, image: Any, folder: str, cls: str, suffix: str = ".jpg") -> bool:
+        """Write a (h, w, 3) BGR frame into FOLDER/CLASS/ in the writer thread; `frame_saved` or
+        `save_failed` follows. False, and nothing follows, when the writer is that far behind."""
+        if self._closed:
+            return False
+        if self._writer is None:
+            worker = FrameWriter()
+            worker.saved.connect(self._on_frame_saved)
+            worker.failed.connect(self._on_save_failed)
+            self._writer = (worker, start_worker(worker, "offramp-writer"))
+        return self._writer[0].put(image, folder, cls, suffix)
+
+    def _on_frame_saved(self, path: str, cls: str) -> None:
+        self._last_save_error = ""
+        self.frame_saved.emit(path, cls)
+
+    def _on_save_failed(self, message: str) -> None:
+        self.save_failed.emit(message)
+        if message != self._last_save_error:  # a burst into a bad folder fails once per queued frame
+            self.error.emit(message)
+        self._last_save_error = message
+
     # -- long work ------------------------------------------------------------------------------------
     def start_task(self, fn: Callable[..., Any], what: str, **slots: Callable) -> TaskWorker:
         """Run `fn(progress=, cancel=)` in a worker thread. `slots` maps TaskWorker signal names
@@ -266,6 +293,8 @@ class Session(QObject):
             if not stop_worker(worker, thread):
                 self.error.emit(f"the capture thread for {worker.spec.display} did not stop in time")
         self._stopping.clear()
+        if self._writer is not None and not stop_worker(*self._writer, 30000):
+            self.error.emit("the thread saving captured frames did not stop in time")
         for worker, thread in self._tasks:
             stop_worker(worker, thread, 30000)
         self._tasks.clear()

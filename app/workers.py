@@ -16,12 +16,13 @@ from typing import Any, Callable
 
 from PySide6.QtCore import QObject, Signal
 
+from .dataset import DatasetError, FolderWriter
 from .sources import Frame, SourceError, SourceSpec, open_source
 from .state import ModelInfo
 from .threads import FrameSlot, finish_thread, lower_thread_priority, running_threads, start_worker, stop_worker
 
-__all__ = ["CaptureWorker", "FrameSlot", "InferenceWorker", "TaskWorker", "running_threads", "start_worker",
-           "stop_worker"]
+__all__ = ["CaptureWorker", "FrameSlot", "FrameWriter", "InferenceWorker", "TaskWorker", "running_threads",
+           "start_worker", "stop_worker"]
 
 
 REFERENCE_EVERY = 10  # frames between live timings of the full model
@@ -360,3 +361,57 @@ class TaskWorker(QObject):
         finally:
             self.finished.emit()
             finish_thread()
+
+
+class FrameWriter(QObject):
+    """Saves frames into a dataset folder (`app.dataset`), in the order given, in its own thread:
+    a PNG takes 30-200 ms to encode and a USB stick or network share can stall for longer, which
+    the window must never wait for. Every `put` that returns True ends in one `saved` or `failed`.
+    Asked to stop, it first writes what is queued: a capture just before quitting is kept."""
+
+    saved = Signal(str, str)  # file written, class
+    failed = Signal(str)  # one sentence naming the class or folder
+    finished = Signal()
+    QUEUE = 32  # frames waiting at most (a 1080p frame is 6 MB); beyond that `put` refuses
+
+    def __init__(self):
+        super().__init__()
+        self._queue: "queue.Queue[tuple]" = queue.Queue(maxsize=self.QUEUE)
+        self._stop = threading.Event()
+        self._files = FolderWriter()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def put(self, image: Any, folder: str, cls: str, suffix: str) -> bool:
+        """Queue one (h, w, 3) BGR frame for FOLDER/CLASS/; False (nothing queued) when the queue is full."""
+        try:
+            self._queue.put_nowait((image, folder, cls, suffix))
+        except queue.Full:
+            return False
+        return True
+
+    def run(self) -> None:
+        lower_thread_priority()
+        try:
+            while True:
+                try:
+                    item = self._queue.get(timeout=0.05)
+                except queue.Empty:
+                    if self._stop.is_set():
+                        return
+                    continue
+                self._write(*item)
+        finally:
+            self.finished.emit()
+            finish_thread()
+
+    def _write(self, image: Any, folder: str, cls: str, suffix: str) -> None:
+        try:
+            path = self._files.write(image, folder, cls, suffix)
+        except DatasetError as e:
+            self.failed.emit(str(e))
+        except Exception as e:  # noqa: BLE001 - a failed save is reported; the live view goes on
+            self.failed.emit(f"saving a frame into {folder} failed: {e}")
+        else:
+            self.saved.emit(str(path), cls)

@@ -1,5 +1,6 @@
 """The window's parts; each gets the session (or nothing) in __init__ and subscribes to it."""
 from .banner import ErrorBanner
+from .capture_panel import CapturePanel
 from .compute_panel import ComputePanel
 from .confidence_plot import ConfidencePlot
 from .exit_diagram import ExitDiagram
@@ -9,5 +10,5 @@ from .theme import NORMAL, PRESENTATION, Theme
 from .transport import TransportBar
 from .video_view import EMPTY_TEXT, VideoView
 
-__all__ = ["EMPTY_TEXT", "ErrorBanner", "ComputePanel", "ConfidencePlot", "ExitDiagram", "PolicyPanel", "RetrainPanel",
-           "NORMAL", "PRESENTATION", "Theme", "TransportBar", "VideoView"]
+__all__ = ["EMPTY_TEXT", "CapturePanel", "ErrorBanner", "ComputePanel", "ConfidencePlot", "ExitDiagram", "PolicyPanel",
+           "RetrainPanel", "NORMAL", "PRESENTATION", "Theme", "TransportBar", "VideoView"]

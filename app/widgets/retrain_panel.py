@@ -25,6 +25,7 @@ class RetrainPanel(QWidget):
         self.folder: str | None = None
         self.report_ok = False
         self.task = None  # the running TaskWorker
+        self._train_when_ready = False  # train once the running check finds the folder usable
         self.new_bundle: Any = None
         self.new_report: dict | None = None
         self._stage, self._stage_start = "", 0.0
@@ -104,9 +105,10 @@ class RetrainPanel(QWidget):
         if folder:
             self.check(folder)
 
-    def check(self, folder: str) -> None:
-        """Check `folder` in a worker and show the report; training is possible once it is usable."""
-        self.folder, self.report_ok = folder, False
+    def check(self, folder: str, train_when_ready: bool = False) -> None:
+        """Check `folder` in a worker and show the report; training is possible once it is usable,
+        and with `train_when_ready` starts by itself then."""
+        self.folder, self.report_ok, self._train_when_ready = folder, False, train_when_ready
         self.folder_label.setText(folder)
         self.report.setPlainText("checking …")
         self._start(functools.partial(tasks.check_folder, folder), "checking folder", result=self._on_checked)
@@ -180,7 +182,10 @@ class RetrainPanel(QWidget):
 
     def _on_finished(self) -> None:
         self.task = None
+        train, self._train_when_ready = self._train_when_ready and self.report_ok, False
         self._update_buttons()
+        if train:  # after the check's worker is done: one task at a time
+            self.train()
 
     def show_curves(self, report: dict) -> None:
         self.plot.clear()
