@@ -302,6 +302,8 @@ def _splits_for(bundle, args):
     fraction = args.val_fraction
     if fraction is None:
         fraction = float((bundle.meta.get("split") or {}).get("val_fraction", DEFAULT_VAL_FRACTION))
+    if getattr(args, "unlabelled", None):
+        return _unlabelled_splits(bundle, args.unlabelled, fraction)
     splits = open_splits(args.data, bundle.model.backbone.preset, val_fraction=fraction, on_skipped=_print_skipped)
     d = splits.describe()
     print(f"data: {d['train']} training, {d['calibration']} calibration ({d['calibration_source']}), "
@@ -309,12 +311,46 @@ def _splits_for(bundle, args):
     return splits
 
 
-def _record(model, subset, progress, with_features=True):
+class _UnlabelledSplits:
+    """train-exits --unlabelled's parts of an unlabelled folder: the images the exits learnt from
+    (train) and the held-out rest (calibration), split as distil_exits splits them."""
+
+    def __init__(self, images, val_fraction: float, path: str):
+        from torch.utils.data import Subset
+        from .data import split_indices
+        tr, va = split_indices(len(images), val_fraction=val_fraction, seed=0)
+        self.train, self.calibration = Subset(images, tr), Subset(images, va)
+        self.teacher_labels, self.val_fraction, self.path = True, val_fraction, path
+
+    def describe(self) -> dict:
+        return {"layout": "unlabelled", "val_fraction": self.val_fraction, "train": len(self.train),
+                "calibration": len(self.calibration), "test": 0, "labels": "the last exit's predictions",
+                "calibration_source": f"held out of {self.path} (val_fraction {self.val_fraction:g}, seed 0)"}
+
+
+def _unlabelled_splits(bundle, path: str, fraction: float) -> _UnlabelledSplits:
+    from .data import check_unlabelled, open_unlabelled, preset_transform
+    split = "train" if _has_train_split(path) else None
+    check = check_unlabelled(path, split)
+    for bad, reason in check.skipped:
+        _print_skipped(bad, reason)
+    check.raise_if_unusable()
+    images = open_unlabelled(path, split, report=check, transform=preset_transform(bundle.model.backbone.preset))
+    splits = _UnlabelledSplits(images, fraction, path)
+    print(f"data: {len(splits.calibration)} held-out unlabelled images, scored against the last exit's answers",
+          file=sys.stderr)
+    return splits
+
+
+def _record(model, subset, progress, with_features=True, teacher_labels=False):
+    """Every exit's outputs on `subset`; with `teacher_labels` the labels are the last exit's answers."""
     from .evaluate import record_outputs
     if len(subset) == 0:
         raise ValueError("the calibration split is empty; use more images or a larger --val-fraction")
     records = record_outputs(model, subset, with_features=with_features, progress=progress)
     progress.close()
+    if teacher_labels:
+        records.labels = records.logits[:, -1].argmax(-1)
     return records
 
 
@@ -325,7 +361,8 @@ def cmd_search(args) -> int:
     bundle = _load(args.bundle)
     splits = _splits_for(bundle, args)
     progress = TerminalProgress()
-    records = _record(bundle.model, splits.calibration, progress, with_features=False)
+    unlabelled = getattr(splits, "teacher_labels", False)
+    records = _record(bundle.model, splits.calibration, progress, with_features=False, teacher_labels=unlabelled)
     searched, rep = search_bundle(bundle, records, max_loss=args.max_loss / 100, budget=args.budget,
                                   measure=args.measure, split=splits.describe())
     full, flops = rep["full_accuracy"], rep["full_flops"]
@@ -351,10 +388,16 @@ def cmd_train_policy(args) -> int:
     bundle = _load(args.bundle)
     splits = _splits_for(bundle, args)
     progress = TerminalProgress()
-    records = _record(bundle.model, splits.calibration, progress)
+    unlabelled = getattr(splits, "teacher_labels", False)
+    records = _record(bundle.model, splits.calibration, progress, teacher_labels=unlabelled)
     proto = None
     if args.kind == "structure":  # prototypes are class means of TRAINING features, never calibration ones
-        proto = _record(bundle.model, stratified_subset(splits.train, args.prototype_samples), progress)
+        train = splits.train
+        if len(train) > args.prototype_samples:  # no labels to stratify by: an even spread
+            train = type(train)(train.dataset, train.indices[::len(train) // args.prototype_samples])
+        elif not unlabelled:
+            train = stratified_subset(train, args.prototype_samples)
+        proto = _record(bundle.model, train, progress, teacher_labels=unlabelled)
     trained, rep = train_policy_bundle(bundle, args.kind, records, name=args.name, lambdas=args.lambdas,
                                        prototype_records=proto, epochs=args.epochs, max_loss=args.max_loss / 100,
                                        make_default=args.default, split=splits.describe(), progress=progress)
@@ -462,7 +505,7 @@ def cmd_bench(args) -> int:
 def _print_calibration(cal: dict) -> None:
     """Temperature and expected calibration error (ECE) per exit, before and after scaling."""
     print("calibration (held-out split): " + "  ".join(
-        f"{e}: T={t:.2f} ECE {b * 100:.1f}->{a * 100:.1f}%"
+        f"{e}: T={t:.2f} " + ("kept (the teacher)" if b is None else f"ECE {b * 100:.1f}->{a * 100:.1f}%")
         for e, (t, b, a) in enumerate(zip(cal["temperatures"], cal["ece_before"], cal["ece_after"]))))
 
 
@@ -486,11 +529,15 @@ def _pick_device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _bundle_and_data(s: argparse.ArgumentParser, bundle_help: str) -> None:
+def _bundle_and_data(s: argparse.ArgumentParser, bundle_help: str, unlabelled: bool = False) -> None:
     """The arguments search, train-policy and bench share: the bundle and the data it was trained on."""
     s.add_argument("bundle", metavar="BUNDLE", help=bundle_help)
-    s.add_argument("--data", required=True, help="the labelled data the bundle was trained on: the CIFAR-10 zip or "
-                   "folder (train/ and test/), or a folder with one sub-folder per class")
+    data = s.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data", help="the labelled data the bundle was trained on: the CIFAR-10 zip or "
+                      "folder (train/ and test/), or a folder with one sub-folder per class")
+    if unlabelled:
+        data.add_argument("--unlabelled", metavar="FOLDER", help="the unlabelled images the exits were distilled on "
+                          "(train-exits --unlabelled): accuracy means agreement with the last exit")
     s.add_argument("--val-fraction", type=float, metavar="F", help="fraction of the training data held out of "
                    "training, as given to train-exits / train-backbone (default: what the bundle records, else 0.1)")
 
@@ -632,7 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("search", formatter_class=raw, help="DyCE search: per-exit thresholds, a Pareto front and a "
                        "default configuration, stored in the bundle", description=SEARCH_HELP)
-    _bundle_and_data(s, "the .offramp bundle to search (written back unless --out)")
+    _bundle_and_data(s, "the .offramp bundle to search (written back unless --out)", unlabelled=True)
     target = s.add_mutually_exclusive_group()
     target.add_argument("--max-loss", type=float, default=0.5, metavar="POINTS",
                         help="default configuration: the cheapest within this many accuracy points of the last exit "
@@ -646,7 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train-policy", formatter_class=raw, help="train a learned exit policy (threshold, bolukbasi, "
                        "structure) on the calibration split and store it in the bundle", description=TRAIN_POLICY_HELP)
-    _bundle_and_data(s, "the .offramp bundle (written back unless --out)")
+    _bundle_and_data(s, "the .offramp bundle (written back unless --out)", unlabelled=True)
     s.add_argument("--kind", required=True, choices=["threshold", "bolukbasi", "structure"],
                    help="threshold: one confidence threshold for every exit (best of max_prob, entropy, margin); "
                         "bolukbasi: a small classifier per exit (Bolukbasi et al. 2017); "

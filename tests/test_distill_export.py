@@ -75,6 +75,7 @@ def test_distil_save_reload_export_matches_torch(teacher_bundle, tmp_path):
     assert bundle.meta["evaluation"]["labels"] == "last exit's predictions"
     # the teacher keeps its temperature: it was not calibrated on its own answers
     assert float(bundle.model.temperature[-1]) == float(teacher.model.temperature[-1])
+    assert rep["calibration"]["ece_before"][-1] is None and rep["calibration"]["kept"] == [3]
 
     path = save_bundle(bundle, tmp_path / "distilled.offramp")
     loaded = load_bundle(path)
@@ -139,6 +140,15 @@ def test_cli_distils_from_a_bundle_and_exports(trained_cli_bundle, tmp_path, cap
     text = capsys.readouterr().out
     assert "agreement with the last exit on 6 held-out images" in text
     assert load_bundle(out).class_names == load_bundle(trained_cli_bundle).class_names
+    # ... and then policies, on the same unlabelled folder's held-out part, scored by agreement
+    assert main(["search", str(out), "--unlabelled", str(photos)]) == 0
+    assert main(["train-policy", str(out), "--unlabelled", str(photos), "--kind", "bolukbasi",
+                 "--lambdas", "0.01"]) == 0
+    capsys.readouterr()
+    searched = load_bundle(out)
+    assert set(searched.policies) == {"threshold", "bolukbasi"} and searched.meta["front"]
+    assert searched.meta["policy_fronts"]["bolukbasi"]["split"]["layout"] == "unlabelled"
+    assert searched.meta["search"]["full_accuracy"] == 1.0  # the last exit agrees with itself
     assert main(["export", str(out), "--out", str(tmp_path / "x"), "--images", str(photos),
                  "--check-images", "8"]) == 0
     text = capsys.readouterr().out

@@ -77,6 +77,9 @@ def calibrate_with_report(model: MultiExitNet, cache: FeatureCache, keep: Sequen
     keep their temperature (a teacher exit cannot be calibrated on its own predictions)."""
     raw = cache.exit_logits(model)  # uncalibrated, whatever temperature the model holds
     temps = _fit_temperatures(model, raw, cache.labels, keep)
-    before = [expected_calibration_error(raw[:, e], cache.labels) for e in range(model.num_exits)]
-    after = [expected_calibration_error(raw[:, e] / t, cache.labels) for e, t in enumerate(temps)]
-    return {"temperatures": temps, "ece_before": before, "ece_after": after}
+    # A kept exit's ECE against these labels says nothing (a teacher always agrees with itself): None.
+    before = [None if e in keep else expected_calibration_error(raw[:, e], cache.labels)
+              for e in range(model.num_exits)]
+    after = [None if e in keep else expected_calibration_error(raw[:, e] / t, cache.labels)
+             for e, t in enumerate(temps)]
+    return {"temperatures": temps, "ece_before": before, "ece_after": after, "kept": sorted(keep)}
