@@ -72,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     app = QApplication.instance() or QApplication([sys.argv[0]])
     app.setOrganizationName("Offramp")
     app.setApplicationName(PROG)
+    app.setDesktopFileName("offramp")  # matches packaging/offramp.desktop, so docks show its icon
+    from PySide6.QtGui import QIcon
+    from engine.resources import resource_path  # no torch: the window opens before the engine loads
+    icon = resource_path("offramp.png")
+    if icon.is_file():
+        app.setWindowIcon(QIcon(str(icon)))
     scripted = args.frames is not None or bool(args.screenshot or args.stats)
     session = Session(device=args.device or "auto", threads=args.threads or None)
     try:  # whatever happens, the worker threads are stopped and waited for before Python exits

@@ -225,7 +225,10 @@ class InferenceWorker(QObject):
                 command = self._commands.get_nowait()
             except queue.Empty:
                 break
-            command()
+            try:
+                command()
+            except Exception as e:  # noqa: BLE001 - e.g. a broken torch install met on first import
+                self.error.emit(f"{e.__class__.__name__}: {e}")
             ran = True
         if ran:  # once after a burst of slider moves, not once per move
             self._rerun()

@@ -25,6 +25,7 @@ from .cost import CostTable
 from .exits import ExitSpec
 from .model import MultiExitNet
 from .files import current_umask
+from .resources import RESOURCES_PACKAGE, resource_path  # noqa: F401 - RESOURCES_PACKAGE re-exported
 from .policies import Policy, policy_from_json
 
 FORMAT = "offramp-bundle"
@@ -67,11 +68,11 @@ class Bundle:
 
 
 def default_bundle_path() -> Path:
-    """$OFFRAMP_DEFAULT_BUNDLE if set, else <repo root>/resources/default.offramp."""
+    """The built-in model: $OFFRAMP_DEFAULT_BUNDLE if set, else `resource_path("default.offramp")`."""
     env = os.environ.get("OFFRAMP_DEFAULT_BUNDLE")
     if env:
         return Path(env).expanduser()
-    return Path(__file__).resolve().parent.parent / "resources" / f"default{SUFFIX}"
+    return resource_path(f"default{SUFFIX}")
 
 
 # -- saving ---------------------------------------------------------------------------------------
