@@ -18,6 +18,18 @@ def retrain(bundle: Any, folder: str, epochs: int, *, progress=None, cancel=None
     return retrain_on_folder(bundle, folder, epochs=epochs, progress=progress, cancel=cancel)
 
 
+def distil(bundle: Any, folder: str, epochs: int, *, progress=None, cancel=None) -> tuple[Any, dict]:
+    """engine.train.retrain.distil_on_folder: (new bundle, report); `bundle` is left untouched."""
+    from engine.train.retrain import distil_on_folder
+    return distil_on_folder(bundle, folder, epochs=epochs, progress=progress, cancel=cancel)
+
+
+def check_unlabelled(folder: str, *, progress=None, cancel=None) -> Any:
+    """engine.data.check_unlabelled: the UnlabelledReport of a folder of images without labels."""
+    from engine.data import check_unlabelled as check
+    return check(folder, progress=progress, cancel=cancel)
+
+
 def save(bundle: Any, path: str, *, progress=None, cancel=None) -> Any:
     """engine.bundle.save_bundle (atomic): the path written."""
     from engine.bundle import save_bundle

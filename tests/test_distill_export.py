@@ -192,3 +192,21 @@ def test_cancelled_or_failed_export_leaves_nothing(trained_cli_bundle, tmp_path,
     with pytest.raises(ExportError, match="stage 0"):
         export_bundle(bundle, tmp_path / "d")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_distil_on_folder_leaves_the_bundle_alone_and_reports_both_curves(trained_cli_bundle, tmp_path):
+    from engine.train.retrain import distil_on_folder
+    photos = make_image_folder(tmp_path / "p", ["x"], per_class=30, seed=5)
+    (photos / "x" / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
+    bundle = load_bundle(trained_cli_bundle)
+    before = {k: v.clone() for k, v in bundle.model.state_dict().items()}
+    new, rep = distil_on_folder(bundle, photos, epochs=3, val_fraction=0.2)
+    assert all(torch.equal(v, bundle.model.state_dict()[k]) for k, v in before.items())
+    assert rep["images"] == 30 and rep["skipped"][0][1] == "not an image"
+    assert rep["curve_old"] and rep["curve_new"] and rep["held_out"] == 6
+    assert new.class_names == bundle.class_names and new.meta["source"]["folder"] == str(photos)
+    torch.testing.assert_close(new.model.exits[-1].post[0].weight, bundle.model.exits[-1].post[0].weight)
+    flag = CancelFlag()
+    flag.set()
+    with pytest.raises(Cancelled):
+        distil_on_folder(bundle, photos, epochs=3, cancel=flag)

@@ -14,7 +14,7 @@ import torch
 
 from ..bundle import Bundle
 from ..cost import measure_costs
-from ..data import check_folder, open_dataset, preset_transform, split_indices
+from ..data import check_folder, check_unlabelled, open_dataset, open_unlabelled, preset_transform, split_indices
 from ..evaluate import Records, accuracy_per_exit, operating_front, pick_point, threshold_curve
 from ..features import FeatureCache, cache_features
 from ..model import MultiExitNet
@@ -157,4 +157,31 @@ def retrain_on_folder(bundle: Bundle, folder: str | Path, *, head: str = "linear
         old_records = records_from_cache(bundle.model, cache_features(bundle.model, val_set, cancel=cancel))
         rep["curve_old"] = threshold_curve(old_records, bundle.cost)
     rep["curve_new"] = rep["curve"]
+    return new, rep
+
+
+def distil_on_folder(bundle: Bundle, folder: str | Path, *, head: str = "linear", epochs: int = 30,
+                     val_fraction: float = 0.1, progress: ProgressFn | None = None,
+                     cancel: CancelFlag | None = None) -> tuple[Bundle, dict]:
+    """New early exits for `bundle`, distilled from its last exit on the unlabelled images of
+    `folder` (any sub-folders); same classes, same last exit; `bundle` is untouched.
+
+    The report holds what `distil_exits` reports, the images counted and skipped, and both curves
+    scored by agreement with the last exit on the same held-out images: "curve_old" (the bundle's
+    exits) and "curve_new". Raises ValueError for a folder without enough readable images,
+    Cancelled when cancelled."""
+    check = check_unlabelled(folder, progress=progress, cancel=cancel)
+    check.raise_if_unusable()
+    model = early_exits_on(bundle.model, exit_stages=bundle.model.exit_stages, head=head)
+    images = open_unlabelled(folder, report=check, transform=preset_transform(model.backbone.preset))
+    meta = {"source": {"distilled_from": bundle.meta.get("name", "bundle"), "folder": str(folder)},
+            "name": f"{bundle.meta.get('name', 'model')} with exits distilled on {Path(folder).name}",
+            "split": {"val_fraction": val_fraction, "seed": 0}}
+    new, rep = distil_exits(model, images, val_fraction=val_fraction, epochs=epochs, meta=meta, progress=progress,
+                            cancel=cancel)
+    _, val_idx = split_indices(len(images), val_fraction=val_fraction, seed=0)
+    old_cache = _cache(bundle.model, torch.utils.data.Subset(images, val_idx), True, "cpu", None, cancel)
+    rep.update({"images": check.count, "skipped": [list(map(str, s)) for s in check.skipped],
+                "curve_old": threshold_curve(records_from_cache(bundle.model, old_cache), bundle.cost),
+                "curve_new": rep["curve"]})
     return new, rep
