@@ -87,16 +87,22 @@ def cmd_info(args) -> int:
     print(f"input       {m['preset']['crop']}x{m['preset']['crop']} (resize {m['preset']['resize']})")
     print(f"classes     {len(m['class_names'])}: {', '.join(m['class_names'][:12])}{' …' if len(m['class_names']) > 12 else ''}")
     print(f"full model  {table.full_flops / 1e6:.2f} MFLOPs" + (f", {table.full_ms:.2f} ms on {table.device}" if table.has_latency else ""))
-    acc = m.get("meta", {}).get("evaluation", {}).get("accuracy_per_exit")
-    print("exits       #  stage  head      MFLOPs to reach  of full" + ("  val. accuracy" if acc else ""))
+    evaluation = m.get("meta", {}).get("evaluation", {})
+    acc = evaluation.get("accuracy_per_exit")
+    distilled = evaluation.get("labels") == "last exit's predictions"  # exits without labels: agreement
+    column = "  agrees w/ last" if distilled else "  val. accuracy"
+    print("exits       #  stage  head      MFLOPs to reach  of full" + (column if acc else ""))
     for e, spec in enumerate(m["exits"]):
         line = f"            {e}  {spec['stage']:>5}  {spec['kind']:<8} {cum[e] / 1e6:>15.2f}  {_pct(cum[e] / table.full_flops):>7}"
-        print(line + (f"  {_pct(acc[e]):>13}" if acc else ""))
+        print(line + (f"  {_pct(acc[e]):>{len(column) - 2}}" if acc else ""))
     kinds = ", ".join(f"{k} ({v['kind']})" for k, v in m["policies"].items())
     print(f"policies    {kinds}; default: {m['default_policy']}")
-    point = m.get("meta", {}).get("evaluation", {}).get("default_point")
+    point = evaluation.get("default_point")
     if point:
-        print(f"default     accuracy {_pct(point['accuracy'])}, saved {_pct(point['saved'])} of FLOPs (validation split)")
+        what = "agrees with the last exit on" if distilled else "accuracy"
+        print(f"default     {what} {_pct(point['accuracy'])}, saved {_pct(point['saved'])} of FLOPs (validation split)")
+    if distilled:
+        print("exits       distilled from the last exit on unlabelled images (train-exits --unlabelled)")
     search = m.get("meta", {}).get("search")
     if search:
         print(f"front       {len(m['meta'].get('front') or [])} configurations from a DyCE search on "
@@ -277,14 +283,25 @@ def cmd_evaluate(args) -> int:
     from .cost import profile_latency
     bundle = _load(args.bundle)
     model = bundle.model
-    try:
-        ds = open_dataset(args.data, split=args.split)
-    except ValueError:
-        ds = open_dataset(args.data)
+    if args.unlabelled:
+        from .data import check_unlabelled, open_unlabelled
+        check = check_unlabelled(args.unlabelled)
+        for bad, reason in check.skipped:
+            _print_skipped(bad, reason)
+        check.raise_if_unusable()
+        ds = open_unlabelled(args.unlabelled, report=check)
+    else:
+        try:
+            ds = open_dataset(args.data, split=args.split)
+        except ValueError:
+            ds = open_dataset(args.data)
     ds.transform = preset_transform(model.backbone.preset)
     progress = TerminalProgress()
     records = record_outputs(model, ds, batch_size=args.batch_size, progress=progress)
     progress.close()
+    if args.unlabelled:  # no labels: score every exit and policy by agreement with the last exit
+        records.labels = records.logits[:, -1].argmax(-1)
+        print(f"{len(ds)} unlabelled images: 'accuracy' below is agreement with the last exit")
     cost = profile_latency(model, bundle.cost)  # this machine's batch-1 latency, not the one stored
     rep = evaluation_report(records, cost, bundle.policies, default=bundle.default_policy)
     out_json = args.json or f"{Path(args.bundle or 'default').stem}-evaluation.json"
@@ -670,7 +687,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("evaluate", help="accuracy per exit, cost of each policy, oracle bound, curve")
     s.add_argument("bundle", nargs="?", help="bundle (default: the built-in model)")
-    s.add_argument("--data", required=True, help="labelled image folder or the CIFAR-10 zip")
+    data = s.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data", help="labelled image folder or the CIFAR-10 zip")
+    data.add_argument("--unlabelled", metavar="FOLDER", help="images without labels: every exit and policy is "
+                      "scored by agreement with the last exit (e.g. new photos for a distilled bundle)")
     s.add_argument("--split", default="test", help="split of the CIFAR-10 layout to use (default: test)")
     s.add_argument("--batch-size", type=int, default=256)
     s.add_argument("--json", help="report file (default: <bundle>-evaluation.json)")

@@ -140,6 +140,11 @@ def test_cli_distils_from_a_bundle_and_exports(trained_cli_bundle, tmp_path, cap
     text = capsys.readouterr().out
     assert "agreement with the last exit on 6 held-out images" in text
     assert load_bundle(out).class_names == load_bundle(trained_cli_bundle).class_names
+    assert main(["info", str(out)]) == 0
+    assert "agrees with the last exit on" in capsys.readouterr().out
+    assert main(["evaluate", str(out), "--unlabelled", str(photos), "--json", str(tmp_path / "ev.json")]) == 0
+    assert "agreement with the last exit" in capsys.readouterr().out
+    assert json.loads((tmp_path / "ev.json").read_text())["accuracy_per_exit"][-1] == 1.0
     # ... and then policies, on the same unlabelled folder's held-out part, scored by agreement
     assert main(["search", str(out), "--unlabelled", str(photos)]) == 0
     assert main(["train-policy", str(out), "--unlabelled", str(photos), "--kind", "bolukbasi",
