@@ -23,6 +23,7 @@ RENDER_MS = 33  # redraw the frame at most 30 times a second, whatever the infer
 STATS_MS = 100  # the compute-saved plots at most 10 times a second: they change slowly
 PRESENTATION_DOCKS = ("confidence", "compute")  # the panels a projector shows (C and R still capture)
 CAPTURE_SETTINGS = ("folder", "class", "every", "limit", "format")  # remembered as capture/<key>
+RETRAIN_SETTINGS = ("mode", "epochs")  # remembered as retrain/<key>
 
 
 class MainWindow(QMainWindow):
@@ -99,6 +100,7 @@ class MainWindow(QMainWindow):
         session.loading.connect(self._on_loading)
         self.capture_panel.retrain_requested.connect(self._on_retrain_requested)
         self.capture_panel.changed.connect(self._on_capture_changed)
+        self.retrain_panel.changed.connect(self._on_retrain_changed)
         self._restore_settings()
         if presentation:
             self.set_presentation(True)
@@ -260,7 +262,7 @@ class MainWindow(QMainWindow):
 
     def _on_retrain_requested(self, folder: str) -> None:
         """The Capture panel's "Retrain on this folder": the Retraining panel checks the folder and,
-        when it is usable, trains at once."""
+        when it is usable, trains at once; labelled, as the Capture panel writes one folder per class."""
         panel = self.retrain_panel
         if panel.task is not None:
             self.show_error("the Retraining panel is busy: wait for it or cancel it, then retrain again")
@@ -270,12 +272,17 @@ class MainWindow(QMainWindow):
             return
         self.docks["retrain"].show()
         self.docks["retrain"].raise_()
-        panel.check(folder, train_when_ready=True)
+        panel.check(folder, train_when_ready=True, mode="labelled")
 
     def _on_capture_changed(self) -> None:
         if self.settings is not None:
             for key, value in self.capture_panel.state().items():
                 self.settings.setValue(f"capture/{key}", value)
+
+    def _on_retrain_changed(self) -> None:
+        if self.settings is not None:
+            for key, value in self.retrain_panel.state().items():
+                self.settings.setValue(f"retrain/{key}", value)
 
     def toggle_full_screen(self) -> None:
         self.showNormal() if self.isFullScreen() else self.showFullScreen()
@@ -336,6 +343,8 @@ class MainWindow(QMainWindow):
             self.session.device = str(device)
         self.capture_panel.restore({k: s.value(f"capture/{k}") for k in CAPTURE_SETTINGS
                                     if s.value(f"capture/{k}") is not None})
+        self.retrain_panel.restore({k: s.value(f"retrain/{k}") for k in RETRAIN_SETTINGS
+                                    if s.value(f"retrain/{k}") is not None})
 
     def startup(self, bundle: str | None = None, source: str | None = None) -> None:
         """Load `bundle` (default: the last one used, else the built-in one) and open `source`

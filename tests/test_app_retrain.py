@@ -68,6 +68,8 @@ def test_retraining_on_new_classes_then_use_and_save(qtbot, window, tmp_path):
     assert panel.new_bundle is not None and panel.new_bundle.model.class_names == ["apple", "pear"]
     assert panel.progress.value() == 1000 and panel.use_button.isEnabled() and "done" in panel.stage_label.text()
     assert len(panel.plot.getPlotItem().listDataItems()) == 1  # other classes: only the new curve
+    assert panel.plot.getAxis("left").labelText == "accuracy %" and panel.mode.key == "labelled"
+    assert panel.result_label.text().startswith("Accuracy per exit on 4 held-out images: E0 ")
     with qtbot.waitSignal(window.session.model_loaded, timeout=WAIT):
         panel.use_button.click()
     assert window.session.info.class_names == ["apple", "pear"] and window.session.info.path == ""
