@@ -197,7 +197,7 @@ def _distil_exits(args, base, stages, meta, progress) -> int:
     from .model import MultiExitNet
     from .train.retrain import distil_exits, early_exits_on
     if base is not None:
-        model = early_exits_on(base.model, exit_stages=stages, head=args.head)
+        model = early_exits_on(base.model, exit_stages=stages, head=args.head, seed=args.seed)
     else:
         if args.weights is None:
             raise ValueError("distilling needs a trained last exit to learn from; give --weights DEFAULT (the "

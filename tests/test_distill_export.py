@@ -216,3 +216,16 @@ def test_distil_on_folder_leaves_the_bundle_alone_and_reports_both_curves(traine
     flag.set()
     with pytest.raises(Cancelled):
         distil_on_folder(bundle, photos, epochs=3, cancel=flag)
+
+
+def test_distilling_twice_gives_the_same_exits(trained_cli_bundle, tmp_path):
+    from engine.train.retrain import distil_on_folder
+    photos = make_image_folder(tmp_path / "p", ["x", "y"], per_class=15, seed=6)
+    bundle = load_bundle(trained_cli_bundle)
+    torch.manual_seed(123)  # whatever the caller's random state, the result is the same
+    a, rep_a = distil_on_folder(bundle, photos, epochs=3)
+    torch.manual_seed(456)
+    b, rep_b = distil_on_folder(bundle, photos, epochs=3)
+    assert rep_a["agreement_per_exit"] == rep_b["agreement_per_exit"]
+    for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(va, vb), k

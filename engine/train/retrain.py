@@ -84,13 +84,22 @@ def _cache(model: MultiExitNet, dataset, teacher_labels: bool, device: str, prog
     return cache
 
 
-def early_exits_on(base: MultiExitNet, *, exit_stages: list[int] | None = None, head: str = "linear") -> MultiExitNet:
+def _attach_seeded(backbone, seed: int, **kwargs) -> MultiExitNet:
+    """MultiExitNet.attach with the new heads' initial weights fixed by `seed` (the caller's random
+    state is left as it was), so the same data trains the same exits."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MultiExitNet.attach(backbone, **kwargs)
+
+
+def early_exits_on(base: MultiExitNet, *, exit_stages: list[int] | None = None, head: str = "linear",
+                   seed: int = 0) -> MultiExitNet:
     """New, untrained early exits after `exit_stages` (default: every stage) on a copy of `base`'s
     backbone, with a copy of `base`'s last exit (and its temperature) as the last exit: the teacher
-    that `distil_exits` learns from. `base` is untouched."""
+    that `distil_exits` learns from. `base` is untouched; `seed` fixes the new heads' initial weights."""
     # The last exit always reads the last stage, in `base` as in the new model (attach adds it).
-    model = MultiExitNet.attach(copy.deepcopy(base.backbone), class_names=base.class_names, exit_stages=exit_stages,
-                                head=head, keep_classifier=False)
+    model = _attach_seeded(copy.deepcopy(base.backbone), seed, class_names=base.class_names, exit_stages=exit_stages,
+                           head=head, keep_classifier=False)
     model.exits[-1] = copy.deepcopy(base.exits[-1])
     model.temperature[-1] = base.temperature[-1]
     return model
@@ -138,8 +147,8 @@ def retrain_on_folder(bundle: Bundle, folder: str | Path, *, head: str = "linear
         model = copy.deepcopy(bundle.model)
         train_which = [e for e in range(model.num_exits) if model.exits[e].spec.kind != "original"]
     else:
-        model = MultiExitNet.attach(backbone, class_names=check.classes, exit_stages=bundle.model.exit_stages,
-                                    head=head, keep_classifier=False)
+        model = _attach_seeded(backbone, 0, class_names=check.classes, exit_stages=bundle.model.exit_stages,
+                               head=head, keep_classifier=False)
         train_which = None
     model.temperature.fill_(1.0)
     dataset = open_dataset(folder, report=check)
