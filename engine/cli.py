@@ -193,7 +193,7 @@ def _distil_exits(args, base, stages, meta, progress) -> int:
     """train-exits --unlabelled: early exits learn the last exit's answers on unlabelled images."""
     from .backbones import build_backbone
     from .bundle import save_bundle
-    from .data import check_unlabelled, open_unlabelled, preset_transform
+    from .data import check_unlabelled, preset_transform, unlabelled_parts
     from .model import MultiExitNet
     from .train.retrain import distil_exits, early_exits_on
     if base is not None:
@@ -212,11 +212,12 @@ def _distil_exits(args, base, stages, meta, progress) -> int:
     for path, reason in check.skipped:
         _print_skipped(path, reason)
     check.raise_if_unusable()
-    images = open_unlabelled(args.unlabelled, split, report=check, transform=preset_transform(model.backbone.preset))
+    images, train_idx, val_idx = unlabelled_parts(args.unlabelled, split, val_fraction=args.val_fraction, report=check,
+                                                  transform=preset_transform(model.backbone.preset))
     print(f"{check.count} images in {check.path}" + (f" ({len(check.skipped)} skipped)" if check.skipped else ""),
           file=sys.stderr)
     distill = 1.0 if args.distill is None else args.distill
-    bundle, rep = distil_exits(model, images, val_fraction=args.val_fraction, epochs=args.epochs,
+    bundle, rep = distil_exits(model, images, epochs=args.epochs, parts=(train_idx, val_idx),
                                max_loss=args.max_loss / 100, distill=distill, progress=progress, meta=meta)
     progress.close()
     save_bundle(bundle, args.out)
@@ -332,10 +333,9 @@ class _UnlabelledSplits:
     """train-exits --unlabelled's parts of an unlabelled folder: the images the exits learnt from
     (train) and the held-out rest (calibration), split as distil_exits splits them."""
 
-    def __init__(self, images, val_fraction: float, path: str):
+    def __init__(self, images, parts: tuple[list[int], list[int]], val_fraction: float, path: str):
         from torch.utils.data import Subset
-        from .data import split_indices
-        tr, va = split_indices(len(images), val_fraction=val_fraction, seed=0)
+        tr, va = parts
         self.train, self.calibration = Subset(images, tr), Subset(images, va)
         self.teacher_labels, self.val_fraction, self.path = True, val_fraction, path
 
@@ -346,14 +346,15 @@ class _UnlabelledSplits:
 
 
 def _unlabelled_splits(bundle, path: str, fraction: float) -> _UnlabelledSplits:
-    from .data import check_unlabelled, open_unlabelled, preset_transform
+    from .data import check_unlabelled, preset_transform, unlabelled_parts
     split = "train" if _has_train_split(path) else None
     check = check_unlabelled(path, split)
     for bad, reason in check.skipped:
         _print_skipped(bad, reason)
     check.raise_if_unusable()
-    images = open_unlabelled(path, split, report=check, transform=preset_transform(bundle.model.backbone.preset))
-    splits = _UnlabelledSplits(images, fraction, path)
+    images, tr, va = unlabelled_parts(path, split, val_fraction=fraction, report=check,
+                                      transform=preset_transform(bundle.model.backbone.preset))
+    splits = _UnlabelledSplits(images, (tr, va), fraction, path)
     print(f"data: {len(splits.calibration)} held-out unlabelled images, scored against the last exit's answers",
           file=sys.stderr)
     return splits

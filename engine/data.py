@@ -543,6 +543,33 @@ def open_unlabelled(path: str | os.PathLike, split: str | None = None, *, report
     return ImageFolderData(samples, [], root=loc.display, archive=loc.archive, split=split, transform=transform)
 
 
+
+def unlabelled_parts(path: str | os.PathLike, split: str | None = None, *, val_fraction: float,
+                     report: UnlabelledReport | None = None,
+                     transform: Callable | None = None) -> tuple[ImageFolderData, list[int], list[int]]:
+    """`open_unlabelled` and its (train indices, held-out indices), seed 0.
+
+    Where the images are laid out by class (class folders, or the train split of a train/test
+    layout), the held-out part is the one the labelled commands hold out (`split_indices` of the
+    class labels), so that distilled exits, the backbone, the DyCE search and the policies all keep
+    the same images out; the labels choose that part and are never used otherwise. Elsewhere the
+    split is `split_indices(n)`. Raises ValueError naming the path when it holds no images."""
+    try:
+        labelled = open_dataset(path, split)
+    except ValueError:
+        labelled = None
+    if labelled is None or len(labelled.classes) < 2:
+        images = open_unlabelled(path, split, report=report, transform=transform)
+        return (images, *split_indices(len(images), val_fraction=val_fraction, seed=0))
+    skip = {src for src, _ in report.skipped} if report is not None else set()
+    kept = [(src, y) for src, y in labelled.samples if labelled._name(src) not in skip]
+    if not kept:
+        raise ValueError(f"{labelled.root} has no readable images; image files end in {', '.join(IMG_EXTENSIONS)}.")
+    images = ImageFolderData([(src, UNLABELLED) for src, _ in kept], [], root=labelled.root,
+                             archive=labelled.archive, split=split, transform=transform)
+    return (images, *split_indices([y for _, y in kept], val_fraction=val_fraction, seed=0))
+
+
 # -- splits, transforms, loaders ----------------------------------------------------------------
 def split_indices(targets: int | Sequence[int] | torch.Tensor, val_fraction: float = 0.1,
                   seed: int = 0) -> tuple[list[int], list[int]]:

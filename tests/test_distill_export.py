@@ -229,3 +229,17 @@ def test_distilling_twice_gives_the_same_exits(trained_cli_bundle, tmp_path):
     assert rep_a["agreement_per_exit"] == rep_b["agreement_per_exit"]
     for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
         assert torch.equal(va, vb), k
+
+
+def test_unlabelled_parts_hold_out_what_the_labelled_commands_hold_out(tmp_path):
+    from engine.data import split_indices, unlabelled_parts
+    labelled = make_image_folder(tmp_path / "l", ["a", "b", "c"], per_class=10, seed=7)
+    ds = open_dataset(labelled)
+    images, train, held = unlabelled_parts(labelled, val_fraction=0.2)
+    assert (train, held) == split_indices(ds.targets, val_fraction=0.2, seed=0)
+    assert [src for src, _ in images.samples] == [src for src, _ in ds.samples]
+    assert {y for _, y in images.samples} == {UNLABELLED}
+    loose = _unlabelled_copy(labelled, tmp_path / "u")  # no class layout: a plain split of the count
+    check = check_unlabelled(loose)
+    images, train, held = unlabelled_parts(loose, val_fraction=0.2, report=check)
+    assert len(images) == 30 and (train, held) == split_indices(30, val_fraction=0.2, seed=0)

@@ -14,7 +14,7 @@ import torch
 
 from ..bundle import Bundle
 from ..cost import measure_costs
-from ..data import check_folder, check_unlabelled, open_dataset, open_unlabelled, preset_transform, split_indices
+from ..data import check_folder, check_unlabelled, open_dataset, preset_transform, split_indices, unlabelled_parts
 from ..evaluate import Records, accuracy_per_exit, operating_front, pick_point, threshold_curve
 from ..features import FeatureCache, cache_features
 from ..model import MultiExitNet
@@ -107,12 +107,13 @@ def early_exits_on(base: MultiExitNet, *, exit_stages: list[int] | None = None, 
 
 def distil_exits(model: MultiExitNet, images, *, val_fraction: float = 0.1, epochs: int = 30,
                  max_loss: float = DEFAULT_MAX_LOSS, distill: float = 1.0, device: str = "cpu",
-                 meta: dict | None = None, progress: ProgressFn | None = None,
-                 cancel: CancelFlag | None = None) -> tuple[Bundle, dict]:
+                 parts: tuple[list[int], list[int]] | None = None, meta: dict | None = None,
+                 progress: ProgressFn | None = None, cancel: CancelFlag | None = None) -> tuple[Bundle, dict]:
     """Early exits without labels: every exit but the last learns the last exit's predictions on
     `images` (a dataset of (image tensor, anything), e.g. `open_unlabelled`), with the loss
     (1 - distill) * cross-entropy on the last exit's argmax + distill * KL to its softened output.
-    A held-out `val_fraction` calibrates the exits and picks the thresholds; the report's
+    A held-out `val_fraction` (or `parts` = (train indices, held-out indices), e.g. from
+    `engine.data.unlabelled_parts`) calibrates the exits and picks the thresholds; the report's
     "agreement_per_exit" is how often each exit's answer equals the last exit's there.
     The last exit is the teacher: it must already be trained (e.g. the torchvision classifier).
     Raises ValueError for fewer than 2 images or a single-exit model; Cancelled."""
@@ -120,7 +121,7 @@ def distil_exits(model: MultiExitNet, images, *, val_fraction: float = 0.1, epoc
         raise ValueError("the model has a single exit, so there is no early exit to distil")
     if len(images) < 2:
         raise ValueError(f"distilling exits needs at least 2 images, got {len(images)}")
-    train_idx, val_idx = split_indices(len(images), val_fraction=val_fraction, seed=0)
+    train_idx, val_idx = parts or split_indices(len(images), val_fraction=val_fraction, seed=0)
     train_set = torch.utils.data.Subset(images, train_idx)
     val_set = torch.utils.data.Subset(images, val_idx)
     bundle, rep = fit_exits(model, train_set, val_set, epochs=epochs, max_loss=max_loss, distill=distill,
@@ -182,13 +183,13 @@ def distil_on_folder(bundle: Bundle, folder: str | Path, *, head: str = "linear"
     check = check_unlabelled(folder, progress=progress, cancel=cancel)
     check.raise_if_unusable()
     model = early_exits_on(bundle.model, exit_stages=bundle.model.exit_stages, head=head)
-    images = open_unlabelled(folder, report=check, transform=preset_transform(model.backbone.preset))
+    images, train_idx, val_idx = unlabelled_parts(folder, val_fraction=val_fraction, report=check,
+                                                  transform=preset_transform(model.backbone.preset))
     meta = {"source": {"distilled_from": bundle.meta.get("name", "bundle"), "folder": str(folder)},
             "name": f"{bundle.meta.get('name', 'model')} with exits distilled on {Path(folder).name}",
             "split": {"val_fraction": val_fraction, "seed": 0}}
-    new, rep = distil_exits(model, images, val_fraction=val_fraction, epochs=epochs, meta=meta, progress=progress,
+    new, rep = distil_exits(model, images, epochs=epochs, parts=(train_idx, val_idx), meta=meta, progress=progress,
                             cancel=cancel)
-    _, val_idx = split_indices(len(images), val_fraction=val_fraction, seed=0)
     old_cache = _cache(bundle.model, torch.utils.data.Subset(images, val_idx), True, "cpu", None, cancel)
     rep.update({"images": check.count, "skipped": [list(map(str, s)) for s in check.skipped],
                 "curve_old": threshold_curve(records_from_cache(bundle.model, old_cache), bundle.cost),
