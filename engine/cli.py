@@ -193,7 +193,7 @@ def _distil_exits(args, base, stages, meta, progress) -> int:
     """train-exits --unlabelled: early exits learn the last exit's answers on unlabelled images."""
     from .backbones import build_backbone
     from .bundle import save_bundle
-    from .data import check_unlabelled, preset_transform, unlabelled_parts
+    from .data import preset_transform, unlabelled_parts
     from .model import MultiExitNet
     from .train.retrain import distil_exits, early_exits_on
     if base is not None:
@@ -206,12 +206,7 @@ def _distil_exits(args, base, stages, meta, progress) -> int:
         backbone = build_backbone(args.backbone, weights=args.weights)
         model = MultiExitNet.attach(backbone, class_names=torchvision_categories(args.backbone, args.weights),
                                     exit_stages=stages, head=args.head, keep_classifier=True)
-    split = "train" if _has_train_split(args.unlabelled) else None
-    check = check_unlabelled(args.unlabelled, split, progress=progress)
-    progress.close()
-    for path, reason in check.skipped:
-        _print_skipped(path, reason)
-    check.raise_if_unusable()
+    split, check = _checked_unlabelled(args.unlabelled, progress)
     images, train_idx, val_idx = unlabelled_parts(args.unlabelled, split, val_fraction=args.val_fraction, report=check,
                                                   transform=preset_transform(model.backbone.preset))
     print(f"{check.count} images in {check.path}" + (f" ({len(check.skipped)} skipped)" if check.skipped else ""),
@@ -232,14 +227,28 @@ def _distil_exits(args, base, stages, meta, progress) -> int:
     return 0
 
 
-def _has_train_split(path: str) -> bool:
-    """True for a folder or zip in the train/test layout (use its train split, never its test split)."""
+def _split_or_none(path: str, split: str) -> str | None:
+    """`split` where `path` is in the train/test layout (never mix the splits), else None (all of it)."""
     from .data import open_dataset
     try:
-        open_dataset(path, split="train")
-        return True
+        open_dataset(path, split=split)
+        return split
     except ValueError:
-        return False
+        return None
+
+
+def _checked_unlabelled(path: str, progress=None, split: str = "train"):
+    """(split, UnlabelledReport) of the images under `path` (`_split_or_none`): bad files printed,
+    ValueError naming the path when too few are readable."""
+    from .data import check_unlabelled
+    split = _split_or_none(path, split)
+    check = check_unlabelled(path, split, progress=progress)
+    if progress is not None:
+        progress.close()
+    for bad, reason in check.skipped:
+        _print_skipped(bad, reason)
+    check.raise_if_unusable()
+    return split, check
 
 
 def cmd_train_backbone(args) -> int:
@@ -285,12 +294,9 @@ def cmd_evaluate(args) -> int:
     bundle = _load(args.bundle)
     model = bundle.model
     if args.unlabelled:
-        from .data import check_unlabelled, open_unlabelled
-        check = check_unlabelled(args.unlabelled)
-        for bad, reason in check.skipped:
-            _print_skipped(bad, reason)
-        check.raise_if_unusable()
-        ds = open_unlabelled(args.unlabelled, report=check)
+        from .data import open_unlabelled
+        split, check = _checked_unlabelled(args.unlabelled, split=args.split)
+        ds = open_unlabelled(args.unlabelled, split, report=check)
     else:
         try:
             ds = open_dataset(args.data, split=args.split)
@@ -337,7 +343,7 @@ class _UnlabelledSplits:
         from torch.utils.data import Subset
         tr, va = parts
         self.train, self.calibration = Subset(images, tr), Subset(images, va)
-        self.teacher_labels, self.val_fraction, self.path = True, val_fraction, path
+        self.val_fraction, self.path = val_fraction, path
 
     def describe(self) -> dict:
         return {"layout": "unlabelled", "val_fraction": self.val_fraction, "train": len(self.train),
@@ -346,12 +352,8 @@ class _UnlabelledSplits:
 
 
 def _unlabelled_splits(bundle, path: str, fraction: float) -> _UnlabelledSplits:
-    from .data import check_unlabelled, preset_transform, unlabelled_parts
-    split = "train" if _has_train_split(path) else None
-    check = check_unlabelled(path, split)
-    for bad, reason in check.skipped:
-        _print_skipped(bad, reason)
-    check.raise_if_unusable()
+    from .data import preset_transform, unlabelled_parts
+    split, check = _checked_unlabelled(path)
     images, tr, va = unlabelled_parts(path, split, val_fraction=fraction, report=check,
                                       transform=preset_transform(bundle.model.backbone.preset))
     splits = _UnlabelledSplits(images, (tr, va), fraction, path)
@@ -379,7 +381,7 @@ def cmd_search(args) -> int:
     bundle = _load(args.bundle)
     splits = _splits_for(bundle, args)
     progress = TerminalProgress()
-    unlabelled = getattr(splits, "teacher_labels", False)
+    unlabelled = isinstance(splits, _UnlabelledSplits)
     records = _record(bundle.model, splits.calibration, progress, with_features=False, teacher_labels=unlabelled)
     searched, rep = search_bundle(bundle, records, max_loss=args.max_loss / 100, budget=args.budget,
                                   measure=args.measure, split=splits.describe())
@@ -399,6 +401,7 @@ def cmd_search(args) -> int:
 
 
 def cmd_train_policy(args) -> int:
+    from torch.utils.data import Subset
     from .bench import stratified_subset
     from .bench_report import front_table
     from .bundle import save_bundle
@@ -406,15 +409,15 @@ def cmd_train_policy(args) -> int:
     bundle = _load(args.bundle)
     splits = _splits_for(bundle, args)
     progress = TerminalProgress()
-    unlabelled = getattr(splits, "teacher_labels", False)
+    unlabelled = isinstance(splits, _UnlabelledSplits)
     records = _record(bundle.model, splits.calibration, progress, teacher_labels=unlabelled)
     proto = None
     if args.kind == "structure":  # prototypes are class means of TRAINING features, never calibration ones
-        train = splits.train
-        if len(train) > args.prototype_samples:  # no labels to stratify by: an even spread
-            train = type(train)(train.dataset, train.indices[::len(train) // args.prototype_samples])
-        elif not unlabelled:
-            train = stratified_subset(train, args.prototype_samples)
+        if unlabelled:  # no labels to stratify by: an even spread
+            step = max(1, len(splits.train) // args.prototype_samples)
+            train = Subset(splits.train.dataset, splits.train.indices[::step][:args.prototype_samples])
+        else:
+            train = stratified_subset(splits.train, args.prototype_samples)
         proto = _record(bundle.model, train, progress, teacher_labels=unlabelled)
     trained, rep = train_policy_bundle(bundle, args.kind, records, name=args.name, lambdas=args.lambdas,
                                        prototype_records=proto, epochs=args.epochs, max_loss=args.max_loss / 100,
@@ -464,14 +467,10 @@ def cmd_export(args) -> int:
 
 def _check_images(path: str, bundle, limit: int):
     """Up to `limit` preprocessed images from a folder or zip (its test split when it has one), spread over it."""
-    from .data import open_dataset, open_unlabelled, preset_transform
+    from .data import open_unlabelled, preset_transform
     import torch
-    try:
-        open_dataset(path, split="test")
-        split = "test"
-    except ValueError:
-        split = None
-    images = open_unlabelled(path, split, transform=preset_transform(bundle.model.backbone.preset))
+    transform = preset_transform(bundle.model.backbone.preset)
+    images = open_unlabelled(path, _split_or_none(path, "test"), transform=transform)
     step = max(1, len(images) // limit)
     return torch.stack([images[i][0] for i in range(0, len(images), step)][:limit])
 

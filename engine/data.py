@@ -493,11 +493,35 @@ class UnlabelledReport:
     converted: list[tuple[str, str]]
     ignored: list[str] = field(default_factory=list)
 
+    def summary(self) -> list[str]:
+        """Human-readable lines, as FolderReport.summary: the count, then every problem found (files
+        named relative to the path, which the first line gives)."""
+        def files(n: int) -> str:
+            return f"{n} file" if n == 1 else f"{n} files"
+
+        lines = [f"{self.path}: {self.count} readable images (sub-folders included; their names are not used)"]
+        if self.skipped:
+            lines.append(f"skipped {files(len(self.skipped))}:")
+            lines += [f"  {_relative(src, self.path)}: {why}" for src, why in self.skipped]
+        if self.converted:
+            lines.append(f"converted {len(self.converted)} images to RGB")
+        if self.ignored:
+            lines.append(f"ignored {files(len(self.ignored))} that are not images by extension")
+        return lines
+
     def raise_if_unusable(self, minimum: int = 2) -> None:
         if self.count < minimum:
             why = f" (all {len(self.skipped)} image files were skipped)" if self.skipped else ""
             raise ValueError(f"{self.path} has {self.count} readable images{why}; distilling exits needs at least "
                              f"{minimum}, in any sub-folders, ending in {', '.join(IMG_EXTENSIONS)}.")
+
+
+def _relative(src: str, root: str) -> str:
+    """`src` inside `root`, shorter; as it is when elsewhere (another drive, an archive member)."""
+    try:
+        return os.path.relpath(src, root) if Path(src).is_relative_to(root) else src
+    except ValueError:  # another drive (Windows)
+        return src
 
 
 def _all_images(loc: _Location, ignored: list[str]) -> list[tuple[str, int]]:

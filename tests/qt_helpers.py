@@ -84,3 +84,14 @@ def image_folder(tmp_path_factory) -> Path:
     """A folder of 3 classes × 4 small images (one sub-folder per class)."""
     from synth import make_image_folder
     return make_image_folder(tmp_path_factory.mktemp("images"), TINY_CLASSES, per_class=4, size=24, seed=1)
+
+
+def cancel_and_check_untouched(qtbot, panel, session, info, weights: dict, timeout: int) -> None:
+    """Cancel the retraining panel's running task and check that nothing changed: the same model
+    is loaded (`info`, taken before training) with every weight as in `weights`."""
+    with qtbot.waitSignal(panel.task.cancelled, timeout=timeout):
+        panel.cancel_button.click()
+    qtbot.waitUntil(lambda: panel.task is None, timeout=timeout)
+    assert "cancelled" in panel.stage_label.text() and panel.new_bundle is None
+    assert session.info is info and not panel.use_button.isEnabled()
+    assert all((v == weights[k]).all() for k, v in info.bundle.model.state_dict().items())

@@ -11,7 +11,7 @@ from PySide6.QtCore import QSettings  # noqa: E402
 
 from app.main_window import MainWindow  # noqa: E402
 from app.session import Session  # noqa: E402
-from qt_helpers import TINY_CLASSES, bundle_path, no_leaked_threads  # noqa: E402,F401
+from qt_helpers import TINY_CLASSES, bundle_path, cancel_and_check_untouched, no_leaked_threads  # noqa: E402,F401
 from synth import make_image_folder  # noqa: E402
 
 WAIT = 60000
@@ -89,12 +89,7 @@ def test_cancelled_distilling_leaves_the_model_untouched(qtbot, window, tmp_path
     assert "60 readable images" in panel.report.toPlainText()
     panel.epochs.setValue(500)
     panel.train_button.click()
-    with qtbot.waitSignal(panel.task.cancelled, timeout=WAIT):
-        panel.cancel_button.click()
-    qtbot.waitUntil(lambda: panel.task is None, timeout=WAIT)
-    assert "cancelled" in panel.stage_label.text() and panel.new_bundle is None
-    assert session.info is info and not panel.use_button.isEnabled()
-    assert all((v == weights[k]).all() for k, v in info.bundle.model.state_dict().items())
+    cancel_and_check_untouched(qtbot, panel, session, info, weights, WAIT)
 
 
 def test_a_folder_without_readable_images_is_reported(qtbot, window, tmp_path):

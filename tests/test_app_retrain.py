@@ -10,7 +10,7 @@ from PySide6.QtCore import QSettings  # noqa: E402
 
 from app.main_window import MainWindow  # noqa: E402
 from app.session import Session  # noqa: E402
-from qt_helpers import bundle_path, image_folder, no_leaked_threads  # noqa: E402,F401
+from qt_helpers import bundle_path, cancel_and_check_untouched, image_folder, no_leaked_threads  # noqa: E402,F401
 from synth import make_image_folder  # noqa: E402
 
 WAIT = 60000
@@ -39,12 +39,7 @@ def test_cancelled_retraining_leaves_the_model_untouched(qtbot, window, image_fo
     assert "red: 4" in panel.report.toPlainText() and panel.train_button.isEnabled()
     panel.train_button.click()
     assert panel.cancel_button.isEnabled() and not panel.train_button.isEnabled()
-    with qtbot.waitSignal(panel.task.cancelled, timeout=WAIT):
-        panel.cancel_button.click()
-    qtbot.waitUntil(lambda: panel.task is None, timeout=WAIT)
-    assert "cancelled" in panel.stage_label.text() and panel.new_bundle is None
-    assert session.info is info and not panel.use_button.isEnabled()
-    assert all((v == weights[k]).all() for k, v in info.bundle.model.state_dict().items())
+    cancel_and_check_untouched(qtbot, panel, session, info, weights, WAIT)
 
 
 def test_unusable_folder_is_reported_before_training(qtbot, window, tmp_path):

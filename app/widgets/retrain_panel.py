@@ -10,7 +10,6 @@ One flow, two kinds of folder (a `Mode` holds what differs):
 from __future__ import annotations
 
 import functools
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,14 +40,7 @@ def _labelled_summary(report, info: ModelInfo | None) -> tuple[list[str], str | 
 
 def _unlabelled_summary(report, info: ModelInfo | None) -> tuple[list[str], str | None]:
     """The lines of an UnlabelledReport, and why its exits cannot be distilled (None: they can)."""
-    lines = [f"{report.path}: {report.count} readable images (sub-folders included; their names are not used)"]
-    if report.skipped:
-        lines.append(f"skipped {_files(len(report.skipped))}:")
-        lines += [f"  {_relative(src, report.path)}: {why}" for src, why in report.skipped]
-    if report.converted:
-        lines.append(f"converted {len(report.converted)} images to RGB")
-    if report.ignored:
-        lines.append(f"ignored {_files(len(report.ignored))} that are not images by extension")
+    lines = report.summary()
     try:
         report.raise_if_unusable()
     except ValueError as e:
@@ -59,14 +51,6 @@ def _unlabelled_summary(report, info: ModelInfo | None) -> tuple[list[str], str 
         return lines + ["\nReady: load a model, then distil its early exits on these images."], None
     return lines + [f"\nReady: {info.num_exits - 1} new early exits will learn what the last exit answers on these "
                     f"images; the {len(info.class_names)} classes and the last exit stay as they are."], None
-
-
-def _relative(src: str, root: str) -> str:
-    """`src` inside the checked folder, shorter: the folder's path is on the first line already."""
-    try:
-        return os.path.relpath(src, root) if Path(src).is_relative_to(root) else src
-    except ValueError:  # another drive (Windows)
-        return src
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,5 @@ B="$OUT/default.offramp"
 offramp train-backbone --arch "$ARCH" --data "$DATA" --epochs "$EPOCHS" --exit-weights "$ONLY_LAST" \
   --checkpoint "$OUT/ckpt.pt" --out "$BACKBONE"
 offramp train-exits --from "$BACKBONE" --unlabelled "$DATA" --head conv --epochs "$EXIT_EPOCHS" --out "$B"
-offramp search "$B" --data "$DATA"
-offramp train-policy "$B" --data "$DATA" --kind bolukbasi
-offramp train-policy "$B" --data "$DATA" --kind structure
-offramp evaluate "$B" --data "$DATA" --json "$OUT/evaluation.json"
-offramp bench "$B" --data "$DATA" --timing-images 500 --json "$OUT/bench.json" --png "$OUT/bench.png"
+"$(dirname "$0")/policies_and_report.sh" "$B" "$DATA" "$OUT"
 echo "built $B"

@@ -12,9 +12,5 @@ mkdir -p "$OUT"
 export OMP_WAIT_POLICY=PASSIVE
 B="$OUT/default.offramp"
 offramp train-backbone --arch "$ARCH" --data "$DATA" --epochs "$EPOCHS" --checkpoint "$OUT/ckpt.pt" --out "$B"
-offramp search "$B" --data "$DATA"
-offramp train-policy "$B" --data "$DATA" --kind bolukbasi
-offramp train-policy "$B" --data "$DATA" --kind structure
-offramp evaluate "$B" --data "$DATA" --json "$OUT/evaluation.json"
-offramp bench "$B" --data "$DATA" --timing-images 500 --json "$OUT/bench.json" --png "$OUT/bench.png"
+"$(dirname "$0")/policies_and_report.sh" "$B" "$DATA" "$OUT"
 echo "built $B; copy it to resources/default.offramp to ship it"
