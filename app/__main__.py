@@ -60,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     problem = _check(args)
     if problem:
         return _fail(problem)
+    from .qt_binding import binding_problem
+    problem = binding_problem()  # a known-bad Qt binding crashes minutes later: refuse it now, in one line
+    if problem:
+        return _fail(problem)
+    from .platform_check import xcb_problem
+    problem = xcb_problem()  # Qt would abort in QApplication with a generic message: name the packages instead
+    if problem:
+        return _fail(problem)
     from PySide6.QtCore import QSettings
     from PySide6.QtWidgets import QApplication
 
@@ -109,8 +117,10 @@ def _run_scripted(app, window, args) -> int:
         window.close()
         app.exit(code)
 
+    from .remember import remembered_bundle, user_settings
+    bundle = args.bundle or remembered_bundle(user_settings())  # as --help says, like the window's start
     run = ScriptedRun(window, source=args.source or args.path, frames=args.frames or 1, screenshot=args.screenshot,
-                      stats=args.stats, bundle=args.bundle, timeout_s=args.timeout)
+                      stats=args.stats, bundle=bundle, timeout_s=args.timeout)
     run.done.connect(on_done)
     run.start()
     app.exec()

@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 
 from engine import media
+from engine.walk import TreeWalker, real_first
 
 FORMATS = {"JPEG": ".jpg", "PNG": ".png"}  # shown name -> file suffix
 JPEG_QUALITY = 95
@@ -71,14 +72,10 @@ def class_counts(folder: str | os.PathLike) -> dict[str, int]:
             classes = sorted(e.name for e in it if e.is_dir() and not _hidden(e.name))
     except OSError:
         return {}
-    counts = {}
-    for cls in classes:
-        n = 0
-        for _, dirnames, filenames in os.walk(root / cls):
-            dirnames[:] = [d for d in dirnames if not _hidden(d)]
-            n += sum(1 for f in filenames if not _hidden(f) and media.is_image(f))
-        counts[cls] = n
-    return counts
+    walker = TreeWalker(root)  # the walk training does: links followed, never round a loop, each file once
+    counts = {Path(f).name: sum(1 for path, _ in walker.files(f) if media.is_image(path))
+              for f in real_first([str(root / cls) for cls in classes])}
+    return {cls: counts[cls] for cls in classes}
 
 
 def writable_problem(folder: str | os.PathLike) -> str | None:

@@ -1,6 +1,10 @@
 """The main window: the frame and the exit diagram in the middle, panels in docks around it, menus,
-shortcuts, presentation mode, screenshots, drag & drop, remembered settings. It draws what the
-session reports, at most at `RENDER_MS` intervals, so a fast model never floods the GUI thread."""
+shortcuts, presentation mode, screenshots, drag & drop, remembered settings (`app.remember`).
+
+It draws what the session reports, at most at `RENDER_MS` intervals, so a fast model never floods
+the GUI thread; every panel that describes a frame is fed in one place (`_show`) from one result,
+so the overlay, the exit diagram, the confidence plot and "This frame" always agree. Only the
+running figures' plots are drawn less often (`STATS_MS`), and always end on the frame shown."""
 from __future__ import annotations
 
 import datetime
@@ -13,17 +17,17 @@ from PySide6.QtGui import QCloseEvent, QFont, QPixmap
 from PySide6.QtWidgets import QApplication, QDockWidget, QLabel, QMainWindow, QVBoxLayout, QWidget
 
 from .menus import build_menus
+from .presentation import NormalLayout
+from .remember import WindowMemory, load_policy, remembered_bundle, save_policy
 from .session import Session
 from .sources import SourceSpec
-from .state import ModelInfo, PolicyState, percent
+from .state import ModelInfo, PolicyState, signed_percent
 from .widgets import (EMPTY_TEXT, NORMAL, PRESENTATION, CapturePanel, ComputePanel, ConfidencePlot, ErrorBanner,
-                      ExitDiagram, PolicyPanel, RetrainPanel, Theme, TransportBar, VideoView)
+                      ExitDiagram, OfferBanner, PolicyPanel, RetrainPanel, Theme, TransportBar, VideoView)
 
 RENDER_MS = 33  # redraw the frame at most 30 times a second, whatever the inference rate
 STATS_MS = 100  # the compute-saved plots at most 10 times a second: they change slowly
-PRESENTATION_DOCKS = ("confidence", "compute")  # the panels a projector shows (C and R still capture)
-CAPTURE_SETTINGS = ("folder", "class", "every", "limit", "format")  # remembered as capture/<key>
-RETRAIN_SETTINGS = ("mode", "epochs")  # remembered as retrain/<key>
+FPS_CHECK_MS = 1000  # how often a frames/s on screen is checked for a stream that stopped
 
 
 class MainWindow(QMainWindow):
@@ -34,16 +38,17 @@ class MainWindow(QMainWindow):
         self.theme: Theme = NORMAL
         self.presentation = False
         self._base_font = QFont(QApplication.font())
-        self._dock_visibility: dict[str, bool] = {}
         self._pending = None  # (result, frame) waiting to be drawn
         self.shown_frame = None  # the Frame on screen (what Capture saves)
         self._next_error_origin = "model"  # "source" errors clear when another source opens
+        self._source_problem = ""  # why the last source failed, kept in the empty view until another opens
         self.setWindowTitle("Offramp — watch early exits happen")
         self.setObjectName("offramp_main_window")
         self.setAcceptDrops(True)
         self.resize(1400, 900)
 
         self.banner = ErrorBanner()
+        self.offer = OfferBanner()
         self.video = VideoView()
         self.transport = TransportBar(session)
         self.diagram = ExitDiagram()
@@ -51,6 +56,7 @@ class MainWindow(QMainWindow):
         layout = QVBoxLayout(central)
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addWidget(self.banner)
+        layout.addWidget(self.offer)
         layout.addWidget(self.video, 5)
         layout.addWidget(self.transport)
         layout.addWidget(self.diagram, 1)
@@ -81,12 +87,22 @@ class MainWindow(QMainWindow):
         for w in (self.model_label, self.device_label, self.fps_label):
             self.statusBar().addPermanentWidget(w)
         self.actions = build_menus(self)
+        self.normal_layout = NormalLayout(self)
 
         self._render_timer = QTimer(self)
         self._render_timer.setInterval(RENDER_MS)
         self._render_timer.setSingleShot(True)
         self._render_timer.timeout.connect(self._on_render_tick)
+        self._stats_timer = QTimer(self)  # draws the running figures a throttled render left out
+        self._stats_timer.setSingleShot(True)
+        self._stats_timer.timeout.connect(self._on_stats_tick)
+        self._fps_timer = QTimer(self)
+        self._fps_timer.setInterval(FPS_CHECK_MS)
+        self._fps_timer.timeout.connect(self._on_fps_tick)
+        self._fps_timer.start()
         self._stats_drawn = 0.0
+        self._stats_due = False  # the running figures on screen are older than the frame on screen
+        self._fps_shown = False
         self._shown = None  # the result on screen
 
         session.result.connect(self._on_result)
@@ -98,10 +114,13 @@ class MainWindow(QMainWindow):
         session.source_opened.connect(self._on_source_opened)
         session.source_failed.connect(self._on_source_failed)
         session.loading.connect(self._on_loading)
+        session.load_failed.connect(self._on_load_failed)
         self.capture_panel.retrain_requested.connect(self._on_retrain_requested)
-        self.capture_panel.changed.connect(self._on_capture_changed)
-        self.retrain_panel.changed.connect(self._on_retrain_changed)
-        self._restore_settings()
+        self.memory = WindowMemory(self, settings) if settings is not None else None
+        if self.memory is not None:
+            self.capture_panel.changed.connect(self.memory.save_panels)
+            self.retrain_panel.changed.connect(self.memory.save_panels)
+            self.memory.restore()
         if presentation:
             self.set_presentation(True)
 
@@ -122,41 +141,68 @@ class MainWindow(QMainWindow):
         self.render_now(force_stats=False)
 
     def render_now(self, force_stats: bool = True) -> None:
-        """Draw the newest result (the render timer calls this; a screenshot calls it directly)."""
-        if self._pending is None:
-            if force_stats and self._shown is not None:  # e.g. a screenshot: figures of the frame shown
-                self._draw_stats(self._shown)
+        """Draw the newest result (the render timer calls this; a screenshot calls it directly, with
+        `force_stats`, so the running figures too describe the frame on screen)."""
+        if self._pending is not None:
+            result, frame = self._pending
+            self._pending = None
+            self._show(result, frame)
+        if not (self._stats_due or force_stats):
             return
-        result, frame = self._pending
-        self._pending = None
-        self.shown_frame = frame
+        wait_ms = STATS_MS - 1000 * (time.perf_counter() - self._stats_drawn)
+        if force_stats or wait_ms <= 0:
+            self._draw_stats()
+        elif not self._stats_timer.isActive():  # drawn a little later, never skipped
+            self._stats_timer.start(max(1, int(wait_ms)))
+
+    def _show(self, result, frame) -> None:
+        """Every panel that describes a frame, from this one result (None: the frame was not run)."""
+        self.shown_frame, self._shown = frame, result
+        self._stats_due = True
         self.video.set_frame(frame.image)
+        self.compute.show_frame(result)
         if result is None:
             self.video.set_prediction("", None, "")
+            self.diagram.clear_result()
+            self.confidence.set_values({}, None)
             return
-        self._shown = result
         caption = (f"exit E{result.exit_index} of {result.num_exits} · {result.stages_run} of "
-                   f"{result.num_stages} stages · saved {percent(result.saved)}")
+                   f"{result.num_stages} stages · FLOPs saved {signed_percent(result.saved)}")
         self.video.set_prediction(result.label, result.confidence, caption)
         ran = {r.exit_index: r.confidence for r in result.exits}
         self.diagram.set_result(result.stages_run, ran, result.exit_index, result.label)
         self.confidence.set_values(ran, result.exit_index)
-        now = time.perf_counter()
-        if force_stats or now - self._stats_drawn >= STATS_MS / 1000:
-            self._draw_stats(result)
 
-    def _draw_stats(self, shown) -> None:
-        """The running figures, with `shown` (the result on screen) as "this frame"."""
-        self._stats_drawn = time.perf_counter()
-        stats = self.session.stats
-        self.compute.update_stats(stats, shown)
-        self.fps_label.setText(f"{stats.fps:.1f} frames/s")
+    @property
+    def shown_result(self):
+        """The InferenceResult every panel describes now (None before the first, or for a frame not run)."""
+        return self._shown
+
+    def _on_stats_tick(self) -> None:
+        if self._stats_due:
+            self._draw_stats()
+
+    def _on_fps_tick(self) -> None:
+        if self._fps_shown and self._fps() is None:  # the stream stopped: its rate goes too
+            self._draw_stats()
+
+    def _fps(self) -> float | None:
+        """Frames per second of a stream playing now; None when paused or with no stream."""
+        return None if self.session.paused else self.session.stats.fps
+
+    def _draw_stats(self) -> None:
+        """The running figures, with the result on screen as "this frame"."""
+        self._stats_drawn, self._stats_due = time.perf_counter(), False
+        fps = self._fps()
+        self._fps_shown = fps is not None
+        self.compute.update_stats(self.session.stats, self._shown, fps)
+        self.fps_label.setText("" if fps is None else f"{fps:.1f} frames/s")
 
     def _on_model_loaded(self, info: ModelInfo) -> None:
         self._shown = None
         if not self.video.has_frame:
-            self.video.set_message(EMPTY_TEXT)
-        self.model_label.setText(f"model: {info.name} ({info.backbone}, {len(info.class_names)} classes)")
+            self.video.set_message(self._source_problem or EMPTY_TEXT)
+        self._show_model(info)
         self.device_label.setText(f"device: {info.device}")
         self.diagram.set_model(info.num_stages, info.exit_stages)
         self.confidence.set_model(info.num_exits)
@@ -165,6 +211,14 @@ class MainWindow(QMainWindow):
         self._warm_up()
         if self.settings is not None and info.path:
             self.settings.setValue("last_bundle", info.path)
+            memory = load_policy(self.settings, info.path)
+            if memory is not None and not self.session.restore_policy(memory):
+                self._on_status(f"the policy remembered for {Path(info.path).name} does not fit it any more: "
+                                "using its default")
+
+    def _show_model(self, info: ModelInfo | None) -> None:
+        self.model_label.setText(f"model: {info.name} ({info.backbone}, {len(info.class_names)} classes)"
+                                 if info is not None else "no model")
 
     def _warm_up(self) -> None:
         """Draw every panel once, off screen, with made-up values: the first live frame then does not
@@ -173,13 +227,14 @@ class MainWindow(QMainWindow):
         if info is None or self.video.has_frame:
             return
         values = {e: 0.5 for e in range(info.num_exits)}
-        self.video.set_prediction("warm-up", 0.5, "exit E0 of 1 · 1 of 1 stages · saved 0 %")
+        self.video.set_prediction("warm-up", 0.5, "exit E0 of 1 · 1 of 1 stages · FLOPs saved 0 %")
         self.video.set_frame(np.zeros((8, 8, 3), np.uint8))
         self.diagram.set_result(info.num_stages, values, 0, "warm-up")
         self.confidence.set_values(values, 0)
         self.compute.warm_up(info.num_exits)
         self.render(QPixmap(self.size()))
         self.video.reset()
+        self.video.set_message(self._source_problem or EMPTY_TEXT)
         self.diagram.clear_result()
         self.confidence.set_values({}, None)
         self.compute.clear()
@@ -188,13 +243,22 @@ class MainWindow(QMainWindow):
         if self.banner.origin == "model":  # an earlier load's error; this load reports its own
             self.banner.hide()
         self.model_label.setText(f"model: loading {what} …")
-        if not self.video.has_frame:
+        if not self.video.has_frame and not self._source_problem:
             self.video.set_message(f"Loading {what} … (the first model takes a few seconds: PyTorch starts up)")
+
+    def _on_load_failed(self, message: str) -> None:
+        """The load said "loading X …" everywhere: now the model that stays (or none) is named again."""
+        self._show_model(self.session.info)
+        self.statusBar().clearMessage()  # "loading X …"; the error follows in the banner and the status bar
+        if not self.video.has_frame:
+            self.video.set_message(self._source_problem or (EMPTY_TEXT if self.session.info else message))
 
     def _on_policy_changed(self, state: PolicyState) -> None:
         ts = state.thresholds
         self.confidence.set_thresholds(ts)
         self.diagram.set_active([t is not None for t in ts] if ts is not None else [True] * state.info.num_exits)
+        if self.settings is not None and state.info.path:
+            save_policy(self.settings, state.info.path, state.memory())
 
     def _on_device_changed(self, device: str) -> None:
         self.device_label.setText(f"device: {device}")
@@ -206,6 +270,8 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage(message, 8000)
 
     def _on_source_opened(self, spec: SourceSpec) -> None:
+        self._source_problem = ""
+        self.offer.hide()
         if self.banner.origin == "source":
             self.banner.hide()
         self.setWindowTitle(f"Offramp — {spec.display}")
@@ -214,7 +280,8 @@ class MainWindow(QMainWindow):
 
     def _on_source_failed(self, message: str) -> None:
         self._next_error_origin = "source"
-        if not self.video.has_frame:  # nothing shown yet: say why in the view too
+        self._source_problem = message
+        if not self.video.has_frame:  # nothing shown yet: say why in the view too, until another source opens
             self.video.set_message(message)
 
     def show_error(self, message: str) -> None:
@@ -225,7 +292,8 @@ class MainWindow(QMainWindow):
 
     # -- actions ----------------------------------------------------------------------------------------
     def set_presentation(self, on: bool) -> None:
-        """Full screen, large type, high contrast, only the panels a projector needs."""
+        """Full screen, large type, high contrast, only the panels a projector needs; off again, the
+        window, its docks and their sizes are exactly as before."""
         if on == self.presentation:
             return
         self.presentation = on
@@ -234,23 +302,12 @@ class MainWindow(QMainWindow):
         font.setPointSizeF(self._base_font.pointSizeF() * self.theme.font_scale)
         self.setFont(font)
         self.setStyleSheet(self.theme.stylesheet())
-        for w in (self.video, self.diagram, self.confidence, self.compute, self.retrain_panel):
+        for w in (self.video, self.diagram, self.confidence, self.compute, self.retrain_panel, self.banner, self.offer):
             w.set_theme(self.theme)
         if on:
-            self._dock_visibility = {n: d.isVisible() for n, d in self.docks.items()}
-            for name, dock in self.docks.items():
-                dock.setVisible(name in PRESENTATION_DOCKS)
-            if self.screen() is not None:  # without a window manager (Xvfb) full screen alone does not resize
-                self.setGeometry(self.screen().geometry())
-            self.showFullScreen()
-            # large type needs a wider column for the panels a projector shows
-            width = max(self.width(), self.screen().size().width() if self.screen() else 0)
-            self.resizeDocks([self.docks[n] for n in PRESENTATION_DOCKS], [int(width * 0.42)] * 2,
-                             Qt.Orientation.Horizontal)
+            self.normal_layout.enter()
         else:
-            for name, dock in self.docks.items():
-                dock.setVisible(self._dock_visibility.get(name, True))
-            self.showNormal()
+            self.normal_layout.leave()
         self.actions.presentation.setChecked(on)
 
     def show_capture_panel(self) -> None:
@@ -273,16 +330,6 @@ class MainWindow(QMainWindow):
         self.docks["retrain"].show()
         self.docks["retrain"].raise_()
         panel.check(folder, train_when_ready=True, mode="labelled")
-
-    def _on_capture_changed(self) -> None:
-        if self.settings is not None:
-            for key, value in self.capture_panel.state().items():
-                self.settings.setValue(f"capture/{key}", value)
-
-    def _on_retrain_changed(self) -> None:
-        if self.settings is not None:
-            for key, value in self.retrain_panel.state().items():
-                self.settings.setValue(f"retrain/{key}", value)
 
     def toggle_full_screen(self) -> None:
         self.showNormal() if self.isFullScreen() else self.showFullScreen()
@@ -328,43 +375,25 @@ class MainWindow(QMainWindow):
             self.open_source(path)
 
     # -- settings and closing -----------------------------------------------------------------------------------
-    def _restore_settings(self) -> None:
-        s = self.settings
-        if s is None:
-            return
-        if s.value("geometry") is not None:
-            self.restoreGeometry(s.value("geometry"))
-        if s.value("window_state") is not None:
-            self.restoreState(s.value("window_state"))
-        self.session.mirror = s.value("mirror", False, type=bool)
-        self.actions.mirror.setChecked(self.session.mirror)
-        device = s.value("device", "")
-        if device:
-            self.session.device = str(device)
-        self.capture_panel.restore({k: s.value(f"capture/{k}") for k in CAPTURE_SETTINGS
-                                    if s.value(f"capture/{k}") is not None})
-        self.retrain_panel.restore({k: s.value(f"retrain/{k}") for k in RETRAIN_SETTINGS
-                                    if s.value(f"retrain/{k}") is not None})
-
     def startup(self, bundle: str | None = None, source: str | None = None) -> None:
         """Load `bundle` (default: the last one used, else the built-in one) and open `source`
-        (default: the last file source; a camera is never opened unasked)."""
-        s = self.settings
-        last = s.value("last_bundle", "") if s is not None else ""
-        self.session.load_bundle(bundle or (last if last and Path(last).is_file() else None))
-        last = s.value("last_source", "") if s is not None else ""
-        source = source or (last if last and not str(last).startswith("camera:") and Path(last).exists() else None)
-        if source:
-            self.session.open_source(str(source))
+        (default: the last file source; a camera is never opened unasked). After a run that died,
+        the last source is offered, not opened: it may be what killed it."""
+        self.session.load_bundle(bundle or remembered_bundle(self.settings))
+        last = self.memory.start() if self.memory is not None else None
+        offered = self.memory.offered_source() if self.memory is not None and not source else None
+        if source or last:
+            self.session.open_source(str(source or last))
+        elif offered:
+            name = Path(offered).name or offered
+            self.offer.offer(f"Offramp did not close normally last time, with {name} open. Reopen it?",
+                             f"Reopen {name}", lambda: self.session.open_source(offered))
 
     def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802
-        if self.settings is not None:
-            if self.presentation:
-                self.set_presentation(False)
-            self.settings.setValue("geometry", self.saveGeometry())
-            self.settings.setValue("window_state", self.saveState())
-            self.settings.setValue("mirror", self.session.mirror)
-            self.settings.sync()
+        if self.memory is not None:
+            self.memory.close(*self.normal_layout.current())  # never the presentation layout
         self._render_timer.stop()
+        self._stats_timer.stop()
+        self._fps_timer.stop()
         self.session.shutdown()
         super().closeEvent(event)

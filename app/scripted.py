@@ -1,22 +1,40 @@
 """A scripted run for demos and checks: load a bundle, play a source until N frames were shown,
 save a screenshot of the window and a JSON of what was shown, quit. Works offscreen.
 
+The JSON and the screenshot describe the same moment: the source is closed once N frames were
+shown, the last result in flight is drawn, and then, in one go on the GUI thread (no result can
+arrive in between), the figures are read and the window is grabbed. The JSON is strict: a value
+that is not a finite number is written as null.
+
 GUI-thread lateness is measured with a 10 ms timer: how much later than due each tick came is
 how long the GUI thread was busy or blocked.
 """
 from __future__ import annotations
 
-import json
+import os
 import time
 from pathlib import Path
 
 from PySide6.QtCore import QObject, Qt, QTimer, Signal
+
+from engine.files import write_json
 
 from .main_window import MainWindow
 from .session import Session
 from .state import LatenessMeter, ModelInfo
 
 PROBE_MS = 10
+MEMORY_AT_FRAME = 500  # resident memory is read here and at the end: a long run must not grow
+
+
+def resident_mb() -> float | None:
+    """This process's resident memory in MiB (Linux: /proc/self/statm), or None where unknown."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 class LatenessProbe(QObject):
@@ -53,6 +71,7 @@ class ScriptedRun(QObject):
         self.source, self.frames, self.bundle = source, frames, bundle
         self.screenshot, self.stats_path, self.timeout_s = screenshot, stats, timeout_s
         self.shown = 0
+        self.rss_mb_at: float | None = None  # resident memory at frame MEMORY_AT_FRAME
         self.finished = False
         self.snapshot: dict = {}
         self.probe = LatenessProbe(self)
@@ -80,6 +99,8 @@ class ScriptedRun(QObject):
         if result is None or self.finished:
             return
         self.shown += 1
+        if self.shown == MEMORY_AT_FRAME:
+            self.rss_mb_at = resident_mb()
         if self.shown == 1:
             self.probe.start()  # measure the GUI thread while frames flow, not while the model loads
         if self.shown >= self.frames:
@@ -94,11 +115,16 @@ class ScriptedRun(QObject):
     def _finish(self) -> None:
         self.finished = True
         self.probe.stop()
-        self.session.set_paused(True)
+        self.session.close_source()  # no frame after this one is read; one already running still arrives
+        QTimer.singleShot(100, self._write)  # let that last result come in
+
+    def _take_snapshot(self) -> None:
+        """`snapshot`: what the window shows now (called right before the screenshot is grabbed)."""
+        self.window.render_now()  # a result still pending is drawn: the figures below are the ones on screen
         stats = self.session.stats
         meter = self.probe.meter
         info = self.session.info
-        last = stats.last
+        last = self.window.shown_result
         self.snapshot = {
             "source": self.source, "bundle": info.path or info.name, "model": info.name, "device": info.device,
             **stats.to_json(),
@@ -106,11 +132,12 @@ class ScriptedRun(QObject):
             "gui_lateness_max_ms": round(meter.max_ms, 3), "gui_lateness_mean_ms": round(meter.mean_ms, 3),
             "gui_timer_ms": PROBE_MS, "gui_ticks": meter.ticks, "dropped_frames": self.session.dropped_frames,
             "last": {"label": last.label, "confidence": last.confidence, "exit": last.exit_index} if last else None,
+            "rss_mb_at_frame": MEMORY_AT_FRAME, "rss_mb_at": _round(self.rss_mb_at), "rss_mb_end": _round(resident_mb()),
             "presentation": self.window.presentation, "wall_s": round(time.perf_counter() - self._t0, 3),
         }
-        QTimer.singleShot(100, self._write)  # let the last frame paint before the screenshot
 
     def _write(self) -> None:
+        self._take_snapshot()
         try:
             if self.screenshot:
                 path = Path(self.screenshot)
@@ -121,7 +148,7 @@ class ScriptedRun(QObject):
             if self.stats_path:
                 path = Path(self.stats_path)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(self.snapshot, indent=2) + "\n")
+                write_json(path, self.snapshot, indent=2)  # strict: a NaN becomes null, atomically
         except OSError as e:
             self._end(2, str(e))
             return
@@ -136,3 +163,8 @@ class ScriptedRun(QObject):
     def _end(self, code: int, message: str) -> None:
         self._timeout.stop()
         self.done.emit(code, message)
+
+
+def _round(mb: float | None) -> float | None:
+    return None if mb is None else round(mb, 1)
+

@@ -26,6 +26,7 @@ class Session(QObject):
     source_failed = Signal(str)
     paused_changed = Signal(bool)
     loading = Signal(str)  # a bundle started loading (what, for display)
+    load_failed = Signal(str)  # … and ended without a new model (the old one, if any, stays)
     frame_saved = Signal(str, str)  # file written by save_frame, class
     save_failed = Signal(str)  # why a frame given to save_frame was not written (also sent to `error`)
     status = Signal(str)
@@ -55,6 +56,7 @@ class Session(QObject):
         self._inference.model_loaded.connect(self._on_model_loaded)
         self._inference.device_changed.connect(self._on_device_changed)
         self._inference.result.connect(self._on_result)
+        self._inference.load_failed.connect(self.load_failed)
         self._inference.error.connect(self.error)
         self._inference.progress.connect(self.status)
         self._inference_thread = start_worker(self._inference, "offramp-inference")
@@ -80,10 +82,11 @@ class Session(QObject):
         self.info, self.device = info, info.device
         self.policy = PolicyState(info)
         self.stats.reset(info.num_exits)
-        self.model_loaded.emit(info)
-        self.policy_changed.emit(self.policy)
+        # said first: what the window says about the model (e.g. its remembered policy) then stays
         self.status.emit(f"model {info.name} loaded on {info.device}: {len(info.class_names)} classes, "
                          f"{info.num_exits} exits")
+        self.model_loaded.emit(info)
+        self.policy_changed.emit(self.policy)
         self._inference.rerun()
 
     def _on_device_changed(self, info: ModelInfo) -> None:
@@ -103,8 +106,7 @@ class Session(QObject):
         except ValueError as e:
             self.error.emit(str(e))
             return
-        self._inference.set_policy(name)
-        self.policy_changed.emit(self.policy)
+        self._apply_policy()
 
     def set_threshold(self, exit_index: int, value: float | None) -> None:
         """One exit's threshold (None = off), with immediate effect on the live view."""
@@ -114,18 +116,42 @@ class Session(QObject):
         self.policy_changed.emit(self.policy)
 
     def choose_point(self, index: int) -> None:
-        """Operating point `index` of the bundle's Pareto front."""
-        if self.policy is None or not self.info.front:
+        """Operating point `index` of the front the budget walks under the active policy (its own,
+        else the bundle's, whose policy then becomes the active one)."""
+        if self.policy is None or not self.policy.front:
             return
-        self._inference.set_policy(self.policy.choose_point(index))
-        self.policy_changed.emit(self.policy)
+        try:
+            self.policy.choose_point(index)
+        except IndexError as e:
+            self.error.emit(str(e))
+            return
+        self._apply_policy()
 
     def reset_policy(self) -> None:
         if self.policy is None:
             return
         self.policy.reset()
-        self._inference.set_policy(self.policy.name)
-        self.policy_changed.emit(self.policy)
+        self._apply_policy()
+
+    def restore_policy(self, memory: dict) -> bool:
+        """Make a remembered choice (`PolicyState.memory()`) active; False, and the bundle's default
+        stays, when it does not fit the loaded bundle (e.g. the file was replaced)."""
+        if self.policy is None:
+            return False
+        try:
+            self.policy.restore(memory)
+        except ValueError:
+            fits = False
+        else:
+            fits = True
+        self._apply_policy()
+        return fits
+
+    def _apply_policy(self) -> None:
+        """Send the active policy to the engine and tell the widgets."""
+        state = self.policy
+        self._inference.set_policy(state.current if state.edited else state.name, state.weights_of)
+        self.policy_changed.emit(state)
 
     def edited_bundle(self) -> Any:
         """The loaded bundle with the active configuration added as its default policy "edited"."""
@@ -133,6 +159,8 @@ class Session(QObject):
         from engine.policies import policy_from_json
         info = self.info
         policy = policy_from_json(self.policy.current, num_exits=info.num_exits, num_classes=len(info.class_names))
+        if self.policy.weights_of is not None:  # a learned policy's JSON holds no tensors: its bundle policy's
+            policy.load_state_dict(info.bundle.policies[self.policy.weights_of].state_dict())
         name = "edited" if self.policy.edited else self.policy.name
         policies = {**info.bundle.policies, name: policy} if self.policy.edited else dict(info.bundle.policies)
         return dataclasses.replace(info.bundle, policies=policies, default_policy=name)
@@ -227,9 +255,11 @@ class Session(QObject):
             self._capture[0].set_mirror(mirror)
 
     # -- results ------------------------------------------------------------------------------------
-    def _on_result(self, result: Any, frame: Any) -> None:
+    def _on_result(self, result: Any, frame: Any, rerun: bool, generation: int) -> None:
+        if generation != self._slot.generation:
+            return  # a frame of a source closed since: its result would describe what is gone
         if result is not None:
-            self.stats.add(result)
+            self.stats.add(result, rerun=rerun)
         self.result.emit(result, frame)
 
     def reset_counters(self) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from engine import media
+from engine import images, media
 
 # the same files `offramp run` accepts
 IMAGE_SUFFIXES = media.IMAGE_EXTENSIONS
@@ -229,20 +229,19 @@ def open_source(spec: SourceSpec, loop: bool = False) -> FrameSource:
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """An image file as (h, w, 3) uint8 BGR; SourceError naming the file when it cannot be decoded."""
+    """An image file as (h, w, 3) uint8 BGR, decoded as training and `offramp run` decode it
+    (`engine.images`: EXIF orientation, 16-bit scaling, the size limit); SourceError naming the
+    file when it cannot be read."""
     try:
         return media.read_image(path)
     except media.MediaError as e:
-        raise SourceError(f"cannot read image: {e}") from None
+        raise SourceError(str(e)) from None
 
 
 def _as_bgr(image: np.ndarray) -> np.ndarray:
-    """Camera and video frames as (h, w, 3) BGR (some drivers hand out grey or BGRA)."""
-    if image.ndim == 2:
-        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-    if image.shape[2] == 4:
-        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
-    return image
+    """Camera and video frames as (h, w, 3) uint8 BGR (some drivers hand out grey, BGRA or 16-bit),
+    converted by the rules image files follow (`engine.images.opencv_bgr`)."""
+    return images.opencv_bgr(image)
 
 
 def list_cameras() -> list[tuple[int, str]]:

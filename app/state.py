@@ -1,15 +1,23 @@
 """Plain-Python state of the app, no Qt: what model is loaded (`ModelInfo`), which policy and
-thresholds are active (`PolicyState`), what has been shown so far (`LiveStats`), and how late the
-GUI thread's timer ran (`LatenessMeter`). The Qt layer reads and drives these; tests use them bare.
+thresholds are active (`PolicyState`); what has been shown so far (`LiveStats`) and how late the
+GUI thread's timer ran (`LatenessMeter`) live in `app.stats`. The Qt layer reads and drives these;
+tests use them bare.
 """
 from __future__ import annotations
 
 import math
-import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
+from .stats import LatenessMeter, LiveStats
+
+__all__ = ["LatenessMeter", "LiveStats", "ModelInfo", "PolicyState", "curve_xy", "format_flops", "front_label",
+           "own_front", "percent", "signed_percent"]
+
+# A learned policy's settings that change its trade-off without new weights: a point of its front
+# that differs from the bundle's policy in these alone can run on the weights the bundle holds.
+KNOBS = ("offset", "tau")
 
 
 # -- the loaded model ---------------------------------------------------------------------------
@@ -35,6 +43,8 @@ class ModelInfo:
     default_policy: str
     front: list[dict] = field(default_factory=list)  # meta["front"], cheapest first
     default_point: int | None = None
+    # policy name -> (the points of its own front that can run here, cheapest first; index of the bundle's)
+    policy_fronts: dict[str, tuple[list[dict], int | None]] = field(default_factory=dict)
     parameters: int = 0
     devices: list[str] = field(default_factory=list)  # what Engine.available_devices() offers here
 
@@ -52,6 +62,10 @@ class ModelInfo:
         front = [p for p in meta.get("front") or [] if isinstance(p, dict) and "policy" in p]
         point = meta.get("default_point")
         point = point if isinstance(point, int) and 0 <= point < len(front) else None
+        policies = {n: p.to_json() for n, p in bundle.policies.items()}
+        fronts = meta.get("policy_fronts") if isinstance(meta.get("policy_fronts"), dict) else {}
+        policy_fronts = {n: own_front(entry, policies[n]) for n, entry in fronts.items()
+                         if n in policies and isinstance(entry, dict)}
         try:
             full_ms = float(cost.full_ms)
         except (ValueError, AttributeError):
@@ -62,9 +76,9 @@ class ModelInfo:
                    stage_names=[t.name for t in model.backbone.taps], exit_stages=list(model.exit_stages),
                    exit_kinds=[s.kind for s in model.exit_specs], exit_flops=list(cost.cumulative_flops()),
                    full_flops=float(cost.full_flops), full_ms=full_ms, device=str(engine.device),
-                   policies={n: p.to_json() for n, p in bundle.policies.items()},
-                   descriptions={n: p.describe() for n, p in bundle.policies.items()},
+                   policies=policies, descriptions={n: p.describe() for n, p in bundle.policies.items()},
                    default_policy=bundle.default_policy, front=front, default_point=point,
+                   policy_fronts={n: f for n, f in policy_fronts.items() if len(f[0]) > 1},
                    parameters=sum(p.numel() for p in model.parameters()),
                    devices=[str(d) for d in engine.available_devices()])
 
@@ -99,19 +113,45 @@ def percent(fraction: float, digits: int = 0) -> str:
     return f"{0.0 if value == 0 else value:.{digits}f} %"
 
 
+def signed_percent(fraction: float, digits: int = 0) -> str:
+    """percent() with a typographic minus for a negative value: -0.05 -> "−5 %" (what a saving
+    that costs more than it saves reads as)."""
+    return percent(fraction, digits).replace("-", "\u2212")
+
+
+def own_front(entry: dict, policy: dict) -> tuple[list[dict], int | None]:
+    """The points of a bundle's meta["policy_fronts"] entry that can run with the tensors the bundle
+    holds for `policy` (its JSON), and the index of the one that is `policy` (None if none is).
+
+    A threshold policy's JSON is the whole policy: every point runs. A learned policy's points at
+    another λ need weights the bundle does not keep; those differing only in KNOBS run."""
+    def same_weights(p: dict) -> bool:
+        if p.get("kind") != policy.get("kind"):
+            return False
+        return policy.get("kind") == "threshold" or all(p.get(k) == policy.get(k) for k in set(p) | set(policy)
+                                                         if k not in KNOBS)
+    points = [p for p in entry.get("points") or [] if isinstance(p, dict) and isinstance(p.get("policy"), dict)
+              and same_weights(p["policy"])]
+    index = next((i for i, p in enumerate(points) if p["policy"] == policy), None)
+    return points, index
+
+
 # -- the active policy --------------------------------------------------------------------------
 class PolicyState:
     """Which policy is active and, for threshold policies, its thresholds as edited in the panel.
 
     `current` is the active policy as JSON (what the engine runs); `name` the bundle policy it
-    started from; `edited` whether the sliders or the budget moved it away from that policy.
+    started from (the one the policy combo shows); `edited` whether the sliders or the budget moved
+    it away from that policy; `point` its index on `front`, the front the budget slider walks.
+
+    Each policy walks its own front: a learned policy the points of its λ sweep the bundle can run
+    (`ModelInfo.policy_fronts`), a threshold policy the bundle's front. A policy with no front of
+    its own walks the bundle's front, and moving the budget switches to that front's policy.
     """
 
     def __init__(self, info: ModelInfo):
         self.info = info
-        self.name = info.default_policy
-        self.current: dict = dict(info.policies[self.name])
-        self.point: int | None = info.default_point
+        self.choose(info.default_policy)
         self.edited = False
 
     @property
@@ -122,11 +162,48 @@ class PolicyState:
     def thresholds(self) -> list[float | None] | None:
         return list(self.current["thresholds"]) if self.is_threshold else None
 
+    @property
+    def weights_of(self) -> str | None:
+        """The bundle policy whose tensors `current` runs with (None: its JSON is all it needs)."""
+        return None if self.is_threshold else self.name
+
+    def front_of(self, name: str) -> tuple[str | None, list[dict], int | None]:
+        """(the policy that owns it, the points, the bundle's own index) of the front the budget
+        slider walks under policy `name`; (None, [], None) when there is none."""
+        own = getattr(self.info, "policy_fronts", {}).get(name)
+        if own:
+            return name, own[0], own[1]
+        owner = self._bundle_front_owner()
+        if owner is None:
+            return None, [], None
+        return owner, list(self.info.front), self.info.default_point
+
+    def _bundle_front_owner(self) -> str | None:
+        """The threshold policy meta["front"] belongs to: "threshold", else the default, else the first
+        threshold policy; None when the bundle has no front or no threshold policy."""
+        if not self.info.front:
+            return None
+        kinds = {n: p.get("kind") for n, p in self.info.policies.items()}
+        for name in ("threshold", self.info.default_policy, *kinds):
+            if kinds.get(name) == "threshold":
+                return name
+        return None
+
+    @property
+    def front(self) -> list[dict]:
+        return self.front_of(self.name)[1]
+
+    @property
+    def front_owner(self) -> str | None:
+        return self.front_of(self.name)[0]
+
     def choose(self, name: str) -> dict:
-        """Switch to the bundle's policy `name`; returns its JSON."""
+        """Switch to the bundle's policy `name`; returns its JSON. Raises ValueError for another name."""
         if name not in self.info.policies:
             raise ValueError(f"the bundle has no policy {name!r}; it has {', '.join(self.info.policies)}")
         self.name, self.current, self.edited = name, dict(self.info.policies[name]), False
+        owner, _, index = self.front_of(name)
+        self.point = index if owner == name else None
         return self.current
 
     def set_threshold(self, exit_index: int, value: float | None) -> list[float | None]:
@@ -140,15 +217,44 @@ class PolicyState:
         return ts
 
     def choose_point(self, index: int) -> dict:
-        """Take operating point `index` of the bundle's front; returns its policy JSON."""
-        point = self.info.front[index]
-        self.current, self.point, self.edited = dict(point["policy"]), index, True
+        """Take operating point `index` of the front the budget walks (switching to the policy that
+        owns it); returns its policy JSON. Raises IndexError for a point it does not have."""
+        owner, points, own = self.front_of(self.name)
+        if owner is None or not 0 <= index < len(points):
+            raise IndexError(f"the budget has no point {index}")
+        if owner != self.name:
+            self.choose(owner)
+        self.current, self.point = dict(points[index]["policy"]), index
+        self.edited = index != own or self.current != self.info.policies[self.name]
         return self.current
 
     def reset(self) -> dict:
         """Back to the bundle's default policy and operating point."""
-        self.choose(self.info.default_policy)
-        self.point = self.info.default_point
+        return self.choose(self.info.default_policy)
+
+    # -- remembered between runs --------------------------------------------------------------------
+    def memory(self) -> dict:
+        """What to remember of the choice: the policy, the front point and the edited thresholds."""
+        return {"name": self.name, "point": self.point, "edited": self.edited,
+                "thresholds": self.thresholds if self.edited else None}
+
+    def restore(self, memory: dict) -> dict:
+        """Take back a `memory()`; returns the policy JSON. Raises ValueError (or IndexError) for
+        one that does not fit this bundle, leaving the default policy active."""
+        try:
+            self.choose(str(memory["name"]))
+            if memory.get("edited") and memory.get("point") is not None:
+                self.choose_point(int(memory["point"]))
+            ts = memory.get("thresholds")
+            if ts is not None and memory.get("edited"):
+                if not self.is_threshold or len(ts) != len(self.current["thresholds"]) or \
+                        not all(t is None or 0.0 <= float(t) <= 1.0 for t in ts):
+                    raise ValueError(f"remembered thresholds {ts!r} do not fit policy {self.name!r}")
+                self.current = {**self.current, "thresholds": [None if t is None else float(t) for t in ts]}
+                self.edited = True
+        except (KeyError, TypeError, ValueError, IndexError):
+            self.reset()
+            raise ValueError(f"the remembered policy {memory!r} does not fit this bundle") from None
         return self.current
 
 
@@ -171,105 +277,3 @@ def curve_xy(curve: Sequence[dict] | None) -> tuple[list[float], list[float]]:
             pts.append((100 * (1 - float(p["saved"])), 100 * float(p["accuracy"])))
     pts.sort()
     return [x for x, _ in pts], [y for _, y in pts]
-
-
-# -- what has been shown ------------------------------------------------------------------------
-class LiveStats:
-    """Running figures over the frames shown since the model loaded (or the last reset)."""
-
-    def __init__(self, num_exits: int = 0, history: int = 300):
-        self.num_exits = num_exits
-        self.history = history
-        self.reset()
-
-    def reset(self, num_exits: int | None = None) -> None:
-        if num_exits is not None:
-            self.num_exits = num_exits
-        self.frames = 0
-        self.flops = self.full_flops = self.ms = self.full_ms = 0.0
-        self.exit_counts = [0] * self.num_exits
-        self.saved_history: deque[float] = deque(maxlen=self.history)  # per frame, FLOPs saved in %
-        self.cumulative_history: deque[float] = deque(maxlen=self.history)
-        self._times: deque[float] = deque(maxlen=64)
-        self.first_time: float | None = None
-        self.last_time: float | None = None
-        self.last = None  # the latest InferenceResult
-
-    def add(self, result: Any, now: float | None = None) -> None:
-        """Count one InferenceResult."""
-        now = time.perf_counter() if now is None else now
-        if len(self.exit_counts) < result.num_exits:
-            self.exit_counts += [0] * (result.num_exits - len(self.exit_counts))
-            self.num_exits = result.num_exits
-        self.frames += 1
-        self.flops += result.flops
-        self.full_flops += result.full_flops
-        self.ms += result.ms
-        self.full_ms += result.full_ms or 0.0
-        self.exit_counts[result.exit_index] += 1
-        self.saved_history.append(100 * result.saved)
-        self.cumulative_history.append(100 * self.saved)
-        self._times.append(now)
-        self.first_time = now if self.first_time is None else self.first_time
-        self.last_time = now
-        self.last = result
-
-    @property
-    def saved(self) -> float:
-        """Fraction of FLOPs saved against the full model on every frame shown."""
-        return 1.0 - self.flops / self.full_flops if self.full_flops else 0.0
-
-    @property
-    def saved_ms(self) -> float:
-        return 1.0 - self.ms / self.full_ms if self.full_ms else 0.0
-
-    @property
-    def fps(self) -> float:
-        """Frames per second over the last (up to) 64 frames."""
-        if len(self._times) < 2 or self._times[-1] <= self._times[0]:
-            return 0.0
-        return (len(self._times) - 1) / (self._times[-1] - self._times[0])
-
-    @property
-    def overall_fps(self) -> float:
-        """Frames per second from the first frame shown to the last."""
-        if self.frames < 2 or self.last_time is None or self.last_time <= self.first_time:
-            return 0.0
-        return (self.frames - 1) / (self.last_time - self.first_time)
-
-    def to_json(self) -> dict:
-        return {"frames": self.frames, "exit_histogram": list(self.exit_counts),
-                "saved_flops": self.saved, "saved_ms": self.saved_ms,
-                "mean_ms": self.ms / self.frames if self.frames else 0.0,
-                "full_ms": self.full_ms / self.frames if self.frames else 0.0,
-                "fps": self.overall_fps}
-
-
-class LatenessMeter:
-    """How late a periodic timer fires: a measure of how long the GUI thread was blocked."""
-
-    def __init__(self, interval_s: float):
-        self.interval = interval_s
-        self.max_ms = 0.0
-        self.total_ms = 0.0
-        self.ticks = 0
-        self._last: float | None = None
-
-    def tick(self, now: float | None = None) -> float:
-        """Record one timer tick; returns its lateness in ms."""
-        now = time.perf_counter() if now is None else now
-        late = 0.0 if self._last is None else max(0.0, (now - self._last - self.interval) * 1000.0)
-        self._last = now
-        self.max_ms = max(self.max_ms, late)
-        self.total_ms += late
-        self.ticks += 1
-        return late
-
-    def restart(self) -> None:
-        self._last = None
-        self.max_ms = self.total_ms = 0.0
-        self.ticks = 0
-
-    @property
-    def mean_ms(self) -> float:
-        return self.total_ms / self.ticks if self.ticks else 0.0

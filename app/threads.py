@@ -59,28 +59,37 @@ def finish_thread() -> None:
 
 
 class FrameSlot:
-    """A one-frame mailbox between two threads: put() replaces what is waiting (newest wins)."""
+    """A one-frame mailbox between two threads: put() replaces what is waiting (newest wins).
+
+    `generation` counts the clear() calls: a frame taken before a clear (an older source's) is of an
+    older generation than the slot's, so its result, arriving late, can be told apart and dropped."""
 
     def __init__(self):
         self._cond = threading.Condition()
         self._item: Any = None
+        self._item_generation = 0
+        self.generation = 0
         self.dropped = 0  # frames replaced before anyone took them
 
     def put(self, item: Any) -> None:
         with self._cond:
             if self._item is not None:
                 self.dropped += 1
-            self._item = item
+            self._item, self._item_generation = item, self.generation
             self._cond.notify_all()
 
     def take(self, timeout: float) -> Any:
         """The waiting frame (emptying the slot), or None after `timeout` seconds."""
+        return self.take_tagged(timeout)[0]
+
+    def take_tagged(self, timeout: float) -> tuple[Any, int]:
+        """(the waiting frame or None after `timeout` seconds, the generation it was put in)."""
         with self._cond:
             if self._item is None:
                 self._cond.wait(timeout)
             item, self._item = self._item, None
             self._cond.notify_all()
-            return item
+            return item, self._item_generation
 
     def wait_empty(self, timeout: float) -> bool:
         """Wait until the waiting frame was taken; True when the slot is empty."""
@@ -92,6 +101,8 @@ class FrameSlot:
             return self._item is not None
 
     def clear(self) -> None:
+        """Drop the waiting frame and start a new generation (a new source)."""
         with self._cond:
             self._item = None
+            self.generation += 1
             self._cond.notify_all()

@@ -157,7 +157,10 @@ class InferenceWorker(QObject):
     progress = Signal(str)  # what it is busy with ("loading bundle …")
     model_loaded = Signal(object)  # ModelInfo
     device_changed = Signal(object)  # ModelInfo (same bundle, new device and latency profile)
-    result = Signal(object, object)  # InferenceResult (None when no model is loaded), Frame
+    # InferenceResult (None when no model is loaded), Frame, whether it re-ran the last frame (a setting
+    # changed: not a new frame), the FrameSlot generation the frame came from (an older one: a closed source)
+    result = Signal(object, object, bool, int)
+    load_failed = Signal(str)  # a load ended without a new model (also said through `error`)
     error = Signal(str)
     finished = Signal()
 
@@ -172,6 +175,7 @@ class InferenceWorker(QObject):
         self.engine = None
         self._path = ""
         self._last: Frame | None = None
+        self._last_generation = 0
         self._last_error = ""
 
     def stop(self) -> None:
@@ -186,9 +190,10 @@ class InferenceWorker(QObject):
     def set_device(self, device: str) -> None:
         self._commands.put(lambda: self._set_device(device))
 
-    def set_policy(self, policy: Any) -> None:
-        """A policy name of the bundle, or a policy JSON dict (built here, against the model)."""
-        self._commands.put(lambda: self._set_policy(policy))
+    def set_policy(self, policy: Any, weights_of: str | None = None) -> None:
+        """A policy name of the bundle, or a policy JSON dict (built here, against the model); a learned
+        policy's JSON keeps the tensors of the bundle's policy `weights_of` (its JSON holds none)."""
+        self._commands.put(lambda: self._set_policy(policy, weights_of))
 
     def set_thresholds(self, thresholds: list) -> None:
         ts = list(thresholds)
@@ -210,9 +215,9 @@ class InferenceWorker(QObject):
         try:
             while not self._stop.is_set():
                 self._run_commands()
-                frame = self.slot.take(timeout=0.05)
+                frame, generation = self.slot.take_tagged(timeout=0.05)
                 if frame is not None:
-                    self._infer(frame)
+                    self._infer(frame, generation)
                     time.sleep(0)  # hand the GIL to the GUI thread between frames
         finally:
             self.finished.emit()
@@ -233,10 +238,10 @@ class InferenceWorker(QObject):
         if ran:  # once after a burst of slider moves, not once per move
             self._rerun()
 
-    def _infer(self, frame: Frame) -> None:
-        self._last = frame
+    def _infer(self, frame: Frame, generation: int, rerun: bool = False) -> None:
+        self._last, self._last_generation = frame, generation
         if self.engine is None:
-            self.result.emit(None, frame)
+            self.result.emit(None, frame, rerun, generation)
             return
         try:
             res = self.engine.infer(frame.image)
@@ -245,14 +250,14 @@ class InferenceWorker(QObject):
             if message != self._last_error:
                 self.error.emit(message)
             self._last_error = message
-            self.result.emit(None, frame)
+            self.result.emit(None, frame, rerun, generation)
             return
         self._last_error = ""
-        self.result.emit(res, frame)
+        self.result.emit(res, frame, rerun, generation)
 
     def _rerun(self) -> None:
         if self._last is not None and not self.slot.has_frame():  # a waiting frame shows the change anyway
-            self._infer(self._last)
+            self._infer(self._last, self._last_generation, rerun=True)
 
     def _guard(self, what: str, fn: Callable[[Any], Any]) -> bool:
         """Run fn(engine); report a failure (the engine keeps its old setting) and return False."""
@@ -279,7 +284,7 @@ class InferenceWorker(QObject):
             from engine.bundle import default_bundle_path
             bundle = path = str(default_bundle_path())
             if not Path(path).is_file():
-                self.error.emit(f"no built-in model at {path}; load a bundle with Model ▸ Load bundle…")
+                self._load_failed(f"no built-in model at {path}; load a bundle with Model ▸ Load bundle…")
                 return
         from engine.bundle import BundleError
         shown = path or "the retrained model"
@@ -294,22 +299,28 @@ class InferenceWorker(QObject):
                 engine = self._make_engine(bundle, "auto")
             info = ModelInfo.from_engine(engine, path)
         except Exception as e:  # noqa: BLE001 - BundleError, anything: the old model stays
-            self.error.emit(f"could not load {shown}: {e}")
+            self._load_failed(f"could not load {shown}: {e}")
             return
         self.engine, self._path = engine, path
         self.model_loaded.emit(info)
+
+    def _load_failed(self, message: str) -> None:
+        self.load_failed.emit(message)
+        self.error.emit(message)
 
     def _set_device(self, device: str) -> None:
         self.progress.emit(f"moving the model to {device} …")
         if self._guard(f"switching to device {device}", lambda e: e.set_device(device)):
             self.device_changed.emit(ModelInfo.from_engine(self.engine, self._path))
 
-    def _set_policy(self, policy: Any) -> None:
+    def _set_policy(self, policy: Any, weights_of: str | None) -> None:
         if isinstance(policy, dict) and self.engine is not None:
             try:
                 from engine.policies import policy_from_json
                 model = self.engine.model
                 policy = policy_from_json(policy, num_exits=model.num_exits, num_classes=model.num_classes)
+                if weights_of is not None:
+                    policy.load_state_dict(self.engine.bundle.policies[weights_of].state_dict())
             except Exception as e:  # noqa: BLE001
                 self.error.emit(f"cannot build the policy {policy}: {e}")
                 return

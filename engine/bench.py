@@ -74,34 +74,48 @@ def _sources(subset: Subset) -> set[str]:
 
 
 def open_splits(data: str | Path, preset, *, val_fraction: float = DEFAULT_VAL_FRACTION,
-                on_skipped: Callable[[str, str], None] | None = None) -> Splits:
+                classes: Sequence[str] | None = None, on_skipped: Callable[[str, str], None] | None = None,
+                on_warning: Callable[[str], None] | None = None) -> Splits:
     """The train, calibration and test parts of `data`: the train/test layout (the CIFAR-10 zip or
     folder) or a plain class folder, checked first (bad files go to `on_skipped(path, reason)` and
-    are left out). Train and validation are `split_indices(targets, val_fraction, seed=0)` of the
-    train split, exactly as `train-exits` and `train-backbone` split it.
+    are left out; class folders without a readable image, which the classes leave out, go to
+    `on_warning(message)`). Train and validation are `split_indices(targets, val_fraction, seed=0)`
+    of the train split, exactly as `train-exits` and `train-backbone` split it.
 
-    Raises ValueError naming `data` when it is unusable or holds a single class."""
-    try:
-        ds, layout = open_dataset(data, split="train"), "split"
-    except ValueError:
+    `classes` (an existing model's class names) labels every image by its class folder's name:
+    label i is the model's class i, whatever other classes the folder lacks.
+
+    Raises ValueError naming `data` when it is unusable, holds a single class, or has a class
+    folder that is not among `classes`."""
+    from .data import dataset_splits
+    if "train" in dataset_splits(data):
+        ds, layout = open_dataset(data, split="train", classes=classes), "split"
+    else:
         check = check_folder(data)
         for path, reason in check.skipped:
             if on_skipped is not None:
                 on_skipped(path, reason)
         check.raise_if_unusable()
-        ds, layout = open_dataset(data, report=check), "folder"
-    if len(ds.classes) < 2:
+        for cls in check.empty_classes:
+            if on_warning is not None:
+                what = "it is not scored" if classes is not None else "the model will not have this class"
+                on_warning(f"class folder {Path(check.path) / cls} has no readable image; {what}")
+        ds, layout = open_dataset(data, report=check, classes=classes), "folder"
+    if len(set(ds.targets)) < 2:
         raise ValueError(f"{data} has a single class; exits need at least two classes to tell apart")
     ds.transform = preset_transform(preset)
     tr, va = split_indices(ds.targets, val_fraction=val_fraction, seed=0)
     train, validation = Subset(ds, tr), Subset(ds, va)
     if layout == "split":
         try:
-            test = open_dataset(data, split="test", classes=ds.classes, transform=preset_transform(preset))
+            test = open_dataset(data, split="test", classes=ds.classes, transform=preset_transform(preset),
+                                classes_of="the model" if classes is not None else f"{data}'s train split")
             return Splits(train, validation, validation, Subset(test, list(range(len(test)))), list(ds.classes),
                           layout, val_fraction)
-        except ValueError:  # a train split without a test split: hold out part of validation instead
-            layout = "folder"
+        except ValueError:
+            if "test" in dataset_splits(data):  # a test split that cannot be used: say why
+                raise
+            layout = "folder"  # a train split without a test split: hold out part of validation instead
     cal, test = split_indices([ds.targets[i] for i in va], val_fraction=0.5, seed=_HALVING_SEED)
     return Splits(train, validation, Subset(ds, [va[i] for i in cal]), Subset(ds, [va[i] for i in test]),
                   list(ds.classes), layout, val_fraction)

@@ -11,14 +11,13 @@ accuracy is within 0.5 points of the full model's:
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .evaluate import _finite, pareto
-from .files import write_atomic
+from .evaluate import pareto
+from .files import write_json
 from .plot import plot_curves, write_png
 
 ADAPTIVE = ("threshold", "dyce", "bolukbasi", "structure", "cascade", "bundle")  # families that exit per image
@@ -188,7 +187,7 @@ def _describe(policy: dict) -> str:
 # -- files ----------------------------------------------------------------------------------------
 def save(rep: dict, json_path: str | Path, png_path: str | Path | None = None) -> None:
     """Write the report as JSON (non-finite numbers become null) and its plot as PNG, both atomically."""
-    write_atomic(Path(json_path), json.dumps(_finite(rep), indent=1, allow_nan=False).encode("utf-8"))
+    write_json(Path(json_path), rep, indent=1)
     if png_path is not None:
         plot(rep, png_path)
 

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .bundle import Bundle
 from .cost import CostTable, count_decision_flops, measure_costs, profile_latency
-from .evaluate import Records, _length, as_loader, evaluate_policy
+from .evaluate import Records, _length, as_loader, drop_skipped, evaluate_policy
 from .model import Evidence, MultiExitNet
 from .policies import Policy
 from .policies.bolukbasi import with_policy_flops
@@ -219,8 +219,8 @@ def record_cascade(models: Cascade | Sequence[MultiExitNet | Bundle],
     if not logits:
         raise ValueError("the dataset is empty: there is nothing to record")
     features = [torch.cat(col) for col in zip(*feats)]  # outside inference mode: ordinary tensors
-    return Records(torch.cat(logits), features, torch.cat(labels), cascade.class_names,
-                   list(range(cascade.num_models)))
+    return drop_skipped(Records(torch.cat(logits), features, torch.cat(labels), cascade.class_names,
+                                list(range(cascade.num_models))))
 
 
 def evaluate_cascade(records: Records, policy: Policy, cost: CostTable) -> dict:

@@ -19,12 +19,18 @@ test split; for a plain class folder, half of that validation part, the other ha
 from __future__ import annotations
 
 import argparse
-import json
+import logging
+import os
 import sys
 import time
 from pathlib import Path
 
+from . import cli_args as num
+from .cli_info import cmd_info
+from .files import json_text
 from .progress import Cancelled, Progress
+
+log = logging.getLogger("offramp")
 
 
 class TerminalProgress:
@@ -64,49 +70,40 @@ def _load(path: str | None):
     return load_bundle(path or default_bundle_path())
 
 
+# -- where results go: checked before any work, kept somewhere if the write fails after it ----------
+def _check_out(path: str, *, suffixes: tuple[str, ...] = (".offramp",), what: str = "bundle",
+               option: str = "--out") -> None:
+    """Refuse (OutputPathError, one sentence) an output that could not be written, before any work."""
+    from .files import check_output_path
+    check_output_path(path, suffixes=suffixes, what=what, option=option)
+
+
+def _save_bundle(bundle, out: str) -> None:
+    """save_bundle; when that fails (disk full, permissions changed), the bundle is kept in a spare
+    folder and SaveFailed says where, so finished training is never thrown away."""
+    from .bundle import save_bundle
+    from .files import save_or_keep
+    save_or_keep(lambda p: save_bundle(bundle, p), out, what="bundle")
+
+
+def _write_outputs(outputs) -> None:
+    """Write each (write, path, what) with `save_or_keep`: one that fails is kept in a spare folder
+    and the others are still written; then SaveFailed names every failure."""
+    from .files import SaveFailed, save_or_keep
+    failed = []
+    for write, path, what in outputs:
+        try:
+            save_or_keep(write, path, what=what)
+        except SaveFailed as e:
+            failed.append(str(e))
+    if failed:
+        raise SaveFailed("; ".join(failed))
+
+
 def cmd_list_backbones(args) -> int:
     from .backbones import backbone_family, list_backbones
     for name in list_backbones():
         print(f"{name:<22} {backbone_family(name)}")
-    return 0
-
-
-def cmd_info(args) -> int:
-    from .bundle import default_bundle_path, read_manifest
-    path = args.bundle or default_bundle_path()
-    m = read_manifest(path)
-    if args.json:
-        print(json.dumps(m, indent=2))
-        return 0
-    cost = m["cost"]
-    from .cost import CostTable
-    table = CostTable.from_json(cost)
-    cum = table.cumulative_flops()
-    print(f"bundle      {path}")
-    print(f"backbone    {m['backbone']['name']} {m['backbone'].get('kwargs', {})}")
-    print(f"input       {m['preset']['crop']}x{m['preset']['crop']} (resize {m['preset']['resize']})")
-    print(f"classes     {len(m['class_names'])}: {', '.join(m['class_names'][:12])}{' …' if len(m['class_names']) > 12 else ''}")
-    print(f"full model  {table.full_flops / 1e6:.2f} MFLOPs" + (f", {table.full_ms:.2f} ms on {table.device}" if table.has_latency else ""))
-    evaluation = m.get("meta", {}).get("evaluation", {})
-    acc = evaluation.get("accuracy_per_exit")
-    distilled = evaluation.get("labels") == "last exit's predictions"  # exits without labels: agreement
-    column = "  agrees w/ last" if distilled else "  val. accuracy"
-    print("exits       #  stage  head      MFLOPs to reach  of full" + (column if acc else ""))
-    for e, spec in enumerate(m["exits"]):
-        line = f"            {e}  {spec['stage']:>5}  {spec['kind']:<8} {cum[e] / 1e6:>15.2f}  {_pct(cum[e] / table.full_flops):>7}"
-        print(line + (f"  {_pct(acc[e]):>{len(column) - 2}}" if acc else ""))
-    kinds = ", ".join(f"{k} ({v['kind']})" for k, v in m["policies"].items())
-    print(f"policies    {kinds}; default: {m['default_policy']}")
-    point = evaluation.get("default_point")
-    if point:
-        what = "agrees with the last exit on" if distilled else "accuracy"
-        print(f"default     {what} {_pct(point['accuracy'])}, saved {_pct(point['saved'])} of FLOPs (validation split)")
-    if distilled:
-        print("exits       distilled from the last exit on unlabelled images (train-exits --unlabelled)")
-    search = m.get("meta", {}).get("search")
-    if search:
-        print(f"front       {len(m['meta'].get('front') or [])} configurations from a DyCE search on "
-              f"{search['samples']} calibration images")
     return 0
 
 
@@ -119,6 +116,13 @@ def cmd_run(args) -> int:
         bundle = paths.pop(0)
     if not paths:
         raise SystemExit("offramp run: name at least one image, folder or video")
+    missing = [p for p in paths if not os.path.lexists(p)]
+    if len(missing) == len(paths):  # nothing to do: say so before loading any model
+        for p in missing:
+            print(f"skipped: {p} does not exist", file=sys.stderr)
+        print(f"offramp run: nothing was classified: {_listing(missing)} "
+              f"{'does' if len(missing) == 1 else 'do'} not exist", file=sys.stderr)
+        return 2
     import torch
     torch.set_num_threads(1)  # one image at a time: more threads only spin (and the latency profile uses 1)
     engine = Engine(bundle, device=args.device)
@@ -126,10 +130,18 @@ def cmd_run(args) -> int:
         engine.set_policy(args.policy)
     if args.threshold is not None:
         engine.set_thresholds([args.threshold] * engine.model.num_exits)
-    for source, frame in iter_frames(paths, on_error=lambda msg: print(f"skipped: {msg}", file=sys.stderr)):
-        r = engine.infer(frame)
+    failed: list[str] = []
+
+    def skip(msg: str) -> None:
+        failed.append(msg)
+        print(f"skipped: {msg}", file=sys.stderr)
+
+    classified = 0
+    for source, frame in iter_frames(paths, on_error=skip):  # RGB frames, decoded as training decodes
+        r = engine.infer(frame, rgb=True)
+        classified += 1
         if args.json:
-            print(json.dumps({"source": source, "exit": r.exit_index, "label": r.label, "confidence": r.confidence,
+            print(json_text({"source": source, "exit": r.exit_index, "label": r.label, "confidence": r.confidence,
                               "flops": r.flops, "full_flops": r.full_flops, "saved": r.saved, "ms": r.ms,
                               "exits": [{"exit": x.exit_index, "confidence": x.confidence, "top": x.top_k[0][0]}
                                         for x in r.exits]}))
@@ -139,30 +151,46 @@ def cmd_run(args) -> int:
     t = engine.totals
     if t.frames and not args.json:
         print(f"{t.frames} frames: {_pct(t.saved)} of FLOPs saved, exits taken {t.exit_counts}", file=sys.stderr)
+    if not classified:
+        print(f"offramp run: nothing was classified: every input was missing or unreadable ({_listing(paths)})",
+              file=sys.stderr)
+        return 2
+    if failed:
+        print(f"offramp run: {len(failed)} input{'s' if len(failed) > 1 else ''} skipped (see above)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _listing(items: list[str], most: int = 5) -> str:
+    shown = ", ".join(map(str, items[:most]))
+    return shown + (f" and {len(items) - most} more" if len(items) > most else "")
 
 
 def _print_skipped(path: str, reason: str) -> None:
     print(f"skipped {path}: {reason}", file=sys.stderr)
 
 
+def _print_warning(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def _train_val_sets(data: str, preset, val_fraction: float):
     """(train set, validation set, class names) from a class folder (checked first: bad files are
     listed and skipped) or from the train split of the CIFAR-10 layout (zip or folder)."""
     from .bench import open_splits
-    splits = open_splits(data, preset, val_fraction=val_fraction, on_skipped=_print_skipped)
+    splits = open_splits(data, preset, val_fraction=val_fraction, on_skipped=_print_skipped, on_warning=_print_warning)
     return splits.train, splits.validation, splits.classes
 
 
 def cmd_train_exits(args) -> int:
     from .backbones import build_backbone
-    from .bundle import save_bundle
     from .model import MultiExitNet
     from .train.retrain import fit_exits
     import torch
+    _check_out(args.out)
     torch.manual_seed(args.seed)  # a new backbone's random init and the heads' init are reproducible
     progress = TerminalProgress()
-    stages = [int(s) for s in args.exits.split(",")] if args.exits else None
+    stages = args.exits or None
     base = _load(args.from_bundle) if args.from_bundle else None
     if base is None and not args.backbone:
         raise SystemExit("offramp train-exits: give --backbone NAME (see `offramp list-backbones`) or --from BUNDLE")
@@ -179,9 +207,9 @@ def cmd_train_exits(args) -> int:
     bundle, rep = fit_exits(model, train_set, val_set, epochs=args.epochs, max_loss=args.max_loss / 100,
                             distill=args.distill or 0.0, progress=progress, meta=meta)
     progress.close()
-    save_bundle(bundle, args.out)
+    _save_bundle(bundle, args.out)
     acc = rep["accuracy_per_exit"]
-    print("validation accuracy per exit: " + "  ".join(f"{e}:{_pct(a)}" for e, a in enumerate(acc)))
+    print("validation accuracy per exit: " + "  ".join(f"E{e}:{_pct(a)}" for e, a in enumerate(acc)))
     _print_calibration(rep["calibration"])
     p = rep["default_point"]
     print(f"default policy: {_pct(p['accuracy'])} accuracy, {_pct(p['saved'])} of FLOPs saved")
@@ -192,7 +220,6 @@ def cmd_train_exits(args) -> int:
 def _distil_exits(args, base, stages, meta, progress) -> int:
     """train-exits --unlabelled: early exits learn the last exit's answers on unlabelled images."""
     from .backbones import build_backbone
-    from .bundle import save_bundle
     from .data import preset_transform, unlabelled_parts
     from .model import MultiExitNet
     from .train.retrain import distil_exits, early_exits_on
@@ -215,7 +242,7 @@ def _distil_exits(args, base, stages, meta, progress) -> int:
     bundle, rep = distil_exits(model, images, epochs=args.epochs, parts=(train_idx, val_idx),
                                max_loss=args.max_loss / 100, distill=distill, progress=progress, meta=meta)
     progress.close()
-    save_bundle(bundle, args.out)
+    _save_bundle(bundle, args.out)
     agree = rep["agreement_per_exit"]
     print(f"agreement with the last exit on {rep['held_out']} held-out images: "
           + "  ".join(f"E{e}:{_pct(a)}" for e, a in enumerate(agree[:-1])))
@@ -252,25 +279,28 @@ def _checked_unlabelled(path: str, progress=None, split: str = "train"):
 
 
 def cmd_train_backbone(args) -> int:
-    from .bundle import save_bundle
     from .backbones import build_backbone
-    from .train.network import NetworkConfig, decode_dataset, train_network
+    from .train.network import NetworkConfig, decode_dataset, read_checkpoint, train_network
     from .train.retrain import fit_exits
-    from .data import preset_transform, split_indices
+    from .data import preset_transform
     from dataclasses import asdict
+    _check_out(args.out)
     progress = TerminalProgress()
     device = _pick_device(args.device)
     preset = build_backbone(args.arch).preset
+    if args.exit_weights and not any(args.exit_weights):
+        raise ValueError("--exit-weights are all 0; give at least one exit a positive weight, e.g. 0,0,1")
+    cfg = NetworkConfig(arch=args.arch, head=args.head, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                        label_smoothing=args.label_smoothing, seed=args.seed,
+                        exit_weights=list(args.exit_weights or []))
+    checkpoint = args.checkpoint or str(Path(args.out).with_suffix(".ckpt"))
+    _check_out(checkpoint, suffixes=(), what="checkpoint", option="--checkpoint")
+    read_checkpoint(checkpoint, cfg)  # a damaged or foreign checkpoint is refused before any work
     train_set, val_set, classes = _train_val_sets(args.data, preset, args.val_fraction)
     full = train_set.dataset
     full.transform = None
-    images, labels = decode_dataset(full, preset.crop, progress=progress)
-    tr, _ = split_indices(labels.tolist(), val_fraction=args.val_fraction, seed=0)
-    cfg = NetworkConfig(arch=args.arch, head=args.head, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                        label_smoothing=args.label_smoothing, seed=args.seed,
-                        exit_weights=[float(w) for w in args.exit_weights.split(",")] if args.exit_weights else [])
-    checkpoint = args.checkpoint or str(Path(args.out).with_suffix(".ckpt"))
-    model, history = train_network(cfg, images[tr], labels[tr], classes, device=device, checkpoint=checkpoint,
+    images, labels = decode_dataset(train_set, preset.crop, progress=progress)  # the training part only
+    model, history = train_network(cfg, images, labels, classes, device=device, checkpoint=checkpoint,
                                    progress=progress, log=lambda s: (progress.close(), print(s)))
     full.transform = preset_transform(preset)
     meta = {"name": Path(args.out).stem, "training": {"config": asdict(cfg), "history": history,
@@ -280,17 +310,22 @@ def cmd_train_backbone(args) -> int:
     # thresholds searched on the held-out split (no further head training).
     bundle, rep = fit_exits(model, train_set, val_set, epochs=0, progress=progress, meta=meta)
     progress.close()
-    save_bundle(bundle, args.out)
-    print("validation accuracy per exit: " + "  ".join(f"{e}:{_pct(a)}" for e, a in enumerate(rep["accuracy_per_exit"])))
+    _save_bundle(bundle, args.out)
+    print("validation accuracy per exit: " + "  ".join(f"E{e}:{_pct(a)}" for e, a in enumerate(rep["accuracy_per_exit"])))
     _print_calibration(rep["calibration"])
     print(f"saved {args.out}")
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from .data import open_dataset, preset_transform
-    from .evaluate import evaluation_report, record_outputs, save_report
+    from .data import preset_transform
+    from .evaluate import evaluation_report, plot_report, record_outputs
     from .cost import profile_latency
+    from .files import write_json
+    out_json = args.json or f"{Path(args.bundle or 'default').stem}-evaluation.json"
+    out_png = args.png or str(Path(out_json).with_suffix(".png"))
+    _check_out(out_json, suffixes=(".json",), what="report", option="--json")
+    _check_out(out_png, suffixes=(".png",), what="plot", option="--png")
     bundle = _load(args.bundle)
     model = bundle.model
     if args.unlabelled:
@@ -298,25 +333,52 @@ def cmd_evaluate(args) -> int:
         split, check = _checked_unlabelled(args.unlabelled, split=args.split)
         ds = open_unlabelled(args.unlabelled, split, report=check)
     else:
-        try:
-            ds = open_dataset(args.data, split=args.split)
-        except ValueError:
-            ds = open_dataset(args.data)
+        ds, check = _labelled_for_model(model, args.data, args.split)
     ds.transform = preset_transform(model.backbone.preset)
     progress = TerminalProgress()
     records = record_outputs(model, ds, batch_size=args.batch_size, progress=progress)
     progress.close()
     if args.unlabelled:  # no labels: score every exit and policy by agreement with the last exit
         records.labels = records.logits[:, -1].argmax(-1)
-        print(f"{len(ds)} unlabelled images: 'accuracy' below is agreement with the last exit")
+        print(f"{records.num_samples} unlabelled images: 'accuracy' below is agreement with the last exit")
     cost = profile_latency(model, bundle.cost)  # this machine's batch-1 latency, not the one stored
     rep = evaluation_report(records, cost, bundle.policies, default=bundle.default_policy)
-    out_json = args.json or f"{Path(args.bundle or 'default').stem}-evaluation.json"
-    out_png = args.png or str(Path(out_json).with_suffix(".png"))
-    save_report(rep, out_json, out_png)
+    unread = sorted(set(ds.bad) - {src for src, _ in check.skipped})  # failed after the check passed them
+    rep["data"] = str(args.data or args.unlabelled)
+    rep["skipped"] = [[str(p), why] for p, why in check.skipped] + [[ds._name(src), ds.bad[src]] for src in unread]
+    if args.unlabelled:
+        rep.pop("classes_scored")
+    else:
+        print(f"scored {records.num_samples} images of {len(rep['classes_scored'])} of the model's "
+              f"{len(model.class_names)} classes: {', '.join(rep['classes_scored'])}")
+    if rep["skipped"]:
+        print(f"skipped {len(rep['skipped'])} unreadable files (listed above and in the report)")
     _print_report(rep)
+    _write_outputs([(lambda p: write_json(p, rep), out_json, "report"), (lambda p: plot_report(rep, p), out_png, "plot")])
     print(f"wrote {out_json} and {out_png}")
     return 0
+
+
+def _labelled_for_model(model, data: str, split: str):
+    """(dataset, FolderReport) of `data` labelled by `model`'s class names (label i = the model's
+    class i, whatever classes the folder lacks): `split` of a train/test layout, else all of a
+    plain class folder. Checked first: unreadable files are printed and left out, so every sample
+    is one real image. Raises ValueError for a class folder the model does not know, or no images."""
+    from .data import check_folder, dataset_splits, open_dataset
+    splits = dataset_splits(data)
+    if split not in splits:
+        if "train" in splits:
+            raise ValueError(f"{data} has no {split!r} split (it has {', '.join(splits)}); give --split with one of them")
+        split = None
+    open_dataset(data, split, classes=model.class_names)  # a class the model lacks is refused before any decoding
+    check = check_folder(data, split)
+    for path, reason in check.skipped:
+        _print_skipped(path, reason)
+    if check.total == 0:
+        raise ValueError(f"{check.path} has no readable images in its class folders"
+                         + (f" (all {len(check.skipped)} were skipped)" if check.skipped else "")
+                         + "; give a folder with one sub-folder of images per class")
+    return open_dataset(data, split, classes=model.class_names, report=check), check
 
 
 def _splits_for(bundle, args):
@@ -328,7 +390,8 @@ def _splits_for(bundle, args):
         fraction = float((bundle.meta.get("split") or {}).get("val_fraction", DEFAULT_VAL_FRACTION))
     if getattr(args, "unlabelled", None):
         return _unlabelled_splits(bundle, args.unlabelled, fraction)
-    splits = open_splits(args.data, bundle.model.backbone.preset, val_fraction=fraction, on_skipped=_print_skipped)
+    splits = open_splits(args.data, bundle.model.backbone.preset, val_fraction=fraction, on_skipped=_print_skipped,
+                         on_warning=_print_warning, classes=bundle.model.class_names)  # labels by class name
     d = splits.describe()
     print(f"data: {d['train']} training, {d['calibration']} calibration ({d['calibration_source']}), "
           f"{d['test']} test images ({d['test_source']})", file=sys.stderr)
@@ -376,9 +439,11 @@ def _record(model, subset, progress, with_features=True, teacher_labels=False):
 
 def cmd_search(args) -> int:
     from .bench_report import front_table
-    from .bundle import save_bundle
     from .fronts import search_bundle
+    if args.out:
+        _check_out(args.out)
     bundle = _load(args.bundle)
+    _check_out(args.out or args.bundle, suffixes=())  # written back over BUNDLE without --out
     splits = _splits_for(bundle, args)
     progress = TerminalProgress()
     unlabelled = isinstance(splits, _UnlabelledSplits)
@@ -395,7 +460,7 @@ def cmd_search(args) -> int:
         print(f"{label + ':':<18} {_pct(p['accuracy'])} accuracy, {_pct(1 - p['flops'] / flops)} of FLOPs saved "
               f"at {target}")
     out = args.out or args.bundle
-    save_bundle(searched, out)
+    _save_bundle(searched, out)
     print(f"saved {out} (default policy 'threshold' = point {rep['index']}; its front drives the app's budget slider)")
     return 0
 
@@ -404,9 +469,11 @@ def cmd_train_policy(args) -> int:
     from torch.utils.data import Subset
     from .bench import stratified_subset
     from .bench_report import front_table
-    from .bundle import save_bundle
     from .fronts import train_policy_bundle
+    if args.out:
+        _check_out(args.out)
     bundle = _load(args.bundle)
+    _check_out(args.out or args.bundle, suffixes=())  # written back over BUNDLE without --out
     splits = _splits_for(bundle, args)
     progress = TerminalProgress()
     unlabelled = isinstance(splits, _UnlabelledSplits)
@@ -427,7 +494,7 @@ def cmd_train_policy(args) -> int:
           f"(cheapest within {args.max_loss:g} points of the last exit's {_pct(rep['full_accuracy'])}):")
     print("\n".join(front_table(rep["front"], rep["index"], rep["full_flops"], rep["full_accuracy"])))
     out = args.out or args.bundle
-    save_bundle(trained, out)
+    _save_bundle(trained, out)
     default = " (now the default)" if args.default else ""
     print(f"saved {out} with policy {rep['name']!r}{default}; use it with `offramp run --policy {rep['name']}`")
     return 0
@@ -436,6 +503,8 @@ def cmd_train_policy(args) -> int:
 def cmd_export(args) -> int:
     from .export import OnnxRunner, export_bundle
     import torch
+    from .files import check_output_path
+    check_output_path(args.out, what="export folder", folder=True)
     torch.set_num_threads(1)
     bundle = _load(args.bundle)
     inputs = _check_images(args.images, bundle, args.check_images) if args.images else None
@@ -488,6 +557,11 @@ def cmd_bench(args) -> int:
     import torch
     from . import bench_report
     from .bench import run_benchmark
+    from .files import write_json
+    out_json = args.json or f"{Path(args.bundle).stem}-bench.json"
+    out_png = args.png or str(Path(out_json).with_suffix(".png"))
+    _check_out(out_json, suffixes=(".json",), what="report", option="--json")
+    _check_out(out_png, suffixes=(".png",), what="plot", option="--png")
     bundle = _load(args.bundle)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -504,9 +578,6 @@ def cmd_bench(args) -> int:
            "command": "offramp " + " ".join(sys.argv[1:]), **rep}
     rep["goals"] = bench_report.assess_goals(rep)
     rep["notes"] = bench_report.notes(rep)
-    out_json = args.json or f"{Path(args.bundle).stem}-bench.json"
-    out_png = args.png or str(Path(out_json).with_suffix(".png"))
-    bench_report.save(rep, out_json, out_png)
     print("\n".join(bench_report.table(rep)))
     print("chosen on the calibration split (cheapest within 0.5 point there), as it does on the test split:")
     print("\n".join(bench_report.choice_lines(rep)))
@@ -515,6 +586,8 @@ def cmd_bench(args) -> int:
     print("\n".join(bench_report.goal_lines(rep["goals"])))
     for note in rep["notes"]:
         print(f"note: {note}")
+    _write_outputs([(lambda p: write_json(p, rep), out_json, "report"),
+                    (lambda p: bench_report.plot(rep, p), out_png, "plot")])
     print(f"wrote {out_json} and {out_png}")
     return 0
 
@@ -527,8 +600,8 @@ def _print_calibration(cal: dict) -> None:
 
 
 def _print_report(rep: dict) -> None:
-    print("accuracy per exit: " + "  ".join(f"{e}:{_pct(a)}" for e, a in enumerate(rep["accuracy_per_exit"])))
-    print("calibration error (ECE) per exit: " + "  ".join(f"{e}:{_pct(a)}" for e, a in enumerate(rep["ece_per_exit"])))
+    print("accuracy per exit: " + "  ".join(f"E{e}:{_pct(a)}" for e, a in enumerate(rep["accuracy_per_exit"])))
+    print("calibration error (ECE) per exit: " + "  ".join(f"E{e}:{_pct(a)}" for e, a in enumerate(rep["ece_per_exit"])))
     rows = [("full model", rep["full"])] + [(k, v) for k, v in rep["policies"].items()] + [("oracle", rep["oracle"])]
     print(f"{'method':<24}{'accuracy':>10}{'MFLOPs':>10}{'saved':>8}{'ms':>8}{'speed-up':>10}")
     for name, r in rows:
@@ -555,7 +628,7 @@ def _bundle_and_data(s: argparse.ArgumentParser, bundle_help: str, unlabelled: b
     if unlabelled:
         data.add_argument("--unlabelled", metavar="FOLDER", help="the unlabelled images the exits were distilled on "
                           "(train-exits --unlabelled): accuracy means agreement with the last exit")
-    s.add_argument("--val-fraction", type=float, metavar="F", help="fraction of the training data held out of "
+    s.add_argument("--val-fraction", type=num.held_out, metavar="F", help="fraction of the training data held out of "
                    "training, as given to train-exits / train-backbone (default: what the bundle records, else 0.1)")
 
 
@@ -622,7 +695,7 @@ TRAIN_EXITS_EPILOG = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="offramp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = num.Parser(prog="offramp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     raw = argparse.RawDescriptionHelpFormatter
 
@@ -634,15 +707,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     s.set_defaults(fn=cmd_info)
 
-    s = sub.add_parser("run", help="classify images, folders and videos with early exits")
+    s = sub.add_parser("run", help="classify images, folders and videos with early exits",
+                       description="Classify images, folders and videos with early exits. Exit status: 0 when "
+                       "every input was classified, 1 when some were skipped (missing or unreadable, each "
+                       "named on stderr), 2 when nothing was classified.")
     s.add_argument("paths", nargs="+", metavar="PATH", help="images, folders or video files (a leading .offramp file is the bundle)")
     s.add_argument("--bundle", help="bundle to use (default: the built-in model)")
     s.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
     pick = s.add_mutually_exclusive_group()
     pick.add_argument("--policy", metavar="NAME", help="a policy stored in the bundle by name, e.g. bolukbasi or "
                       "structure after train-policy (see `offramp info`; default: the bundle's default policy)")
-    pick.add_argument("--threshold", type=float,
-                      help="one max-probability threshold for every exit, instead of the bundle's policy")
+    pick.add_argument("--threshold", type=num.unit,
+                      help="one max-probability threshold (0..1) for every exit, instead of the bundle's policy")
     s.add_argument("--json", action="store_true", help="one JSON object per line")
     s.set_defaults(fn=cmd_run)
 
@@ -657,29 +733,32 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--from", dest="from_bundle", metavar="BUNDLE", help="keep this bundle's trained backbone, put new exits on it")
     s.add_argument("--weights", help="pretrained torchvision weights, e.g. DEFAULT (needs them cached or a network)")
     s.add_argument("--head", default="linear", choices=["linear", "conv"], help="exit head design (default: linear)")
-    s.add_argument("--exits", help="comma-separated stage indices to put exits after (default: every stage)")
-    s.add_argument("--epochs", type=int, default=30)
-    s.add_argument("--distill", type=float, help="weight of distillation from the last exit (0..1; default 0 with "
+    s.add_argument("--exits", type=num.number_list(num.integer(), what="stage indices"),
+                   help="comma-separated stage indices to put exits after (default: every stage)")
+    s.add_argument("--epochs", type=num.positive_int, default=30)
+    s.add_argument("--distill", type=num.unit, help="weight of distillation from the last exit (0..1; default 0 with "
                    "--data, 1 with --unlabelled)")
-    s.add_argument("--val-fraction", type=float, default=0.1, help="held out for calibration and threshold search")
-    s.add_argument("--max-loss", type=float, default=0.5, help="default policy: accuracy points below the last exit allowed")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--val-fraction", type=num.held_out, default=0.1,
+                   help="held out for calibration and threshold search (between 0 and 1)")
+    s.add_argument("--max-loss", type=num.points, default=0.5,
+                   help="default policy: accuracy points below the last exit allowed (0..100)")
+    s.add_argument("--seed", type=num.seed, default=0)
     s.add_argument("--out", required=True, help="bundle file to write (.offramp)")
     s.set_defaults(fn=cmd_train_exits)
 
     s = sub.add_parser("train-backbone", help="train a built-in CIFAR network with its exits from scratch")
     s.add_argument("--arch", default="cifar_resnet20", help="built-in backbone (see list-backbones)")
     s.add_argument("--data", required=True, help="CIFAR-10 zip or extracted folder (its train split is used)")
-    s.add_argument("--epochs", type=int, default=30)
-    s.add_argument("--batch-size", type=int, default=128)
-    s.add_argument("--lr", type=float, default=0.1)
-    s.add_argument("--label-smoothing", type=float, default=0.1)
-    s.add_argument("--exit-weights", metavar="W,W,...",
+    s.add_argument("--epochs", type=num.positive_int, default=30)
+    s.add_argument("--batch-size", type=num.positive_int, default=128)
+    s.add_argument("--lr", type=num.positive, default=0.1)
+    s.add_argument("--label-smoothing", type=num.smoothing, default=0.1)
+    s.add_argument("--exit-weights", metavar="W,W,...", type=num.number_list(num.nonnegative, what="weights"),
                    help="loss weight of each exit, comma-separated (default: all 1, joint training); "
                         "0,...,0,1 trains the backbone alone, for exits put on it afterwards with train-exits --from")
     s.add_argument("--head", default="linear", choices=["linear", "conv"])
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--val-fraction", type=float, default=0.1)
+    s.add_argument("--seed", type=num.seed, default=0)
+    s.add_argument("--val-fraction", type=num.held_out, default=0.1)
     s.add_argument("--device", default="auto")
     s.add_argument("--checkpoint", help="checkpoint to resume from and write each epoch (default: OUT with .ckpt)")
     s.add_argument("--out", required=True, help="bundle file to write (.offramp)")
@@ -692,7 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--unlabelled", metavar="FOLDER", help="images without labels: every exit and policy is "
                       "scored by agreement with the last exit (e.g. new photos for a distilled bundle)")
     s.add_argument("--split", default="test", help="split of the CIFAR-10 layout to use (default: test)")
-    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--batch-size", type=num.positive_int, default=256)
     s.add_argument("--json", help="report file (default: <bundle>-evaluation.json)")
     s.add_argument("--png", help="plot file (default: next to the JSON)")
     s.set_defaults(fn=cmd_evaluate)
@@ -701,10 +780,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "default configuration, stored in the bundle", description=SEARCH_HELP)
     _bundle_and_data(s, "the .offramp bundle to search (written back unless --out)", unlabelled=True)
     target = s.add_mutually_exclusive_group()
-    target.add_argument("--max-loss", type=float, default=0.5, metavar="POINTS",
+    target.add_argument("--max-loss", type=num.points, default=0.5, metavar="POINTS",
                         help="default configuration: the cheapest within this many accuracy points of the last exit "
                              "on the calibration split (default: 0.5)")
-    target.add_argument("--budget", type=float, metavar="B", help="default configuration: this far along the front "
+    target.add_argument("--budget", type=num.unit, metavar="B", help="default configuration: this far along the front "
                         "instead, 0 = the cheapest point, 1 = the most accurate")
     s.add_argument("--measure", default="max_prob", choices=["max_prob", "entropy", "margin"],
                    help="the confidence every threshold is compared with (default: max_prob)")
@@ -718,12 +797,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threshold: one confidence threshold for every exit (best of max_prob, entropy, margin); "
                         "bolukbasi: a small classifier per exit (Bolukbasi et al. 2017); "
                         "structure: a network on features + class-prototype measures")
-    s.add_argument("--lambdas", type=float, nargs="+", metavar="λ", help="price of compute to sweep (accuracy traded "
+    s.add_argument("--lambdas", type=num.nonnegative, nargs="+", metavar="λ", help="price of compute to sweep (accuracy traded "
                    "per full model's FLOPs); larger = cheaper policies (default: the family's own sweep)")
-    s.add_argument("--epochs", type=int, help="structure: training epochs per λ (default 150)")
-    s.add_argument("--prototype-samples", type=int, default=5000, metavar="N",
+    s.add_argument("--epochs", type=num.positive_int, help="structure: training epochs per λ (default 150)")
+    s.add_argument("--prototype-samples", type=num.positive_int, default=5000, metavar="N",
                    help="structure: training images whose features give the class prototypes (default: 5000)")
-    s.add_argument("--max-loss", type=float, default=0.5, metavar="POINTS", help="keep the cheapest policy within this "
+    s.add_argument("--max-loss", type=num.points, default=0.5, metavar="POINTS", help="keep the cheapest policy within this "
                    "many accuracy points of the last exit on the calibration split (default: 0.5)")
     s.add_argument("--name", help="its name in the bundle (default: shared-threshold, bolukbasi or structure)")
     s.add_argument("--default", action="store_true", help="make it the default policy (the app starts with it)")
@@ -737,7 +816,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--policy", metavar="NAME", help="the bundle's policy to export (default: its default policy)")
     s.add_argument("--images", metavar="PATH", help="check on these images (a folder or zip; its test split if it "
                    "has one) instead of random inputs, and time the exported loop")
-    s.add_argument("--check-images", type=int, default=64, metavar="N", help="how many images to check on (default 64)")
+    s.add_argument("--check-images", type=num.positive_int, default=64, metavar="N", help="how many images to check on (default 64)")
     s.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
     s.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
     s.set_defaults(fn=cmd_export)
@@ -750,16 +829,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "(is a plain small model as good?)")
     s.add_argument("--cascade", nargs="+", action="extend", default=[], metavar="SMALL.offramp",
                    help="cheaper networks, cheapest first, to run before BUNDLE in a Bolukbasi selection cascade")
-    s.add_argument("--timing-images", type=int, default=300, metavar="N",
+    s.add_argument("--timing-images", type=num.positive_int, default=300, metavar="N",
                    help="test images each timed configuration runs at batch 1 (default: 300)")
-    s.add_argument("--threads", type=int, default=1,
+    s.add_argument("--threads", type=num.nonnegative_int, default=1,
                    help="CPU threads for the batch-1 timing (default 1, as the app runs a frame; 0 = PyTorch's)")
     s.add_argument("--learned", default="fit", choices=["fit", "bundle"], help="fit: fit the Bolukbasi and "
                    "structure fronts here on the calibration split (default); bundle: only the bundle's own policies")
-    s.add_argument("--lambdas", type=float, nargs="+", metavar="λ", help="Bolukbasi (and cascade) λ sweep")
-    s.add_argument("--structure-lambdas", type=float, nargs="+", metavar="λ", help="structure policy λ sweep")
-    s.add_argument("--structure-epochs", type=int, help="structure policy training epochs per λ (default 150)")
-    s.add_argument("--prototype-samples", type=int, default=5000, metavar="N",
+    s.add_argument("--lambdas", type=num.nonnegative, nargs="+", metavar="λ", help="Bolukbasi (and cascade) λ sweep")
+    s.add_argument("--structure-lambdas", type=num.nonnegative, nargs="+", metavar="λ",
+                   help="structure policy λ sweep")
+    s.add_argument("--structure-epochs", type=num.positive_int,
+                   help="structure policy training epochs per λ (default 150)")
+    s.add_argument("--prototype-samples", type=num.positive_int, default=5000, metavar="N",
                    help="training images whose features give the structure policy's prototypes (default: 5000)")
     s.add_argument("--json", help="report file (default: <bundle>-bench.json)")
     s.add_argument("--png", help="plot file (default: next to the JSON)")
@@ -768,6 +849,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit status. Every error ends in one line on stderr (the
+    traceback is logged at debug level: set OFFRAMP_DEBUG=1 to see it)."""
+    if os.environ.get("OFFRAMP_DEBUG"):
+        logging.basicConfig(level=logging.DEBUG)
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
@@ -777,9 +862,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; nothing was written", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:
+        log.debug("offramp %s failed", args.command, exc_info=True)
         print(f"offramp {args.command}: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - a bug or an input no check foresaw: one line, not a traceback
+        log.debug("offramp %s failed", args.command, exc_info=True)
+        print(f"offramp {args.command}: unexpected {type(exc).__name__}: {exc} (set OFFRAMP_DEBUG=1 for the "
+              "details)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ Layouts `open_dataset` understands:
 from __future__ import annotations
 
 import functools
-import io
 import os
 import struct
 import threading
@@ -21,74 +20,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Sequence
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from . import images
 from .backbones import InputPreset
+from .images import ImageError
 from .progress import CancelFlag, ProgressFn, report
+from .walk import TreeWalker, hidden as _hidden, real_first
 
 SPLITS = ("train", "test", "val")
-ImageSource = str | os.PathLike | bytes | BinaryIO
+SKIPPED = -100  # the label of an item whose own file could not be read (see ImageFolderData)
+ImageSource = images.ImageSource
 
 
 # -- images -------------------------------------------------------------------------------------
-def load_image(src: ImageSource) -> Image.Image:
-    """Open an image file, bytes or file object as an 8-bit RGB PIL image.
-
-    Grayscale, palette, CMYK and 16-/32-bit images are converted; transparency is composited on
-    white; EXIF orientation is applied. Raises OSError/ValueError (PIL's) when it is no image.
-    """
-    return _open(src)[0]
-
-
-def _open(src: ImageSource, draft: int | None = None) -> tuple[Image.Image, str]:
-    """(RGB image, the file's own mode). `draft` lets JPEG decode at reduced size (checks only)."""
-    if isinstance(src, (bytes, bytearray)):
-        return _decode(io.BytesIO(src), draft)
-    if isinstance(src, (str, os.PathLike)):
-        with open(src, "rb") as f:  # closed here even for multi-frame files Pillow would keep open
-            return _decode(f, draft)
-    return _decode(src, draft)
-
-
-def _decode(fp: BinaryIO, draft: int | None) -> tuple[Image.Image, str]:
-    img = Image.open(fp)
-    mode = img.mode
-    if draft is not None and img.format == "JPEG":
-        img.draft(None, (draft, draft))
-    img.load()  # decode now: a truncated or corrupt file fails here, not later
-    ImageOps.exif_transpose(img, in_place=True)
-    return _to_rgb(img), mode
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        a = np.asarray(img).astype(np.float64)
-        # 16-bit files hold 0..65535; a 32-bit "I" image that stays below 256 is already 8-bit.
-        if img.mode.startswith("I;16") or a.max(initial=0) > 255:
-            a = a / 257.0
-        elif img.mode == "F" and a.max(initial=0) <= 1.0:
-            a = a * 255.0
-        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
+# One decoder for every path that reads an image (engine.images): RGB, EXIF orientation applied,
+# 16-bit scaled one way, one size limit. Re-exported here, where the data code has always had it.
+load_image = images.load_image
 
 
 def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
-
-
-def _hidden(part: str) -> bool:
-    return part.startswith(".") or part == "__MACOSX"
 
 
 # -- where the images are -----------------------------------------------------------------------
@@ -117,6 +72,8 @@ def _read_member(fp: BinaryIO, entry: _Entry, archive: str, name: str) -> bytes:
     offset, size, method, crc = entry
     if method not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
         with zipfile.ZipFile(archive) as zf:  # rare compressions: the slow, general way
+            if zf.getinfo(name).file_size > MAX_MEMBER_BYTES:  # zipfile reads no more than it declares
+                raise ImageError(f"{archive}:{name}", _member_too_large())
             return zf.read(name)
     fp.seek(offset)
     head = fp.read(30)
@@ -124,12 +81,24 @@ def _read_member(fp: BinaryIO, entry: _Entry, archive: str, name: str) -> bytes:
         raise zipfile.BadZipFile(f"bad local header for {name}")
     name_len, extra_len = struct.unpack("<HH", head[26:30])
     fp.seek(offset + 30 + name_len + extra_len)
-    data = fp.read(size)
-    if method == zipfile.ZIP_DEFLATED:
-        data = zlib.decompress(data, -15)
+    data = fp.read(min(size, MAX_MEMBER_BYTES + 1))
+    if len(data) > MAX_MEMBER_BYTES:
+        raise ImageError(f"{archive}:{name}", _member_too_large())
+    if method == zipfile.ZIP_DEFLATED:  # bounded: a small member must not inflate to gigabytes (a zip bomb)
+        inflate = zlib.decompressobj(-15)
+        data = inflate.decompress(data, MAX_MEMBER_BYTES + 1)
+        if len(data) > MAX_MEMBER_BYTES:
+            raise ImageError(f"{archive}:{name}", _member_too_large())
     if zlib.crc32(data) != crc:
         raise zipfile.BadZipFile(f"CRC mismatch in {name}")
     return data
+
+
+MAX_MEMBER_BYTES = 512 * 2**20  # an image inside a zip: more than any image within the pixel limit needs
+
+
+def _member_too_large() -> str:
+    return f"too large (more than {MAX_MEMBER_BYTES // 2**20} MB uncompressed)"
 
 
 @dataclass(frozen=True)
@@ -155,20 +124,24 @@ class _Listing:
     files: dict[str, list[tuple[str, int]]]  # class -> [(src, size in bytes)]
     loose: int = 0  # image files directly in the root (not in a class folder)
     ignored: list[str] = field(default_factory=list)  # files without an image extension
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): links not followed, broken ones
 
 
 def _list(loc: _Location) -> _Listing:
     out = _Listing({})
     if loc.archive is None:
-        with os.scandir(loc.root) as it:
-            entries = sorted(it, key=lambda e: e.name)
-        for entry in entries:
-            if _hidden(entry.name):
-                continue
-            if entry.is_dir():
-                out.files[entry.name] = _walk(entry.path, out.ignored)
-            elif _is_image_name(entry.name):
-                out.loose += 1
+        walker = TreeWalker(loc.root)
+        try:
+            with os.scandir(loc.root) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as err:
+            raise ValueError(f"{loc.root} cannot be read ({err.strerror or err}); choose a folder you can read.") from None
+        folders = {e.path: e.name for e in entries if not _hidden(e.name) and _is_dir(e)}
+        out.loose = sum(1 for e in entries if not _hidden(e.name) and e.path not in folders and _is_image_name(e.name))
+        for path in real_first(list(folders)):  # a class folder linked in twice is read under its own name
+            out.files[folders[path]] = _images_of(walker.files(path), out.ignored)
+        out.files = {c: out.files[c] for c in sorted(out.files)}
+        out.problems = _reportable(walker.problems)
         return out
     for info in _zip_members(loc.archive).values():
         if not info.filename.startswith(loc.root):
@@ -190,36 +163,30 @@ def _list(loc: _Location) -> _Listing:
     return out
 
 
-def _walk(folder: str, ignored: list[str]) -> list[tuple[str, int]]:
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows links
+    except OSError:
+        return False
+
+
+def _images_of(files: list[tuple[str, int]], ignored: list[str]) -> list[tuple[str, int]]:
+    """The image files of a walk (by extension); the others go to `ignored`."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
-        for name in sorted(filenames):
-            if _hidden(name):
-                continue
-            path = os.path.join(dirpath, name)
-            if _is_image_name(name):
-                found.append((path, os.path.getsize(path)))
-            else:
-                ignored.append(path)
+    for path, size in files:
+        (found.append((path, size)) if _is_image_name(path) else ignored.append(path))
     return found
+
+
+def _reportable(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A walk's problems worth reporting: every folder left out, and files with an image's name."""
+    return [(p, why) for p, why in problems if "folder" in why or _is_image_name(p)]
 
 
 def _locate(path: str | os.PathLike, split: str | None) -> tuple[_Location, list[_Location]]:
     """(the tree to read, every split tree of the same layout) — or ValueError naming the path."""
     p = Path(path)
-    if not p.exists():
-        raise ValueError(f"{p} does not exist; choose a folder with one sub-folder per class, or a dataset zip.")
-    if p.is_dir():
-        splits = [s for s in SPLITS if (p / s).is_dir()]
-        whole, make = _Location(str(p)), (lambda s: _Location(str(p / s)))
-    elif zipfile.is_zipfile(p):
-        names = list(_zip_members(str(p)))
-        base = _zip_base(names)
-        splits = [s for s in SPLITS if any(n.startswith(f"{base}{s}/") for n in names)]
-        whole, make = _Location(base, str(p)), (lambda s: _Location(f"{base}{s}/", str(p)))
-    else:
-        raise ValueError(f"{p} is neither a folder nor a zip archive; choose a folder of class sub-folders or a zip.")
+    splits, whole, make = _layout(p)
     if split is None:
         if "train" in splits:
             raise ValueError(f"{p} holds the splits {', '.join(splits)}; open one with split='train' or split='test'.")
@@ -228,6 +195,21 @@ def _locate(path: str | os.PathLike, split: str | None) -> tuple[_Location, list
         raise ValueError(f"{p} has no {split!r} split (found: {', '.join(splits) or 'none'}); "
                          "use split=None for a plain folder of class sub-folders.")
     return make(split), [make(s) for s in splits]
+
+
+def _layout(path: str | os.PathLike) -> tuple[list[str], _Location, Callable[[str], _Location]]:
+    """(the splits found, the whole tree, split name -> its tree) — or ValueError naming the path."""
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{p} does not exist; choose a folder with one sub-folder per class, or a dataset zip.")
+    if p.is_dir():
+        return [s for s in SPLITS if (p / s).is_dir()], _Location(str(p)), (lambda s: _Location(str(p / s)))
+    if p.is_file() and zipfile.is_zipfile(p):  # a regular file: opening a FIFO would wait forever
+        names = list(_zip_members(str(p)))
+        base = _zip_base(names)
+        splits = [s for s in SPLITS if any(n.startswith(f"{base}{s}/") for n in names)]
+        return splits, _Location(base, str(p)), (lambda s: _Location(f"{base}{s}/", str(p)))
+    raise ValueError(f"{p} is neither a folder nor a zip archive; choose a folder of class sub-folders or a zip.")
 
 
 def _zip_base(names: list[str]) -> str:
@@ -255,8 +237,10 @@ class ImageFolderData(Dataset):
     """Labelled images from a folder or a zip. Items are (transform(image), label).
 
     `.samples` [(path or zip member, label)], `.targets`, `.classes`, `.transform` (settable; None
-    yields PIL images). An image that fails to load is skipped with a warning: the item comes from
-    the next readable sample instead, so one corrupt file never ends a long run.
+    yields PIL images). An image that fails to load is skipped with a warning, so one corrupt file
+    never ends a long run: its item is the next readable image with the label SKIPPED, which keeps
+    a batch's shape while every consumer drops it (`record_outputs`, `cache_features`,
+    `decode_dataset`; cross-entropy ignores -100), so no image is ever counted twice.
     """
 
     def __init__(self, samples: list[tuple[str, int]], classes: Sequence[str], *, root: str,
@@ -285,12 +269,12 @@ class ImageFolderData(Dataset):
             if src in self.bad:
                 continue
             try:
-                img = load_image(self._read(src)) if self.archive else load_image(src)
+                img = load_image(self._read(src), name=self._name(src)) if self.archive else load_image(src)
             except Exception as err:  # noqa: BLE001 - any decoder failure means "skip this file"
                 self.bad[src] = _reason(err)
-                warnings.warn(f"skipping {self._name(src)}: {self.bad[src]} ({err})", stacklevel=2)
+                warnings.warn(f"skipping {self._name(src)}: {self.bad[src]}", stacklevel=2)
                 continue
-            return (self.transform(img) if self.transform is not None else img), label
+            return (self.transform(img) if self.transform is not None else img), (label if step == 0 else SKIPPED)
         raise RuntimeError(f"no image in {self.root} could be read; run check_folder on it to see why")
 
     def _name(self, src: str) -> str:
@@ -319,13 +303,17 @@ class ImageFolderData(Dataset):
 
 
 def open_dataset(path: str | os.PathLike, split: str | None = None, *, classes: Sequence[str] | None = None,
-                 report: "FolderReport | None" = None, transform: Callable | None = None) -> ImageFolderData:
+                 report: "FolderReport | None" = None, transform: Callable | None = None,
+                 classes_of: str = "the model") -> ImageFolderData:
     """Open a labelled image folder or zip as an `ImageFolderData`.
 
     `split` picks "train"/"test" in a split layout; None for a plain class folder. `classes` fixes
-    the label order (e.g. a model's class names). `report` (from `check_folder` on the same path
+    the labels by class name (e.g. a model's class names: a folder with only cat/ and dog/ labels
+    its cats with the model's index of "cat"); a class folder with images that is not among them
+    is refused, naming `classes_of` ("the model"). `report` (from `check_folder` on the same path
     and split) leaves out the files it skipped. Zero-byte files are always left out.
-    Raises ValueError naming the path when it is missing, not a folder or zip, or has no images.
+    Raises ValueError naming the path when it is missing, not a folder or zip, has no images, or
+    has a class folder `classes` lacks.
     """
     loc, split_locs = _locate(path, split)
     listings = [_list(s) for s in split_locs]
@@ -334,7 +322,7 @@ def open_dataset(path: str | os.PathLike, split: str | None = None, *, classes: 
         report.classes if report is not None else _classes(listings, split is not None))
     unknown = [c for c in listing.files if listing.files[c] and c not in names]
     if classes is not None and unknown:
-        raise ValueError(f"{loc.display} has class folders {unknown} that are not among the classes {names}.")
+        raise ValueError(_unknown_classes(loc.display, unknown, names, classes_of))
     skip = {src for src, _ in report.skipped} if report is not None else set()
     index = {c: i for i, c in enumerate(names)}
     samples = [(src, index[c]) for c, files in listing.files.items() if c in index
@@ -342,6 +330,21 @@ def open_dataset(path: str | os.PathLike, split: str | None = None, *, classes: 
     if not samples:
         _raise_no_images(loc, listing)
     return ImageFolderData(samples, names, root=loc.display, archive=loc.archive, split=split, transform=transform)
+
+
+def _unknown_classes(folder: str, unknown: list[str], known: list[str], of: str) -> str:
+    shown = ", ".join(known[:20]) + (f", … ({len(known)} in all)" if len(known) > 20 else "")
+    if len(unknown) == 1:
+        return (f"{folder} has the class folder {unknown[0]!r}, which is not among the classes of {of} ({shown}); "
+                "remove it, or score it with a model that knows that class.")
+    return (f"{folder} has the class folders {', '.join(map(repr, unknown))}, which are not among the classes of "
+            f"{of} ({shown}); remove them, or score them with a model that knows those classes.")
+
+
+def dataset_splits(path: str | os.PathLike) -> list[str]:
+    """The splits ("train", "test", "val") of a dataset folder or zip; [] for a plain class folder.
+    Raises ValueError naming the path when it is missing or neither a folder nor a zip."""
+    return _layout(path)[0]
 
 
 def _raise_no_images(loc: _Location, listing: _Listing):
@@ -411,9 +414,9 @@ class FolderReport:
 
 
 def _reason(err: BaseException) -> str:
-    if isinstance(err, UnidentifiedImageError):
-        return "not an image"
-    if isinstance(err, (PermissionError, FileNotFoundError, IsADirectoryError)):
+    if isinstance(err, ImageError):
+        return err.reason
+    if isinstance(err, OSError):  # a zip member that cannot be read
         return "unreadable"
     return "corrupt"
 
@@ -433,6 +436,7 @@ def check_folder(path: str | os.PathLike, split: str | None = None, *, progress:
     with _ImageChecker(loc, sum(len(f) for f in listing.files.values()), progress, cancel) as checker:
         for cls, files in listing.files.items():
             counts[cls] = sum(checker.check(src, size, skipped, converted) for src, size in files)
+    skipped += listing.problems
     if split is None:
         classes = [c for c, n in counts.items() if n > 0]
     else:
@@ -466,7 +470,7 @@ class _ImageChecker:
         else:
             try:
                 data = _read_member(self.fp, _entry(self.members[src]), self.loc.archive, src) if self.fp else src
-                _, mode = _open(data, draft=64)
+                _, mode = images.open_image(data, name=name, draft=64)
                 ok = True
                 if mode != "RGB":
                     converted.append((name, mode))
@@ -524,10 +528,15 @@ def _relative(src: str, root: str) -> str:
         return src
 
 
-def _all_images(loc: _Location, ignored: list[str]) -> list[tuple[str, int]]:
-    """Every image file under `loc`, sub-folders included, in a stable order."""
+def _all_images(loc: _Location, ignored: list[str], problems: list | None = None) -> list[tuple[str, int]]:
+    """Every image file under `loc`, sub-folders included, in a stable order; what the walk left
+    out goes to `problems` as (path, reason)."""
     if loc.archive is None:
-        return _walk(loc.root, ignored)
+        walker = TreeWalker(loc.root)
+        found = _images_of(walker.files(), ignored)
+        if problems is not None:
+            problems += _reportable(walker.problems)
+        return found
     found = []
     for info in _zip_members(loc.archive).values():
         rest = info.filename[len(loc.root):]
@@ -547,10 +556,12 @@ def check_unlabelled(path: str | os.PathLike, split: str | None = None, *, progr
     missing path or a split layout without `split`; Cancelled if asked."""
     loc, _ = _locate(path, split)
     ignored: list[str] = []
-    files = _all_images(loc, ignored)
+    problems: list[tuple[str, str]] = []
+    files = _all_images(loc, ignored, problems)
     skipped, converted = [], []
     with _ImageChecker(loc, len(files), progress, cancel) as checker:
         count = sum(checker.check(src, size, skipped, converted) for src, size in files)
+    skipped += problems
     return UnlabelledReport(loc.display, split, count, skipped, converted, ignored)
 
 

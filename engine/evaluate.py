@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from .cost import CostTable
 from .model import MultiExitNet
 from .policies import OraclePolicy, Policy, ThresholdPolicy, confidence, simulate
-from .files import write_atomic
+from .files import finite, json_text, write_atomic, write_json
 from .progress import CancelFlag, ProgressFn, report
 
 _RECORDS_KEY = "offramp.records"
@@ -86,7 +86,7 @@ class Records:
         tensors.update({f"features.{e}": f.float().contiguous() for e, f in enumerate(self.features)})
         meta = {"format": _RECORDS_FORMAT, "class_names": self.class_names, "exit_stages": self.exit_stages,
                 "num_features": len(self.features)}
-        write_atomic(path, save_tensors(tensors, metadata={_RECORDS_KEY: json.dumps(meta)}))
+        write_atomic(path, save_tensors(tensors, metadata={_RECORDS_KEY: json_text(meta)}))
 
     @classmethod
     def load(cls, path: str | Path) -> "Records":
@@ -155,7 +155,20 @@ def record_outputs(model: MultiExitNet, dataset_or_loader: Dataset | DataLoader 
         raise ValueError("the dataset is empty: there is nothing to evaluate")
     # concatenated outside inference mode, so the records are ordinary tensors (usable to train policies)
     features = [torch.cat(col) for col in zip(*feats)] if with_features else []
-    return Records(torch.cat(logits), features, torch.cat(labels), model.class_names, model.exit_stages)
+    return drop_skipped(Records(torch.cat(logits), features, torch.cat(labels), model.class_names, model.exit_stages))
+
+
+def drop_skipped(records: Records) -> Records:
+    """`records` without the samples whose file could not be read (label `data.SKIPPED`: the
+    dataset filled their place in the batch with another image), so no image counts twice.
+    Raises ValueError when none is left."""
+    from .data import SKIPPED
+    keep = records.labels != SKIPPED
+    if bool(keep.all()):
+        return records
+    if not bool(keep.any()):
+        raise ValueError("none of the images could be read: there is nothing to evaluate")
+    return records.subset(keep)
 
 
 def _length(loader) -> int:
@@ -336,7 +349,8 @@ def evaluation_report(records: Records, cost: CostTable, policies: dict[str, Pol
                       thresholds: Sequence[float] | None = None) -> dict:
     """Everything about these exits on these samples, JSON-able: per-exit accuracy, the full
     model, each named policy's `evaluate_policy`, the oracle, the threshold curve and its front
-    (with the full model). Keys: num_samples, class_names, exit_stages, measure, cost,
+    (with the full model). Keys: num_samples, class_names (the model's), classes_scored (those
+    among the labels, in the model's order), exit_stages, measure, cost,
     accuracy_per_exit, ece_per_exit (of the calibrated
     exits), full, policies {name: ...}, default_policy, oracle, threshold_curve, front.
     `default` names the policy the app starts with (marked in the plot)."""
@@ -345,6 +359,8 @@ def evaluation_report(records: Records, cost: CostTable, policies: dict[str, Pol
     curve = threshold_curve(records, cost, measure, thresholds)
     return {
         "num_samples": records.num_samples, "class_names": records.class_names,
+        "classes_scored": [records.class_names[i] for i in sorted(set(records.labels.tolist()))
+                           if 0 <= i < records.num_classes],
         "exit_stages": records.exit_stages, "measure": measure, "cost": cost.to_json(),
         "accuracy_per_exit": accuracy_per_exit(records),
         "ece_per_exit": [expected_calibration_error(records.logits[:, e], records.labels)
@@ -361,8 +377,7 @@ def evaluation_report(records: Records, cost: CostTable, policies: dict[str, Pol
 def save_report(report: dict, json_path: str | Path, png_path: str | Path | None = None) -> None:
     """Write the report as JSON (non-finite numbers become null) and, if asked, its plot as PNG;
     both atomically."""
-    text = json.dumps(_finite(report), indent=1, allow_nan=False)
-    write_atomic(json_path, text.encode("utf-8"))
+    write_json(json_path, report, indent=1)
     if png_path is not None:
         plot_report(report, png_path)
 
@@ -393,13 +408,6 @@ def plot_report(report: dict, path: str | Path | None = None, size: tuple[int, i
                        path=path, size=size, x_range=(0.0, 1.04 * x_max))
 
 
-def _finite(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
+_finite = finite  # non-finite numbers become null (engine.files.finite)
 
 

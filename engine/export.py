@@ -26,8 +26,6 @@ import io
 import json
 import math
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +36,7 @@ from torch import nn
 
 from . import __version__
 from .bundle import Bundle
-from .files import current_umask
+from .files import check_output_path, json_text, replacing
 from .model import Evidence
 from .policies import Policy
 from .progress import CancelFlag, ProgressFn, report
@@ -145,30 +143,22 @@ def export_bundle(bundle: Bundle, folder: str | os.PathLike, *, policy: str | No
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise ValueError(f"{folder} already exists; choose a new folder or allow overwriting it")
+    check_output_path(folder, what="export folder", folder=True)
     if importlib.util.find_spec("onnx") is None:
         raise ExportError("ONNX export needs the onnx package: pip install 'offramp[export]'")
     model = bundle.model
     was_training, home = model.training, next(model.parameters()).device
     model.eval().cpu()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent if folder.parent.exists() else None))
     try:
-        manifest = _write_graphs(bundle, name, chosen, tmp, opset, progress, cancel)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if check:
-            report(progress, cancel, "checking export", 0, 1)
-            inputs = check_inputs if check_inputs is not None else _random_inputs(bundle)
-            manifest["check"] = check_export(bundle, tmp, inputs, policy=name)
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-            report(progress, cancel, "checking export", 1, 1)
-        os.chmod(tmp, 0o777 & ~current_umask())
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~current_umask())
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with replacing(folder, folder=True) as tmp:  # the folder appears complete or not at all
+            manifest = _write_graphs(bundle, name, chosen, tmp, opset, progress, cancel)
+            (tmp / MANIFEST).write_text(json_text(manifest, indent=1))
+            if check:
+                report(progress, cancel, "checking export", 0, 1)
+                inputs = check_inputs if check_inputs is not None else _random_inputs(bundle)
+                manifest["check"] = check_export(bundle, tmp, inputs, policy=name)
+                (tmp / MANIFEST).write_text(json_text(manifest, indent=1))
+                report(progress, cancel, "checking export", 1, 1)
     finally:
         model.to(home).train(was_training)
     return manifest

@@ -8,15 +8,15 @@ import copy
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as save_tensors
 from torch.utils.data import Dataset, Subset
 
-from .data import make_loader, preset_transform
+from .data import SKIPPED, make_loader, preset_transform
+from .files import json_text, write_atomic
 from .model import MultiExitNet
 from .progress import CancelFlag, ProgressFn, report
 
@@ -94,10 +94,8 @@ class FeatureCache:
                 tensors[f"features.{e}"] = f.contiguous()
         header = {"format": _FORMAT, "class_names": self.class_names, "specs": self.specs,
                   "shared_features": shared, "meta": self.meta}
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"offramp": json.dumps(header)})
-        os.replace(tmp, path)
+        data = save_tensors(tensors, metadata={"offramp": json_text(header)})
+        write_atomic(path, data)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FeatureCache":
@@ -214,5 +212,11 @@ def cache_features(model: MultiExitNet, dataset: Dataset, *, batch_size: int = 1
         model.to(home).train(was_training)
     root = getattr(dataset, "root", None) or getattr(getattr(dataset, "dataset", None), "root", None)
     meta = {"backbone": model.backbone.spec, "dataset": str(root or type(dataset).__name__)}
-    return FeatureCache(inputs, features, labels, teacher, list(model.class_names),
-                        [s.to_json() for s in model.exit_specs], meta)
+    cache = FeatureCache(inputs, features, labels, teacher, list(model.class_names),
+                         [s.to_json() for s in model.exit_specs], meta)
+    keep = labels != SKIPPED  # items whose file could not be read held another image's place: drop them
+    if not bool(keep.all()):
+        if not bool(keep.any()):
+            raise ValueError("none of the images could be read: there are no features to cache")
+        cache = cache.subset(torch.nonzero(keep).flatten())
+    return cache

@@ -1,6 +1,9 @@
-"""Reading frames from image files, folders and videos as OpenCV gives them (HxWx3 uint8 BGR).
+"""Reading frames from image files, folders and videos, for `offramp run` and the app's sources,
+so both accept the same files and see the same pixels as training (`engine.images` decodes every
+image file; `engine.walk` lists every folder).
 
-Shared by `offramp run` and the app's sources, so both accept the same files.
+`iter_frames` hands out (h, w, 3) uint8 RGB arrays; `read_image` gives OpenCV's BGR order, the
+layout the app's frames use, with the same pixel values.
 """
 from __future__ import annotations
 
@@ -9,6 +12,9 @@ from typing import Callable, Iterator
 
 import cv2
 import numpy as np
+
+from . import images
+from .walk import TreeWalker
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
@@ -27,28 +33,23 @@ def is_video(path: str | Path) -> bool:
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """Image files in `folder` and its sub-folders, sorted, hidden files left out."""
-    root = Path(folder)
-    return sorted(p for p in root.rglob("*") if p.is_file() and is_image(p)
-                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    """Image files in `folder` and its sub-folders, sorted, hidden files left out; each real file
+    once, links followed but never round a loop (`engine.walk`)."""
+    files = TreeWalker(folder).files()
+    return sorted(Path(p) for p, _ in files if is_image(p))
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """An image file as (h, w, 3) uint8 RGB, decoded by `engine.images`. Raises MediaError naming it."""
+    try:
+        return images.read_rgb(path)
+    except images.ImageError as e:
+        raise MediaError(str(e)) from None
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """An image file as HxWx3 uint8 BGR (grey, 16-bit and alpha images converted). Raises MediaError."""
-    data = np.fromfile(str(path), dtype=np.uint8) if Path(path).is_file() else None
-    if data is None:
-        raise MediaError(f"{path} does not exist")
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    if img is None:
-        raise MediaError(f"{path} is not a readable image (corrupt or unsupported format)")
-    if img.dtype != np.uint8:  # 16-bit or float images
-        img = cv2.normalize(img, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
-    if img.ndim == 2:
-        img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
-    elif img.shape[2] == 4:
-        alpha = img[:, :, 3:4].astype(np.float32) / 255.0
-        img = (img[:, :, :3].astype(np.float32) * alpha + 255.0 * (1 - alpha)).astype(np.uint8)
-    return img
+    """An image file as (h, w, 3) uint8 BGR: `read_rgb` in OpenCV's channel order. Raises MediaError."""
+    return images.to_bgr(read_rgb(path))
 
 
 def iter_video(path: str | Path) -> Iterator[np.ndarray]:
@@ -71,7 +72,8 @@ def iter_video(path: str | Path) -> Iterator[np.ndarray]:
 
 
 def iter_frames(paths, on_error: Callable[[str], None] | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """(source name, BGR frame) for every image, every image in a folder, every video frame.
+    """(source name, (h, w, 3) uint8 RGB frame) for every image, every image in a folder, every
+    video frame (converted by `images.from_opencv`, as the image files are decoded).
 
     A bad file is reported through `on_error` and skipped; without `on_error` it raises MediaError.
     """
@@ -88,19 +90,22 @@ def iter_frames(paths, on_error: Callable[[str], None] | None = None) -> Iterato
                 fail(f"{path} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
             for f in files:
                 try:
-                    yield str(f), read_image(f)
+                    yield str(f), read_rgb(f)
                 except MediaError as exc:
                     fail(str(exc))
-        elif is_video(path):
-            try:
-                for i, frame in enumerate(iter_video(path)):
-                    yield f"{path}#{i}", frame
-            except MediaError as exc:
-                fail(str(exc))
         elif not path.exists():
             fail(f"{path} does not exist")
+        elif is_video(path):
+            if not path.is_file():  # a FIFO or a device: opening it would wait forever
+                fail(f"{path} is not a regular file")
+                continue
+            try:
+                for i, frame in enumerate(iter_video(path)):
+                    yield f"{path}#{i}", images.from_opencv(frame)
+            except MediaError as exc:
+                fail(str(exc))
         else:
             try:
-                yield str(path), read_image(path)
+                yield str(path), read_rgb(path)
             except MediaError as exc:
                 fail(str(exc))

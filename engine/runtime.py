@@ -21,9 +21,10 @@ from PIL import Image
 from .backbones import InputPreset
 from .bundle import Bundle, BundleError, default_bundle_path, load_bundle
 from .cost import CostTable, measure_costs, measure_policy_flops, profile_latency
-from .data import load_image
+from .images import pil_to_rgb, read_rgb
 from .model import MultiExitNet, StagedOutput
 from .policies import MEASURES, Policy, ThresholdPolicy, confidence
+from .prepared import PreparedModel, prepare
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class InferenceResult:
     full_ms: float  # latency of the full model on the same device: measured live (see `Engine`), else profiled
     totals: RunningTotals
     full_ms_live: bool = False  # True when full_ms comes from full-model runs timed alongside the live ones
+    runtime: str = ""  # what ran the model and was timed: `Engine.runtime`
 
     @property
     def saved(self) -> float:
@@ -84,14 +86,10 @@ Frame = Union[np.ndarray, Image.Image, str, os.PathLike, torch.Tensor]
 
 
 def load_frame(path: str | os.PathLike) -> np.ndarray:
-    """An image file as an HxWx3 uint8 RGB array, decoded as training decodes it (`data.load_image`).
-
-    Raises ValueError naming the file when it is missing or not a readable image.
-    """
-    try:
-        return np.asarray(load_image(path))
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image {os.fspath(path)}: {e}") from None
+    """An image file as an HxWx3 uint8 RGB array, decoded by the one decoder training, `offramp run`
+    and the app use (`engine.images`). Raises ImageError (a ValueError) naming the file when it is
+    missing, not a readable image, or over the size limit."""
+    return read_rgb(path)
 
 
 def _as_array(frame: Frame, rgb: bool) -> tuple[np.ndarray, bool]:
@@ -99,7 +97,7 @@ def _as_array(frame: Frame, rgb: bool) -> tuple[np.ndarray, bool]:
     if isinstance(frame, (str, os.PathLike)):
         return load_frame(frame), False
     if isinstance(frame, Image.Image):
-        return np.asarray(frame if frame.mode in ("RGB", "L") else frame.convert("RGB")), False
+        return pil_to_rgb(frame), False  # any mode, converted as image files are
     if not isinstance(frame, np.ndarray):
         raise TypeError(f"cannot use a {type(frame).__name__} as a frame; give a numpy array, a PIL image or a path")
     if frame.dtype != np.uint8:
@@ -228,6 +226,7 @@ class Engine:
         self._cost = bundle.cost if has_flops else measure_costs(self.model, self._policy)
         self._flops_of: weakref.WeakKeyDictionary[Policy, list[float]] = weakref.WeakKeyDictionary()
         self._totals = RunningTotals(exit_counts=[0] * self.model.num_exits)
+        self._prepared: PreparedModel | None = None  # the form that runs (engine.prepared); made per device
         self.set_device(target)
 
     # -- facts ------------------------------------------------------------------------------------
@@ -257,6 +256,13 @@ class Engine:
     @property
     def preset(self) -> InputPreset:
         return self.model.backbone.preset
+
+    @property
+    def runtime(self) -> str:
+        """What runs the model and is timed, for the user to read next to "time saved": e.g. "torch
+        TorchScript + oneDNN Graph, BatchNorm folded" (`engine.prepared`)."""
+        prepared = self._prepared
+        return prepared.runtime if prepared is not None else "torch eager"
 
     @property
     def cost(self) -> CostTable:
@@ -300,15 +306,50 @@ class Engine:
             try:
                 self.model.to(device)
                 policy.to(device)
-                cost = profile_latency(self.model, cost, device=device, repeats=self._repeats, warmup=3,
-                                       threads=None)  # as this process runs frames
+                prepared = self._prepare(policy)
+                if prepared.input_shape is not None:  # profiled as it runs: its batch-1 graphs
+                    cost = prepared.profile_latency(cost, repeats=self._repeats, warmup=3)
+                else:
+                    cost = profile_latency(self.model, cost, device=device, repeats=self._repeats, warmup=3,
+                                           threads=None)  # as this process runs frames
             except BaseException:  # e.g. out of GPU memory: stay where we were
                 self.model.to(previous)
                 policy.to(previous)
                 raise
             with self._lock:
-                self._device, self._cost = device, cost
+                self._device, self._cost, self._prepared = device, cost, prepared
                 self._reference_ms.clear()  # timings of the previous device
+
+    def model_changed(self) -> None:
+        """Prepare the model again after its weights were changed in place (the prepared form runs
+        copies of them). A retrained model loaded as a new bundle needs no call: a new Engine
+        prepares it; changing the policy or the thresholds also notices changed weights."""
+        with self._run_lock:
+            prepared = self._prepare(self.policy)
+            with self._lock:
+                self._prepared = prepared
+                self._reference_ms.clear()
+
+    def _prepare(self, policy: Policy) -> PreparedModel:
+        """The model's prepared form, its graphs for `policy` and for every exit's head made now
+        (a threshold edit that turns an exit on then makes nothing on the next frame)."""
+        prepared = prepare(self.model)
+        prepared.warm(ThresholdPolicy([1.0] * self.num_exits))
+        prepared.warm(policy)
+        return prepared
+
+    def _current_prepared(self, policy: Policy) -> None:
+        """Make `policy`'s graphs now, and prepare the model again if its weights changed (the
+        caller holds the run lock)."""
+        prepared = self._prepared
+        if prepared is None:
+            return
+        if not prepared.is_current():
+            prepared = self._prepare(policy)
+            with self._lock:
+                self._prepared = prepared
+                self._reference_ms.clear()
+        prepared.warm(policy)
 
     def set_policy(self, policy: str | Policy) -> None:
         """Make `policy` (a name from the bundle, or a Policy) the active one, from the next frame on.
@@ -331,6 +372,7 @@ class Engine:
         with self._run_lock:
             policy.to(self._device).eval()
             flops = self._policy_flops(policy)
+            self._current_prepared(policy)
             with self._lock:
                 self._policy, self._policy_name = policy, name
                 self._cost = replace(self._cost, policy_flops=flops)
@@ -361,6 +403,11 @@ class Engine:
             edited = copy.copy(policy)
             edited.thresholds = checked
             self._policy = edited
+            prepared = self._prepared
+        # the graphs stay (a threshold is read on the host); weights changed in place are noticed here
+        if prepared is not None and not prepared.is_current():
+            with self._run_lock:
+                self._current_prepared(edited)
 
     def reset_totals(self) -> None:
         with self._lock:
@@ -386,27 +433,30 @@ class Engine:
     def _run(self, x: torch.Tensor) -> list[InferenceResult]:
         with self._run_lock:
             with self._lock:
-                policy, cost, device = self._policy, self._cost, self._device
+                policy, cost, device, prepared = self._policy, self._cost, self._device, self._prepared
             x = x.to(device)
             _sync(device)
             start = time.perf_counter()
             with torch.inference_mode():
-                out = self.model.run(x, policy)
+                out = (prepared or self.model).run(x, policy)
             _sync(device)
             ms = (time.perf_counter() - start) * 1000.0 / x.shape[0]
             self._frames_run += 1
             if self._reference_every and x.shape[0] == 1 and (self._frames_run - 1) % self._reference_every == 0:
-                self._time_full_model(x, device)
+                self._time_full_model(x, device, prepared)
         return self._results(out, policy, cost, ms)
 
-    def _time_full_model(self, x: torch.Tensor, device: str) -> None:
-        """Run and time the full model on `x` (the caller holds the run lock)."""
+    def _time_full_model(self, x: torch.Tensor, device: str, prepared: PreparedModel | None) -> None:
+        """Run and time the full model on `x` as the staged run runs (the caller holds the run lock)."""
         _sync(device)
         start = time.perf_counter()
         with torch.inference_mode():
-            for stage in self.model.backbone.stages:
-                x = stage(x)
-            self.model.exits[-1](x)
+            if prepared is not None:
+                prepared.run_to(x)
+            else:
+                for stage in self.model.backbone.stages:
+                    x = stage(x)
+                self.model.exits[-1](x)
         _sync(device)
         with self._lock:
             self._reference_ms.append((time.perf_counter() - start) * 1000.0)
@@ -452,7 +502,8 @@ class Engine:
                 exit_index=fired, num_exits=n_exits, class_index=top_i[i][fired][0],
                 label=names[top_i[i][fired][0]], confidence=top_p[i][fired][0], exits=readings,
                 stages_run=stages[i], num_stages=model.backbone.num_stages, flops=flops_at[fired],
-                full_flops=full_flops, ms=ms, full_ms=full_ms, totals=totals, full_ms_live=full_ms_live))
+                full_flops=full_flops, ms=ms, full_ms=full_ms, totals=totals, full_ms_live=full_ms_live,
+                runtime=self.runtime))
         return results
 
 

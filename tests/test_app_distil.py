@@ -69,7 +69,8 @@ def test_distilling_on_unlabelled_images_then_use(qtbot, window, frames):
     assert "E2 100 %" in result and "Default point" in result and "Distilled on 15 of 17" in result
     assert "1 file skipped" in result
     assert panel.plot.getAxis("left").labelText == "agreement with the last exit %"
-    assert len(panel.plot.getPlotItem().listDataItems()) == 2  # same classes: current and new
+    names = [item.name() for item in panel.plot.getPlotItem().listDataItems()]
+    assert names == ["current", "new", "new: full model 100.0 %"]  # same classes: both curves, and the last exit
     assert all((v == weights[k]).all() for k, v in old.model.state_dict().items())  # untouched
     with qtbot.waitSignal(session.model_loaded, timeout=WAIT):
         panel.use_button.click()

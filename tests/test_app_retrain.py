@@ -62,7 +62,9 @@ def test_retraining_on_new_classes_then_use_and_save(qtbot, window, tmp_path):
     qtbot.waitUntil(lambda: panel.task is None, timeout=WAIT)
     assert panel.new_bundle is not None and panel.new_bundle.model.class_names == ["apple", "pear"]
     assert panel.progress.value() == 1000 and panel.use_button.isEnabled() and "done" in panel.stage_label.text()
-    assert len(panel.plot.getPlotItem().listDataItems()) == 1  # other classes: only the new curve
+    items = panel.plot.getPlotItem().listDataItems()
+    assert [i.name() for i in items][:2] == ["new", f"new: full model {100 * panel.new_report['accuracy_per_exit'][-1]:.1f} %"]
+    assert len(items) == 2 and len(items[0].xData) >= 1  # other classes: no current curve, the new one drawn
     assert panel.plot.getAxis("left").labelText == "accuracy %" and panel.mode.key == "labelled"
     assert panel.result_label.text().startswith("Accuracy per exit on 4 held-out images: E0 ")
     with qtbot.waitSignal(window.session.model_loaded, timeout=WAIT):
@@ -72,3 +74,47 @@ def test_retraining_on_new_classes_then_use_and_save(qtbot, window, tmp_path):
     panel.save_to(str(out))
     qtbot.waitUntil(lambda: out.exists() and panel.task is None, timeout=WAIT)
     assert load_bundle(out).class_names == ["apple", "pear"]
+
+
+def test_three_new_classes_show_their_curve_and_only_a_finished_run_is_new(qtbot, window, tmp_path):
+    folder = make_image_folder(tmp_path / "fruit", ["apple", "pear", "plum"], per_class=6, size=24, seed=5)
+    panel = window.retrain_panel
+    _check(qtbot, panel, folder)
+    panel.epochs.setValue(2)
+    bar = []
+    panel.progress.valueChanged.connect(bar.append)
+    panel.train_button.click()
+    qtbot.waitUntil(lambda: panel.task is None, timeout=WAIT)
+    assert panel.new_bundle.model.class_names == ["apple", "pear", "plum"]
+    assert bar == sorted(bar) and bar[-1] == 1000  # one bar for the whole run: it never starts again
+    items = {i.name(): i for i in panel.plot.getPlotItem().listDataItems()}
+    full = 100 * panel.new_report["accuracy_per_exit"][-1]
+    assert len(items["new"].xData) >= 1 and list(items[f"new: full model {full:.1f} %"].yData) == [full, full]
+    legend = [label.text for _, label in panel.legend.items]
+    assert any("no comparable curve" in t for t in legend)  # the current model has other classes
+    # a second run, cancelled: the first run's curve is not shown as "new" meanwhile, nor after
+    panel.train_button.click()
+    assert not panel.plot.getPlotItem().listDataItems() and panel.result_label.text() == ""
+    with qtbot.waitSignal(panel.task.cancelled, timeout=WAIT):
+        panel.cancel_button.click()
+    qtbot.waitUntil(lambda: panel.task is None, timeout=WAIT)
+    assert not panel.plot.getPlotItem().listDataItems() and "cancelled" in panel.stage_label.text()
+
+
+def test_overall_progress_is_one_bar_with_the_time_left():
+    from app.tasks import OverallProgress, training_phases
+    from engine.progress import Progress
+    phases = training_phases(100, 10, val_fraction=0.2, checks_images=False, old_curve=True)
+    assert [s for s, _ in phases] == ["checking folder", "caching features", "caching features", "training exits",
+                                      "evaluating", "caching features"]
+    plan = OverallProgress(phases, start=0.0)
+    seen = []
+    steps = [("checking folder", 0, 1), ("checking folder", 1, 1), ("caching features", 0, 20),
+             ("caching features", 20, 20), ("caching features", 0, 80), ("caching features", 80, 80),
+             ("training exits", 5, 10), ("training exits", 10, 10), ("evaluating", 1, 1), ("caching features", 0, 20),
+             ("caching features", 20, 20)]
+    for t, (stage, done, total) in enumerate(steps, start=1):
+        seen.append(plan.update(Progress(stage, done, total), now=float(t)))
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    assert seen[0][1] is None and seen[6][1] > 0  # too early to say, then seconds left for the whole run

@@ -104,7 +104,8 @@ def test_live_stats_and_lateness():
         stats.add(_result(e, f), now=i * 0.1)
     assert stats.frames == 4 and stats.exit_counts == [2, 1, 1]
     assert stats.saved == pytest.approx(0.5) and stats.saved_ms == pytest.approx(0.5)
-    assert stats.overall_fps == pytest.approx(10.0) and stats.fps == pytest.approx(10.0)
+    assert stats.overall_fps == pytest.approx(10.0)
+    assert stats.rate(now=0.35) is None  # 4 frames within 0.3 s: a burst, not a stream with a rate
     assert stats.to_json()["exit_histogram"] == [2, 1, 1]
     meter = LatenessMeter(0.010)
     for t in (0.0, 0.010, 0.030, 0.041):

@@ -169,22 +169,22 @@ def test_meta_that_is_not_json_is_refused_before_writing(tmp_path):
 
 
 # -- atomic saves and no pickle ------------------------------------------------------------------
-def _fail_midway(tensors, filename, metadata=None):
-    with open(filename, "wb") as f:
-        f.write(b"\x00" * 1000)  # half a file on disk, then the disk "fills up"
-    raise OSError("No space left on device")
+def _fail_midway(tmp, data):
+    with open(tmp, "wb") as f:
+        f.write(data[:1000])  # half a file on disk, then the disk "fills up"
+    raise OSError(28, "No space left on device")
 
 
 def _fail_rename(src, dst):
     raise PermissionError(f"cannot replace {dst}")
 
 
-@pytest.mark.parametrize("where, fail", [("save_file", _fail_midway), ("os.replace", _fail_rename)])
+@pytest.mark.parametrize("where, fail", [("write", _fail_midway), ("os.replace", _fail_rename)])
 def test_failed_save_keeps_the_previous_bundle(saved, monkeypatch, where, fail):
     _, path = saved
     before = path.read_bytes()
-    if where == "save_file":
-        monkeypatch.setattr(bundle_module, "save_file", fail)
+    if where == "write":
+        monkeypatch.setattr(bundle_module, "_write", fail)
     else:
         monkeypatch.setattr(bundle_module.os, "replace", fail)
     with pytest.raises(OSError):
@@ -320,3 +320,218 @@ def test_saved_files_get_the_usual_permissions(saved, tmp_path):
     from engine.files import current_umask
     out = save_bundle(load_bundle(saved[1]), tmp_path / "copy.offramp")
     assert stat.S_IMODE(os.stat(out).st_mode) == 0o666 & ~current_umask()
+
+
+# -- checksums and invalid numbers (issue 11, item 4) ---------------------------------------------
+from engine.bundle_checks import CHECKSUM_KEY, tensors_checksum  # noqa: E402
+
+
+def _resum(m: dict, t: dict) -> dict:
+    """The manifest `m` with the checksum of tensors `t`: a deliberately made bad bundle, not a damaged one."""
+    return {**m, CHECKSUM_KEY: tensors_checksum(t)}
+
+
+def _rewrite_checked(path: Path, out: Path, edit_tensors) -> Path:
+    t = edit_tensors(load_file(str(path)))
+    save_file(t, str(out), metadata={"offramp": json.dumps(_resum(read_manifest(path), t))})
+    return out
+
+
+def test_saved_bundles_carry_a_checksum_of_their_tensors(saved):
+    _, path = saved
+    m = read_manifest(path)
+    assert m[CHECKSUM_KEY] == tensors_checksum(load_file(str(path)))
+    assert len(m[CHECKSUM_KEY]) == 64
+
+
+def test_flipped_bytes_in_the_weights_are_refused(saved, tmp_path):
+    _, path = saved
+    data = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")  # tensor data follow the header
+    for i in range(100):
+        data[start + (i * 7919) % (len(data) - start)] ^= 0xFF
+    bad = tmp_path / "flipped.offramp"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="is damaged: its weights do not match their checksum") as info:
+        load_bundle(bad)
+    assert str(bad) in str(info.value)
+
+
+def test_bundles_without_a_checksum_still_load(saved, tmp_path):
+    b, path = saved
+    old = _rewrite(path, tmp_path / "old.offramp", manifest=lambda m: m.pop(CHECKSUM_KEY) and None)
+    assert CHECKSUM_KEY not in read_manifest(old)
+    loaded = load_bundle(old)
+    assert all(torch.equal(v, loaded.model.state_dict()[k]) for k, v in b.model.state_dict().items())
+
+
+def _set(key, value):
+    def edit(t):
+        t = dict(t)
+        x = t[key].clone()
+        x.view(-1)[0] = value
+        t[key] = x
+        return t
+    return edit
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("model.exits.0.post.weight", float("nan"), "NaN or infinite values in tensor model.exits.0.post.weight"),
+    ("model.backbone.stages.1.0.conv1.weight", float("inf"), "NaN or infinite values"),
+    ("policy.gate.bias", float("-inf"), "NaN or infinite values in tensor policy.gate.bias"),
+    ("model.temperature", float("nan"), "NaN or infinite values in tensor model.temperature"),
+    ("model.temperature", 0.0, "every temperature must be positive"),
+    ("model.temperature", -1.5, "every temperature must be positive"),
+])
+def test_invalid_numbers_in_the_weights_are_refused(saved, tmp_path, key, value, message):
+    _, path = saved
+    bad = _rewrite_checked(path, tmp_path / "bad.offramp", _set(key, value))
+    with pytest.raises(BundleError, match=message) as info:
+        load_bundle(bad)
+    assert str(bad) in str(info.value) and "\n" not in str(info.value)
+
+
+def _policy_edit(name, **changes):
+    def edit(m):
+        m["policies"][name].update(changes)
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_policy_edit("fast", thresholds=[float("nan"), None, None]), r"policies.fast.thresholds\[0\] is not a finite"),
+    (_policy_edit("fast", thresholds=[float("inf"), None, None]), "is not a finite number"),
+    (lambda m: m["preset"].update(std=[0.2, 0.0, 0.2]), "preset std .* not positive"),
+    (lambda m: m["preset"].update(mean=[float("nan"), 0.0, 0.2]), r"preset.mean\[0\] is not a finite number"),
+    (lambda m: m["cost"].update(stage_flops=[1e6, float("inf"), 3e6]), "cost.stage_flops.* is not a finite"),
+    (lambda m: m["cost"].update(exit_flops=[1e3, -2e3, 3e3]), "cost exit_flops has a value that is not a non-neg"),
+])
+def test_invalid_numbers_in_the_manifest_are_refused(saved, tmp_path, edit, message):
+    _, path = saved
+    bad = _rewrite(path, tmp_path / "bad.offramp", manifest=edit)
+    for read in (read_manifest, load_bundle):
+        with pytest.raises(BundleError, match=message) as info:
+            read(bad)
+        assert str(bad) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_thresholds_outside_0_to_1_are_refused_at_load(saved, tmp_path):
+    _, path = saved
+    bad = _rewrite(path, tmp_path / "bad.offramp", manifest=_policy_edit("entropy", thresholds=[1.5, 0.5, 1.0]))
+    with pytest.raises(BundleError, match=f"{bad}.*policy 'entropy'.*threshold 1.5 is outside 0..1"):
+        load_bundle(bad)
+
+
+def test_policies_refuse_non_finite_numbers():
+    from engine.policies import BolukbasiPolicy, StructurePolicy
+    with pytest.raises(ValueError, match="outside 0..1"):
+        ThresholdPolicy([float("inf"), None])
+    with pytest.raises(ValueError, match="outside 0..1"):
+        ThresholdPolicy([float("nan"), None])
+    for t in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="proto_temperature must be a positive number"):
+            StructurePolicy([4, 4], 3, proto_temperature=t)
+    with pytest.raises(ValueError, match="offset must be a finite number"):
+        BolukbasiPolicy(3, 4, offset=float("nan"))
+
+
+def test_the_manifest_is_strict_json_even_when_meta_holds_nan(tmp_path):
+    b = _bundle()
+    b.meta = {"ece": float("nan"), "speedup": float("inf"), "nested": [1.0, float("-inf")]}
+    path = save_bundle(b, tmp_path / "nan.offramp")
+    with safe_open(str(path), framework="pt") as f:
+        text = f.metadata()["offramp"]
+
+    def refuse(name):
+        raise AssertionError(f"bare {name} in the manifest")
+
+    m = json.loads(text, parse_constant=refuse)
+    assert m["meta"] == {"ece": None, "speedup": None, "nested": [1.0, None]}
+    assert load_bundle(path).meta == m["meta"]
+
+
+# -- small files must not allocate much (issue 11, item 5) ----------------------------------------
+class _LargestAllocation:
+    """Records the largest tensor (bytes) made on a real device while active (meta tensors are free)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class Spy(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in out if isinstance(out, (tuple, list)) else [out]:
+                    if isinstance(t, torch.Tensor) and not t.is_meta:
+                        outer.largest = max(outer.largest, t.numel() * t.element_size())
+                return out
+
+        self.largest, self.mode = 0, Spy()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def _backbone_classes(n):
+    def edit(m):
+        m["backbone"]["kwargs"]["num_classes"] = n
+        m["exits"][-1]["kind"] = "original"  # the backbone's own classifier as the last exit
+    return edit
+
+
+def _conv_hidden(n):
+    def edit(m):
+        m["exits"][0].update(kind="conv", hidden=n)
+    return edit
+
+
+def _policy_widths(n):
+    def edit(m):
+        m["policies"]["wide"] = {"kind": "structure", "feature_widths": [n, n, n], "num_classes": 10, "hidden": n}
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_backbone_classes(2_500_000), r"of shape \(10, 64\), expected \(2500000, 64\)"),
+    (_conv_hidden(1_000_000), r"lacks 10 tensor\(s\) its model needs: model.exits.0.post.0.weight"),
+    (_policy_widths(3_000_000), r"lacks 14 tensor\(s\) its model needs: policy.wide"),
+    (lambda m: m["exits"][0].update(num_classes=2_500_000), "exit 0 declares 2500000 classes but the bundle names 10"),
+    (lambda m: m.update(class_names=[f"c{i}" for i in range(100_001)]), "it names 100001 classes; a bundle has 1 to"),
+    (lambda m: m["preset"].update(crop=100_000, resize=100_000), "preset crop is 100000, not a size of 1 to 4096"),
+    (lambda m: m["meta"].update(deep=json.loads("[" * 100 + "]" * 100)), "nested deeper than the 64 levels"),
+    (lambda m: m["meta"].update(big="x" * (9 * 2**20)), "manifest, more than the"),
+])
+def test_declared_sizes_are_checked_before_allocating(saved, tmp_path, edit, message):
+    _, path = saved
+    bad = _rewrite(path, tmp_path / "big.offramp", manifest=edit)
+    with _LargestAllocation() as spy, pytest.raises(BundleError, match=message) as info:
+        load_bundle(bad)
+    assert str(bad) in str(info.value) and "\n" not in str(info.value)
+    assert spy.largest < 4 * 2**20, f"{spy.largest / 2**20:.0f} MiB allocated for a {bad.stat().st_size}-byte file"
+
+
+def test_a_header_longer_than_its_file_is_refused_from_its_first_bytes(tmp_path):
+    bad = tmp_path / "claims.offramp"
+    bad.write_bytes((10**12).to_bytes(8, "little") + b"{}")
+    with pytest.raises(BundleError, match="not a readable safetensors file .*truncated"):
+        load_bundle(bad)
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet_small", "resnet18", "mobilenet_v3_small", "efficientnet_b0",
+                                  "convnext_tiny", "regnet_y_400mf"])
+def test_every_backbone_family_is_built_without_allocating_and_loads(name):
+    """What load_bundle does for each family: build with large tensors on meta, then load real ones."""
+    from engine.bundle_checks import large_tensors_on_meta, meta_tensors_left
+    with _LargestAllocation() as spy, large_tensors_on_meta():
+        model = MultiExitNet.attach(build_backbone(name, num_classes=10), class_names=CLASSES)
+    assert spy.largest < 4 * 2**20
+    state = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in model.state_dict().items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    assert meta_tensors_left(model) == []
+
+
+def test_the_shipped_bundle_carries_a_checksum_of_its_weights():
+    shipped = Path(engine.__file__).resolve().parent.parent / "resources" / "default.offramp"
+    assert read_manifest(shipped)[CHECKSUM_KEY] == tensors_checksum(load_file(str(shipped)))

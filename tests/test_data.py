@@ -273,3 +273,15 @@ def test_class_folders_without_image_files_are_refused(tmp_path: Path):
         (tmp_path / c / "readme.txt").write_text("hi")
     with pytest.raises(ValueError, match=r"no images in its class folders"):
         check_folder(tmp_path).raise_if_unusable()
+
+
+def test_a_zip_member_that_inflates_past_the_limit_is_skipped(tmp_path: Path, monkeypatch):
+    import engine.data as data
+    folder = make_image_folder(tmp_path / "f", ["a", "b"], per_class=2)
+    archive = _zip_folder(folder, tmp_path / "z.zip")
+    with zipfile.ZipFile(archive, "a", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a/bomb.png", b"\0" * 100_000)  # 100 kB of zeros: a few hundred bytes compressed
+    monkeypatch.setattr(data, "MAX_MEMBER_BYTES", 50_000)
+    rep = check_folder(archive)
+    assert [(p.split(":")[-1], why.split(" (")[0]) for p, why in rep.skipped] == [("a/bomb.png", "too large")]
+    assert rep.counts == {"a": 2, "b": 2}

@@ -169,7 +169,7 @@ def test_bad_input_is_refused_in_one_sentence(trained_cli_bundle, tmp_path, caps
                  str(tmp_path / "e.offramp")]) == 2
     err = capsys.readouterr().err
     assert str(empty) in err and "readable images" in err and "Traceback" not in err
-    code = main(["train-exits", "--backbone", "resnet18", "--unlabelled", str(empty), "--out", str(tmp_path / "f")])
+    code = main(["train-exits", "--backbone", "resnet18", "--unlabelled", str(empty), "--out", str(tmp_path / "f.offramp")])
     assert code == 2
     assert "--weights" in capsys.readouterr().err
     # export: an existing folder is not overwritten; an unknown policy is named

@@ -323,16 +323,15 @@ def test_infer_while_another_thread_changes_thresholds(eng):
 def test_reference_runs_time_the_full_model_live_and_count_nowhere_else(bundle_path):
     engine = Engine(bundle_path, device="cpu", latency_repeats=2, reference_every=3)
     calls = []
-    last = engine.model.backbone.stages[-1]
-    handle = last.register_forward_hook(lambda *a: calls.append(1))
-    try:
-        first_exit = ThresholdPolicy([0.0] * (engine.num_exits - 1) + [None])  # exit 0 fires on everything
-        engine.set_policy(first_exit)
-        frame = np.zeros((32, 32, 3), dtype=np.uint8)
-        results = [engine.infer(frame) for _ in range(7)]
-    finally:
-        handle.remove()
+    prepared = engine._prepared  # the full model is timed as the staged run runs: its prepared form
+    run_to = prepared.run_to
+    prepared.run_to = lambda x, *a: (calls.append(1), run_to(x, *a))[1]
+    first_exit = ThresholdPolicy([0.0] * (engine.num_exits - 1) + [None])  # exit 0 fires on everything
+    engine.set_policy(first_exit)
+    frame = np.zeros((32, 32, 3), dtype=np.uint8)
+    results = [engine.infer(frame) for _ in range(7)]
     assert len(calls) == 3  # frames 1, 4 and 7 also ran the full model; the staged runs stopped at exit 0
+    assert all(r.stages_run == 1 for r in results)
     assert all(r.exit_index == 0 and r.full_ms_live and r.full_ms > 0 for r in results)
     assert results[-1].totals.frames == 7 and results[-1].totals.exit_counts[0] == 7
     assert results[-1].totals.flops == pytest.approx(7 * results[0].flops)

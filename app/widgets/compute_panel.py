@@ -1,13 +1,18 @@
 """Compute saved against the full model: this frame and cumulative (FLOPs and measured ms), a plot
-of the saving over time, the exit histogram, and frames per second."""
+of the saving over time, the exit histogram, and frames per second.
+
+One wording and one sign for both savings: "FLOPs saved 31 %", "time saved −5 %" (a negative saving
+costs more than the full model); the headline figures are green only when they are not negative."""
 from __future__ import annotations
 
 import pyqtgraph as pg
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QGridLayout, QLabel, QSizePolicy, QVBoxLayout, QWidget
 
-from ..state import LiveStats, format_flops, percent
+from ..state import LiveStats, format_flops, signed_percent
 from .theme import NORMAL, Theme
+
+NOT_RUN = "This frame: –"
 
 HISTORY = 300  # frames shown in the plot over time (LiveStats keeps as many)
 
@@ -16,12 +21,14 @@ class ComputePanel(QWidget):
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
         self.theme: Theme = NORMAL
-        self.frame_label = QLabel("This frame: –")
-        self.total_label = QLabel("Cumulative: –")
-        self.fps_label = QLabel("– frames/s")
-        self.big_label = QLabel("")  # the headline number, large
-        self.big_label.setAlignment(Qt.AlignmentFlag.AlignCenter)
-        for label in (self.big_label, self.frame_label, self.total_label, self.fps_label):
+        self.frame_label = QLabel(NOT_RUN)
+        self.total_label = QLabel("All frames: –")
+        self.fps_label = QLabel("")  # empty unless frames stream in (see LiveStats.rate)
+        self.big_label = QLabel("")  # the headline numbers, large: FLOPs saved …
+        self.time_label = QLabel("")  # … and time saved, when timed against the full model live
+        for label in (self.big_label, self.time_label):
+            label.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        for label in (self.big_label, self.time_label, self.frame_label, self.total_label, self.fps_label):
             # one line each, sized by the layout and not by the text: a label that grows with its text
             # would resize the plots below it on every update, and a pyqtgraph resize is costly
             label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
@@ -49,16 +56,16 @@ class ComputePanel(QWidget):
         self.hist = pg.BarGraphItem(x=[], height=[], width=0.6, pen=None)
         self.hist_plot.addItem(self.hist)
         grid = QGridLayout()
-        grid.addWidget(self.big_label, 0, 0, 1, 2)
-        grid.addWidget(self.frame_label, 1, 0, 1, 2)
-        grid.addWidget(self.total_label, 2, 0, 1, 2)
-        grid.addWidget(self.fps_label, 3, 0, 1, 2)
+        for row, label in enumerate((self.big_label, self.time_label, self.frame_label, self.total_label,
+                                     self.fps_label)):
+            grid.addWidget(label, row, 0)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addLayout(grid)
         layout.addWidget(self.time_plot, 3)
         layout.addWidget(self.hist_plot, 2)
         self._num_exits = 0
+        self._headlines: dict[QLabel, tuple[float | None, str]] = {}  # what each headline shows
         self.compact = False
         self.set_theme(NORMAL)
 
@@ -81,10 +88,18 @@ class ComputePanel(QWidget):
         self.total_curve.setPen(pg.mkPen(theme.accent, width=3))
         self.legend.setLabelTextColor(theme.foreground)
         font = self.font()
-        font.setPointSizeF(font.pointSizeF() * 1.8)
         font.setBold(True)
-        self.big_label.setFont(font)
-        self.big_label.setStyleSheet(f"color: {theme.fired};")
+        for label, scale in ((self.big_label, 1.8), (self.time_label, 1.3)):  # time: the second figure
+            font.setPointSizeF(self.font().pointSizeF() * scale)
+            label.setFont(font)
+            self._headline(label, *self._headlines.get(label, (None, "")))  # the same figures, new colours
+
+    def _headline(self, label: QLabel, fraction: float | None, what: str = "") -> None:
+        """"FLOPs saved 31 %" in the theme's green; a negative saving in its red, never green."""
+        self._headlines[label] = (fraction, what)
+        label.setText("" if fraction is None else f"{what} saved {signed_percent(fraction)}")
+        negative = fraction is not None and round(100 * fraction) < 0
+        label.setStyleSheet(f"color: {self.theme.threshold if negative else self.theme.fired};")
 
     def set_model(self, num_exits: int) -> None:
         self._num_exits = num_exits
@@ -96,10 +111,11 @@ class ComputePanel(QWidget):
         self.frame_curve.setData([], [])
         self.total_curve.setData([], [])
         self.hist.setOpts(x=[], height=[])
-        self.big_label.setText("")
-        self.frame_label.setText("This frame: –")
-        self.total_label.setText("Cumulative: –")
-        self.fps_label.setText("– frames/s")
+        self._headline(self.big_label, None)
+        self._headline(self.time_label, None)
+        self.frame_label.setText(NOT_RUN)
+        self.total_label.setText("All frames: –")
+        self.fps_label.setText("")
 
     def warm_up(self, num_exits: int) -> None:
         """Fill every plot and label once (drawn off screen by the window, then cleared)."""
@@ -107,42 +123,54 @@ class ComputePanel(QWidget):
         self.total_curve.setData([-1, 0], [10, 20])
         self.hist.setOpts(x=list(range(num_exits)), height=[10] * num_exits, width=0.6,
                           brushes=[self.theme.color("stage")] * num_exits)
-        for label in (self.big_label, self.frame_label, self.total_label, self.fps_label):
+        for label in (self.big_label, self.time_label, self.frame_label, self.total_label, self.fps_label):
             label.setText("0 % 123456789 frames/s FLOPs ms")
 
-    def update_stats(self, stats: LiveStats, shown=None) -> None:
-        """Redraw from the running figures (called at most at the window's render rate); "this
-        frame" is `shown`, the result on screen, else the newest one."""
-        r = shown if shown is not None else stats.last
-        if r is None:
-            return
-        mean_ms = stats.ms / stats.frames if stats.frames else 0.0
-        self.big_label.setText(f"{percent(stats.saved)} compute saved")
-        if self.compact:  # presentation: large type, the figures that matter
-            self.total_label.setText(f"All {stats.frames} frames: saved {percent(stats.saved, 1)} FLOPs")
-            self.fps_label.setText(f"{stats.fps:.1f} frames/s · {mean_ms:.1f} ms per frame")
+    def show_frame(self, result) -> None:
+        """"This frame": the result on screen (None: the frame on screen was not run). The window calls
+        this with every frame it draws, with the result it gives the overlay and the diagram."""
+        if result is None:
+            self.frame_label.setText(NOT_RUN)
         else:
-            self.frame_label.setText(f"This frame: exit E{r.exit_index} · {format_flops(r.flops)} of "
-                                     f"{format_flops(r.full_flops)} · saved {percent(r.saved)} · {r.ms:.2f} ms")
+            self.frame_label.setText(f"This frame: exit E{result.exit_index} · {format_flops(result.flops)} of "
+                                     f"{format_flops(result.full_flops)} · FLOPs saved {signed_percent(result.saved)}"
+                                     f" · {result.ms:.2f} ms")
+        self.frame_label.setToolTip(self.frame_label.text())
+
+    def update_stats(self, stats: LiveStats, shown=None, fps: float | None = None) -> None:
+        """Redraw the running figures (at most at the window's stats rate), with `shown`, the result on
+        screen, marked in the histogram; `fps` None hides the rate (no stream: paused, a still, a burst)."""
+        self.show_frame(shown)
+        if not stats.frames:
+            return
+        mean_ms = stats.ms / stats.frames
+        live = stats.full_ms and stats.last is not None and stats.last.full_ms_live
+        self._headline(self.big_label, stats.saved, "FLOPs")
+        # time saved only against the full model timed alongside the live frames: a fair comparison
+        self._headline(self.time_label, stats.saved_ms if live else None, "time")
+        rate = "" if fps is None else f"{fps:.1f} frames/s · "
+        if self.compact:  # presentation: large type, the figures that matter
+            self.total_label.setText(f"All {stats.frames} frames: FLOPs saved {signed_percent(stats.saved, 1)}")
+            self.fps_label.setText(f"{rate}{mean_ms:.1f} ms per frame")
+        else:
             full = ""
             if stats.full_ms:
                 full_ms = stats.full_ms / stats.frames
-                if r.full_ms_live:  # timed alongside the live frames: a fair comparison
-                    change = (f"{percent(stats.saved_ms, 1)} time saved" if stats.saved_ms >= 0
-                              else f"{percent(-stats.saved_ms, 1)} slower")
-                    full = f" vs full model {full_ms:.2f} ms measured live · {change}"
-                else:  # an idle-time profile: shown beside, not turned into a percentage
-                    full = f" (full model: {full_ms:.2f} ms profiled)"
-            self.total_label.setText(f"All {stats.frames} frames: saved {percent(stats.saved, 1)} FLOPs · "
-                                     f"{mean_ms:.2f} ms per frame{full}")
-            self.fps_label.setText(f"{stats.fps:.1f} frames/s")
-        for label in (self.frame_label, self.total_label, self.fps_label):
+                full = (f" · time saved {signed_percent(stats.saved_ms, 1)} ({mean_ms:.2f} ms per frame, full model "
+                        f"{full_ms:.2f} ms measured live)" if live else
+                        f" · {mean_ms:.2f} ms per frame (full model: {full_ms:.2f} ms profiled)")
+            else:
+                full = f" · {mean_ms:.2f} ms per frame"
+            self.total_label.setText(f"All {stats.frames} frames: FLOPs saved {signed_percent(stats.saved, 1)}{full}")
+            self.fps_label.setText(rate[:-3] if rate else "")
+        for label in (self.total_label, self.fps_label):
             label.setToolTip(label.text())
         n = len(stats.saved_history)
         xs = list(range(1 - n, 1))
         self.frame_curve.setData(xs, list(stats.saved_history))
         self.total_curve.setData(xs, list(stats.cumulative_history))
         counts = stats.exit_counts
+        fired = shown.exit_index if shown is not None else None
         shares = [100 * c / max(1, stats.frames) for c in counts]
         self.hist.setOpts(x=list(range(len(counts))), height=shares, width=0.6,
-                          brushes=[self.theme.color("fired" if e == r.exit_index else "stage") for e in range(len(counts))])
+                          brushes=[self.theme.color("fired" if e == fired else "stage") for e in range(len(counts))])

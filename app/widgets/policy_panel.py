@@ -1,5 +1,9 @@
 """Policy panel: choose the bundle's policy, edit one threshold per exit with immediate effect, walk
-the Pareto front with a budget slider, reset to the bundle's default, save the configuration."""
+the Pareto front with a budget slider, reset to the bundle's default, save the configuration.
+
+The budget slider walks the active policy's own front (a learned policy's λ sweep, where the bundle
+can run it); a policy without one walks the bundle's front, and moving it switches the combo to
+the policy that front belongs to, so the combo always names what runs."""
 from __future__ import annotations
 
 import functools
@@ -37,12 +41,14 @@ class _ExitRow:
         self.off.toggled.connect(panel._on_off_toggled)
 
     def show(self, t: float | None, enabled: bool) -> None:
+        """Threshold `t` (None = off); `enabled` False: the policy has no thresholds (every exit runs
+        as it decides), so nothing is shown as off."""
         for w in (self.slider, self.off):
             w.blockSignals(True)
-        self.off.setChecked(t is None)
+        self.off.setChecked(enabled and t is None)
         if t is not None:
             self.slider.setValue(round(t * STEPS))
-        self.value.setText("off" if t is None else f"{t:.2f}")
+        self.value.setText("–" if not enabled else "off" if t is None else f"{t:.2f}")
         self.slider.setEnabled(enabled and t is not None)
         self.off.setEnabled(enabled)
         for w in (self.slider, self.off):
@@ -67,7 +73,7 @@ class PolicyPanel(QWidget):
         self.budget.valueChanged.connect(self._on_budget_moved)
         self.budget_label = QLabel("–")
         self.budget_label.setWordWrap(True)
-        budget_box = QGroupBox("Budget (Pareto front)")
+        self.budget_box = budget_box = QGroupBox("Budget (Pareto front)")
         blay = QVBoxLayout(budget_box)
         ends = QHBoxLayout()
         ends.addWidget(QLabel("cheapest"))
@@ -114,35 +120,44 @@ class PolicyPanel(QWidget):
         last = len(info.exit_stages) - 1
         self.grid.addWidget(QLabel(f"E{last} · stage {info.exit_stages[-1] + 1}"), len(self.rows), 0)
         self.grid.addWidget(QLabel("final exit: always answers"), len(self.rows), 1, 1, 3)
-        has_front = bool(info.front)
-        self.budget.blockSignals(True)
-        self.budget.setRange(0, max(0, len(info.front) - 1))
-        self.budget.setValue(info.default_point or 0)
-        self.budget.blockSignals(False)
-        self.budget.setEnabled(has_front)
-        self.budget.setToolTip("" if has_front else NO_FRONT_TIP)
-        self.budget_label.setToolTip("" if has_front else NO_FRONT_TIP)
-        self.budget_label.setText("" if has_front else "no front in this bundle")
 
     def _on_policy_changed(self, state: PolicyState) -> None:
         self.combo.blockSignals(True)
         self.combo.setCurrentText(state.name)
         self.combo.blockSignals(False)
         kind = state.current.get("kind", "?")
-        from_point = state.point is not None and state.edited and state.current == state.info.front[state.point]["policy"]
-        origin = f"front point {state.point + 1}" if from_point else ("edited" if state.edited else state.name)
+        front, owner = state.front, state.front_owner
+        on_front = state.point is not None and state.current == front[state.point]["policy"]
+        origin = (f"{state.name}, front point {state.point + 1}" if on_front and state.edited else
+                  f"{state.name}, edited" if state.edited else state.name)
         self.describe.setText(f"Active: {_describe(state.current)}  ({origin})")
         ts = state.thresholds
         self.thresholds_box.setEnabled(ts is not None)
         self.thresholds_box.setToolTip("" if ts is not None else f"the {kind} policy has no thresholds to edit")
         for row in self.rows:
             row.show(ts[row.e] if ts is not None else None, ts is not None)
-        if state.info.front and state.point is not None:
-            self.budget.blockSignals(True)
+        self._show_budget(state, front, owner, on_front)
+
+    def _show_budget(self, state: PolicyState, front: list, owner: str | None, on_front: bool) -> None:
+        self.budget.blockSignals(True)
+        self.budget.setRange(0, max(0, len(front) - 1))
+        if state.point is not None:
             self.budget.setValue(state.point)
-            self.budget.blockSignals(False)
-            self.budget_label.setText(f"point {state.point + 1} of {len(state.info.front)}: "
-                                      + front_label(state.info.front[state.point]))
+        self.budget.blockSignals(False)
+        self.budget.setEnabled(bool(front))
+        self.budget.setToolTip("" if front else NO_FRONT_TIP)
+        self.budget_label.setToolTip("" if front else NO_FRONT_TIP)
+        self.budget_box.setTitle(f"Budget (Pareto front of {owner})" if front else "Budget (Pareto front)")
+        if not front:
+            self.budget_label.setText("no front in this bundle")
+        elif owner != state.name:
+            self.budget_label.setText(f"the {state.name} policy has no front of its own: moving the budget switches "
+                                      f"to the {owner} policy")
+        elif state.point is not None:
+            where = "" if on_front else " (then edited)"
+            self.budget_label.setText(f"point {state.point + 1} of {len(front)}{where}: " + front_label(front[state.point]))
+        else:
+            self.budget_label.setText("not on the front: move the budget to choose a point")
 
     # -- the user's edits ---------------------------------------------------------------------------
     def _row_of(self, widget) -> _ExitRow:
@@ -199,4 +214,8 @@ def _describe(policy: dict) -> str:
     if policy.get("kind") == "threshold":
         ts = ", ".join("off" if t is None else f"{t:.2f}" for t in policy["thresholds"][:-1])
         return f"threshold on {policy.get('measure', 'max_prob')} [{ts}]"
-    return str(policy.get("kind"))
+    knobs = [f"λ {policy['lambda']:g}" if isinstance(policy.get("lambda"), (int, float)) else "",
+             f"offset {policy['offset']:+.2f}" if isinstance(policy.get("offset"), (int, float)) else "",
+             f"τ {policy['tau']:.2f}" if isinstance(policy.get("tau"), (int, float)) else ""]
+    knobs = [k for k in knobs if k]
+    return f"{policy.get('kind')}" + (f" ({', '.join(knobs)})" if knobs else "")

@@ -117,7 +117,8 @@ class RetrainPanel(QWidget):
         self.new_bundle: Any = None
         self.new_report: dict | None = None
         self.result_mode: Mode = LABELLED  # the mode that made new_bundle
-        self._stage, self._stage_start = "", 0.0
+        self._checked = None  # the last check's report (its image count sizes the progress plan)
+        self._overall = tasks.OverallProgress([], 0.0)
         mode_box = QGroupBox("The folder holds")
         self.mode_group = QButtonGroup(self)
         self.mode_buttons: dict[str, QRadioButton] = {}
@@ -266,6 +267,7 @@ class RetrainPanel(QWidget):
         self._start(functools.partial(self.mode.check, folder), "checking folder", result=self._on_checked)
 
     def _on_checked(self, report) -> None:
+        self._checked = report
         lines, problem = self.mode.summary(report, self.session.info)
         self.report_ok = problem is None
         if problem is not None:
@@ -283,34 +285,44 @@ class RetrainPanel(QWidget):
             return
         self.new_bundle = self.new_report = None
         self.result_mode = mode
-        self.result_label.setText("")
+        self._clear_curves()  # an older run's curve is not this run's: nothing is "new" until it ends
         self.progress.setValue(0)
         self.session.status.emit(f"{mode.doing} on {folder} …")
-        self._start(functools.partial(mode.train, info.bundle, folder, epochs), mode.doing,
+        self._start(functools.partial(mode.train, info.bundle, folder, epochs), mode.doing, self._phases(epochs),
                     result=self._on_trained, cancelled=self._on_cancelled)
+
+    def _phases(self, epochs: int) -> list[tuple[str, float]]:
+        """The stages training reports, sized by the checked folder (see tasks.training_phases)."""
+        report, info = self._checked, self.session.info
+        if self.mode is LABELLED:
+            images = report.total if report is not None else 1
+            same = report is not None and list(report.classes) == list(info.class_names)
+            return tasks.training_phases(images, epochs, val_fraction=0.2, checks_images=False, old_curve=same)
+        images = report.count if report is not None else 1
+        return tasks.training_phases(images, epochs, val_fraction=0.1, checks_images=True, old_curve=True)
 
     def _on_cancel_clicked(self) -> None:
         if self.task is not None:
             self.task.cancel()
             self.stage_label.setText("cancelling …")
 
-    def _start(self, fn, what: str, **slots) -> None:
-        self._stage, self._stage_start = "", time.perf_counter()
+    def _start(self, fn, what: str, phases: list[tuple[str, float]] | None = None, **slots) -> None:
+        """Run `fn` as the panel's task; `phases` (stage, weight) make its stages one progress bar."""
+        self._overall = tasks.OverallProgress(phases or [], time.perf_counter())
         self.task = self.session.start_task(fn, what, progress=self._on_progress, error=self._on_failed,
                                             finished=self._on_finished, **slots)
         self._update_buttons()
 
     def _on_progress(self, p) -> None:
-        now = time.perf_counter()
-        if p.stage != self._stage:
-            self._stage, self._stage_start = p.stage, now
-        self.progress.setValue(int(1000 * p.fraction))
-        left = ""
-        elapsed = now - self._stage_start
-        if 0.02 < p.fraction < 1.0 and elapsed > 0.5:
-            left = f" · about {_duration(elapsed * (1 - p.fraction) / p.fraction)} left in this stage"
+        """One bar for the whole task (all its stages), with the time left for all of it."""
+        if self._overall.phases:
+            fraction, left = self._overall.update(p, time.perf_counter())
+        else:
+            fraction, left = p.fraction, None
+        self.progress.setValue(int(1000 * fraction))
         msg = f" — {p.message}" if p.message else ""
-        self.stage_label.setText(f"{p.stage}: {p.done}/{p.total}{left}{msg}")
+        left_text = f" · about {_duration(left)} left" if left is not None and fraction < 1.0 else ""
+        self.stage_label.setText(f"{p.stage}: {p.done}/{p.total}{msg}{left_text}")
 
     def _on_trained(self, out) -> None:
         self.new_bundle, self.new_report = out
@@ -324,6 +336,7 @@ class RetrainPanel(QWidget):
     def _on_cancelled(self) -> None:
         self.stage_label.setText("cancelled: the current model is unchanged")
         self.progress.setValue(0)
+        self._clear_curves()
         self.session.status.emit(f"{self.result_mode.doing} cancelled; the current model is unchanged")
 
     def _on_failed(self, message: str) -> None:
@@ -339,18 +352,32 @@ class RetrainPanel(QWidget):
         if train:  # after the check's worker is done: one task at a time
             self.train()
 
-    def show_curves(self, report: dict) -> None:
-        """The new model's curve against the current one's, scored as the result's mode scores."""
+    def _clear_curves(self) -> None:
         self.plot.clear()
         self.legend.clear()
+        self.result_label.setText("")
+
+    def show_curves(self, report: dict) -> None:
+        """The new model's curve and its full model (last exit) against the current model's curve,
+        scored as the result's mode scores; a current model with other classes has no curve to show."""
+        self._clear_curves()
         self.plot.setLabel("left", f"{self.result_mode.score} %")
-        new_x, new_y = curve_xy(report.get("curve_new"))
+        new_x, new_y = curve_xy(report.get("curve_new") or report.get("curve"))
         old_x, old_y = curve_xy(report.get("curve_old"))
         if old_x:
             self.plot.plot(old_x, old_y, pen=pg.mkPen("#888888", width=2), symbol="o", symbolSize=4, name="current")
-        self.plot.plot(new_x, new_y, pen=pg.mkPen("#2ca02c", width=3), symbol="o", symbolSize=5, name="new")
+        self.plot.plot(new_x, new_y, pen=pg.mkPen("#2ca02c", width=3), symbol="o", symbolSize=6, name="new")
+        per_exit = report.get(self.result_mode.per_exit) or []
+        if per_exit:  # the new model's full model: every stage, the last exit answers
+            full = 100 * float(per_exit[-1])
+            self.plot.plot([0, 100], [full, full], pen=pg.mkPen("#2ca02c", width=1, style=Qt.PenStyle.DashLine),
+                           name=f"new: full model {full:.1f} %")
         if not old_x:
-            self.legend.addItem(pg.PlotDataItem(pen=None), "current model: no comparable curve (another class list)")
+            self.legend.addItem(pg.PlotDataItem(pen=None), "current: other classes, no comparable curve")
+        self.plot.setXRange(0, 102, padding=0.02)
+        ys = new_y + old_y + ([100 * float(per_exit[-1])] if per_exit else [])
+        if ys:
+            self.plot.setYRange(max(0.0, min(ys) - 5), min(100.0, max(ys)) + 3, padding=0)
 
     # -- 3. use or save -----------------------------------------------------------------------------------
     def _on_use_clicked(self) -> None:

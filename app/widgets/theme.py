@@ -19,9 +19,13 @@ class Theme:
     fired: str  # the exit that fired
     threshold: str  # threshold markers
     accent: str  # saved-compute curve
-    error: str  # error banner
+    error: str  # error banner background
+    error_text: str  # error banner text: at least 4.5:1 against `error` (WCAG AA)
+    offer: str  # background of a banner that offers something ("Reopen …?")
+    offer_text: str
 
     def color(self, role: str, alpha: int = 255) -> QColor:
+        """The colour of `role` (a field name), with `alpha`."""
         c = QColor(getattr(self, role))
         c.setAlpha(alpha)
         return c
@@ -41,7 +45,18 @@ class Theme:
 
 NORMAL = Theme(name="normal", font_scale=1.0, background="#ffffff", foreground="#202020", panel="#f0f0f0",
                stage="#4a7fc1", skipped="#c8c8c8", exit_ran="#f0a030", fired="#2ca02c", threshold="#d62728",
-               accent="#1f77b4", error="#b00020")
+               accent="#1f77b4", error="#b00020", error_text="#ffffff", offer="#1f4e79", offer_text="#ffffff")
 PRESENTATION = Theme(name="presentation", font_scale=1.6, background="#000000", foreground="#ffffff",
                      panel="#000000", stage="#3d8bff", skipped="#3a3a3a", exit_ran="#ffb000", fired="#00e000",
-                     threshold="#ff4040", accent="#00c8ff", error="#ff3030")
+                     threshold="#ff4040", accent="#00c8ff", error="#c00000", error_text="#ffffff", offer="#1f4e79",
+                     offer_text="#ffffff")
+
+
+def contrast_ratio(a: QColor, b: QColor) -> float:
+    """WCAG 2 contrast ratio of two colours, 1 (same) to 21 (black on white); text needs 4.5 (AA)."""
+    def luminance(c: QColor) -> float:
+        def channel(v: float) -> float:
+            return v / 12.92 if v <= 0.03928 else ((v + 0.055) / 1.055) ** 2.4
+        return 0.2126 * channel(c.redF()) + 0.7152 * channel(c.greenF()) + 0.0722 * channel(c.blueF())
+    hi, lo = sorted((luminance(a), luminance(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Sequence
 
@@ -105,6 +106,34 @@ def evidence_features_one(logits: Sequence[np.ndarray], top_k: int) -> np.ndarra
     return np.concatenate([top.astype(np.float32), extra])
 
 
+_P_LOW, _P_HIGH = float(np.float32(1e-7)), float(np.float32(1.0 - 1e-7))  # the float32 clamp of the batched version
+
+
+def evidence_row(row: Sequence[float], top_k: int, classes: Sequence[int],
+                 previous: tuple[list[float], float] | None) -> tuple[list[float], tuple[list[float], float], int]:
+    """`evidence_features` of one sample in plain Python floats, from its logits `row` at this exit,
+    the argmax of every exit evaluated before it (`classes`) and what this returned at the one
+    just before (`previous`, None at the first). Returns (features, this exit's softmax numerators
+    and their sum, its argmax). The prepared batch-1 path (engine.prepared) uses it for a few
+    classes, where it costs less than one numpy call per column; tests hold it to
+    `evidence_features` (entropy as log-sum-exp − E[logit], equal but for p < 1e-12)."""
+    m = max(row)
+    cls = row.index(m)
+    e = [math.exp(v - m) for v in row]
+    s = sum(e)
+    k = len(row)
+    top = [v / s for v in sorted(e, reverse=True)[:min(top_k, k)]]
+    entropy = (math.log(s) + m - sum(map(operator.mul, e, row)) / s) / (math.log(k) if k > 1 else 1.0)
+    p1 = min(max(top[0], _P_LOW), _P_HIGH)
+    f = top + [entropy, top[0] - (top[1] if len(top) > 1 else 0.0), math.log(p1) - math.log1p(-p1)]
+    if previous is None:
+        f += [0.0, 0.0, 0.0, 0.0]
+    else:
+        prev, total = previous
+        f += [float(classes[-1] == cls), 1.0 / total, prev[cls] / total, classes.count(cls) / len(classes)]
+    return f, (e, s), cls
+
+
 def records_evidence(records: "Records", exit_index: int, top_k: int) -> torch.Tensor:
     """`evidence_features` at `exit_index` for every recorded sample, all exits before it evaluated
     (as the Bolukbasi policy evaluates every exit)."""
@@ -134,6 +163,8 @@ class BolukbasiPolicy(Policy):
             raise ValueError(f"top_k must be at least 1 and hidden at least 0, got top_k={top_k}, hidden={hidden}")
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+        if not math.isfinite(float(offset)):
+            raise ValueError(f"offset must be a finite number, got {offset}")
         self.num_exits, self.num_classes = int(num_exits), int(num_classes)
         self.top_k, self.hidden, self.offset = int(top_k), int(hidden), float(offset)
         self.lam, self.loss = (None if lam is None else float(lam)), loss

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Sequence
 
@@ -120,6 +121,29 @@ def structure_measures_one(history: Sequence[np.ndarray], features: np.ndarray, 
     return np.array(cols, dtype=np.float32)
 
 
+def structure_measures_row(row: Sequence[float], sims: Sequence[float], previous: Sequence[int],
+                           proto_temperature: float) -> tuple[list[float], int]:
+    """`structure_measures` of one sample in plain Python floats, for the prepared batch-1 path
+    (engine.prepared): `row` its logits at this exit, `sims` its cosine similarities to the K
+    prototypes, `previous` the argmax of every earlier evaluated exit. Returns (the same columns,
+    this exit's argmax); tests hold it to `structure_measures`."""
+    k = len(sims)
+    s1 = max(sims)
+    nearest = sims.index(s1)
+    s2 = sorted(sims)[-2] if k > 1 else 0.0
+    separability = 1.0 / sum([math.exp((v - s1) / proto_temperature) for v in sims])
+    m = max(row)
+    answer = row.index(m)
+    e = [math.exp(v - m) for v in row]
+    total = sum(e)
+    entropy = math.log(total) + m - sum(map(operator.mul, e, row)) / total  # log-sum-exp − E[logit]
+    second = sorted(e)[-2] if k > 1 else 0.0
+    n = len(previous)
+    return [s1, s2, s1 - s2, separability, s1 - (sum(sims) - s1) / max(k - 1, 1), float(answer == nearest),
+            previous.count(answer) / n if n else 0.0, float(previous[-1] == answer) if n else 0.0,
+            1.0 / total, 1.0 - entropy / math.log(k) if k > 1 else 1.0, (1.0 - second) / total], answer
+
+
 # -- the policy -----------------------------------------------------------------------------------
 @register_policy
 class StructurePolicy(Policy):
@@ -141,8 +165,8 @@ class StructurePolicy(Policy):
             raise ValueError(f"a structure policy needs at least 2 classes, got {num_classes}")
         if proj_dim < 0 or hidden < 1:
             raise ValueError(f"proj_dim must be >= 0 and hidden >= 1, got {proj_dim} and {hidden}")
-        if proto_temperature <= 0:
-            raise ValueError(f"proto_temperature must be positive, got {proto_temperature}")
+        if not 0 < float(proto_temperature) < math.inf:  # NaN fails this too
+            raise ValueError(f"proto_temperature must be a positive number, got {proto_temperature}")
         self.feature_widths = [int(c) for c in feature_widths]
         self.num_classes = int(num_classes)
         self.proj_dim, self.hidden = int(proj_dim), int(hidden)
@@ -248,6 +272,29 @@ class StructurePolicy(Policy):
         logit = float(linear_stack([m for m in self.trunk if isinstance(m, nn.Linear)], self, "trunk", x)[0])
         z = math.exp(-abs(logit))  # a sigmoid that never overflows
         return (1.0 / (1.0 + z) if logit >= 0 else z / (1.0 + z)) >= self.tau
+
+    @torch.no_grad()
+    def folded(self, e: int, spatial: int) -> tuple[list[torch.Tensor], np.ndarray, np.ndarray, float]:
+        """Early exit e's decision rearranged for a graph fed the tap's spatial SUM over `spatial`
+        positions (engine.prepared): everything before the measures is linear in the pooled features,
+        so the projection, standardisation and the trunk's first layer fold into one matrix.
+
+        Returns ([centre × spatial (1, C), prototypes.T (C, K), M (C, hidden), a (hidden,)], W (hidden,
+        measures) float64, w2 (hidden,) float64, b2): the trunk's first layer then is
+        relu(sum @ M + a + W @ measures), its score w2 · that + b2."""
+        prototypes, centre, scale = (t.double() for t in self.buffers_of(e))
+        first, last = self.trunk[0], self.trunk[2]
+        w1, b1 = first.weight.double(), first.bias.double()
+        d, m = self.proj_dim, len(MEASURES)
+        a = b1 + w1[:, d + m + e]  # the exit's one-hot picks a column
+        fold = torch.zeros(centre.shape[0], self.hidden, dtype=torch.float64)
+        if self.project is not None:
+            wp = w1[:, :d] @ self.project[e].weight.double()  # (hidden, C)
+            a = a + w1[:, :d] @ self.project[e].bias.double() - wp @ (centre / scale)
+            fold = (wp / scale).T / spatial
+        graph = [(centre * spatial)[None].float(), prototypes.T.contiguous().float(), fold.float(), a.float()]
+        return (graph, w1[:, d:d + m].cpu().numpy(), last.weight.double()[0].cpu().numpy(),
+                float(last.bias.double()[0]))
 
     def flops_per_exit(self) -> list[float]:
         """FLOPs of one decision at each exit (multiply-add = 2; matrix products only, as

@@ -42,7 +42,7 @@ class ThresholdPolicy(Policy):
         if measure not in MEASURES:
             raise ValueError(f"unknown confidence measure {measure!r}; choose one of {', '.join(MEASURES)}")
         for t in thresholds:
-            if t is not None and not (0.0 <= float(t) <= 1.0 or math.isinf(t)):
+            if t is not None and not 0.0 <= float(t) <= 1.0:  # NaN fails this too
                 raise ValueError(f"threshold {t} is outside 0..1")
         self.thresholds = [None if t is None else float(t) for t in thresholds]
         self.measure = measure

@@ -7,9 +7,11 @@ not in JPEG decoding. Every epoch ends with an atomic checkpoint; a run resumes 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,8 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones import build_backbone
+from ..data import SKIPPED
+from ..files import json_text, replacing
 from ..model import MultiExitNet
 from ..progress import CancelFlag, ProgressFn, report
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,7 +45,8 @@ class NetworkConfig:
 
 
 def decode_dataset(dataset, size: int, *, progress: ProgressFn | None = None, cancel: CancelFlag | None = None):
-    """Decode every image of `dataset` (items (PIL image or tensor, label)) to uint8 (N, 3, size, size)."""
+    """Decode every image of `dataset` (items (PIL image or tensor, label)) to uint8 (N, 3, size, size)
+    and the (N,) labels; items of files that could not be read (label SKIPPED) are left out."""
     import numpy as np
 
     n = len(dataset)
@@ -55,6 +62,9 @@ def decode_dataset(dataset, size: int, *, progress: ProgressFn | None = None, ca
         images[i], labels[i] = img, int(y)
         if i % 2000 == 0 or i == n - 1:
             report(progress, cancel, "decoding images", i + 1, n)
+    keep = labels != SKIPPED  # an unreadable file's item holds another image: never train on it twice
+    if not bool(keep.all()):
+        images, labels = images[keep], labels[keep]
     return images, labels
 
 
@@ -85,9 +95,44 @@ def build_network(cfg: NetworkConfig, class_names: list[str]) -> MultiExitNet:
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:  # a kill mid-write leaves a temporary the next save removes
+        torch.save(state, tmp)
+
+
+def read_checkpoint(path: str | Path, cfg: NetworkConfig, device: str = "cpu") -> dict | None:
+    """The training state in checkpoint `path` (None when there is no file), checked: made by
+    `train_network` with the same `cfg`, an epoch within it, a readable history. Tensors only are
+    unpickled (weights_only). Raises ValueError, one sentence naming the file, for anything else:
+    an empty, truncated or foreign file, a folder, another configuration."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    fix = "delete it or give another --checkpoint"
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} is not a file; {fix}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path} is empty (an interrupted write?); {fix}")
+    try:
+        with warnings.catch_warnings():  # torch's notes on foreign pickles would only add lines to the one error
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for damaged or hostile files
+        logger.debug("cannot load checkpoint %s", path, exc_info=True)
+        raise ValueError(f"checkpoint {path} is not a readable training checkpoint ({type(err).__name__}); {fix}") from None
+    try:
+        config = json.loads(state["config"])
+        epoch, history = state["epoch"], json.loads(state["history"])
+        parts_ok = all(isinstance(state[k], dict) for k in ("model", "optimizer", "scheduler"))
+    except Exception as err:  # noqa: BLE001 - missing keys, wrong types
+        logger.debug("malformed checkpoint %s", path, exc_info=True)
+        raise ValueError(f"checkpoint {path} is not an Offramp training checkpoint ({type(err).__name__}); {fix}") from None
+    if not parts_ok or not isinstance(history, list) or isinstance(epoch, bool) or not isinstance(epoch, int):
+        raise ValueError(f"checkpoint {path} is not an Offramp training checkpoint (malformed state); {fix}")
+    if config != asdict(cfg):
+        raise ValueError(f"checkpoint {path} was made with another configuration; delete it or use the same options")
+    if not 0 <= epoch <= cfg.epochs:
+        raise ValueError(f"checkpoint {path} claims epoch {epoch} of a {cfg.epochs}-epoch run; {fix}")
+    return {**state, "epoch": epoch, "history": history}
 
 
 @torch.no_grad()
@@ -137,14 +182,17 @@ def train_network(cfg: NetworkConfig, images: torch.Tensor, labels: torch.Tensor
     history: list[dict] = []
     start_epoch = 0
     ckpt = Path(checkpoint) if checkpoint else None
-    if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=True)
-        if json.loads(state["config"]) != asdict(cfg):
-            raise ValueError(f"checkpoint {ckpt} was made with another configuration; delete it or use the same options")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start_epoch, history = int(state["epoch"]), json.loads(state["history"])
+    state = read_checkpoint(ckpt, cfg, device) if ckpt is not None else None
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+        except Exception as err:  # noqa: BLE001 - tensors of another model or a damaged file
+            logger.debug("cannot resume from %s", ckpt, exc_info=True)
+            raise ValueError(f"checkpoint {ckpt} does not fit this network ({type(err).__name__}); delete it or give "
+                             "another --checkpoint") from None
+        start_epoch, history = state["epoch"], state["history"]
         log(f"resuming from {ckpt} at epoch {start_epoch}/{cfg.epochs}")
     gen = torch.Generator().manual_seed(cfg.seed + start_epoch)
     images_dev, labels_dev = images.to(device), labels.to(device)
@@ -177,10 +225,13 @@ def train_network(cfg: NetworkConfig, images: torch.Tensor, labels: torch.Tensor
         if val is not None:
             entry["val_accuracy"] = accuracy_per_exit(model, val[0], val[1], device)
         history.append(entry)
-        log(json.dumps(entry))
+        log(json_text(entry))
         if ckpt is not None:
-            _save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                    "scheduler": sched.state_dict(), "epoch": epoch + 1,
-                                    "config": json.dumps(asdict(cfg)), "history": json.dumps(history)})
+            try:
+                _save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                        "scheduler": sched.state_dict(), "epoch": epoch + 1,
+                                        "config": json.dumps(asdict(cfg)), "history": json_text(history)})
+            except OSError as e:  # a full disk must not end the run: the bundle is what matters
+                log(f"could not write the checkpoint {ckpt} ({e.strerror or e}); training goes on without it")
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
     return model, history

@@ -137,13 +137,17 @@ def retrain_on_folder(bundle: Bundle, folder: str | Path, *, head: str = "linear
                       cancel: CancelFlag | None = None) -> tuple[Bundle, dict]:
     """New exits for the classes of `folder` on `bundle`'s frozen backbone; `bundle` is untouched.
 
-    Raises ValueError for an unusable folder, Cancelled when cancelled."""
+    When the folder holds the bundle's own classes (by name, in any order) its images are labelled
+    by the bundle's class names, the exits keep the bundle's class order and the report has the
+    bundle's curve on the same held-out images ("curve_old"); otherwise the new exits predict the
+    folder's classes. The report lists "empty_classes", class folders without a readable image
+    (left out of the classes). Raises ValueError for an unusable folder, Cancelled when cancelled."""
     report(progress, cancel, "checking folder", 0, 1)
     check = check_folder(folder)
     check.raise_if_unusable()
     report(progress, cancel, "checking folder", 1, 1)
     backbone = copy.deepcopy(bundle.model.backbone)
-    same_classes = list(check.classes) == list(bundle.model.class_names)
+    same_classes = set(check.classes) == set(bundle.model.class_names)  # by name: the order may differ
     if same_classes:
         model = copy.deepcopy(bundle.model)
         train_which = [e for e in range(model.num_exits) if model.exits[e].spec.kind != "original"]
@@ -152,7 +156,7 @@ def retrain_on_folder(bundle: Bundle, folder: str | Path, *, head: str = "linear
                                head=head, keep_classifier=False)
         train_which = None
     model.temperature.fill_(1.0)
-    dataset = open_dataset(folder, report=check)
+    dataset = open_dataset(folder, report=check, classes=model.class_names)  # label i = the model's class i
     dataset.transform = preset_transform(model.backbone.preset)
     train_idx, val_idx = split_indices(dataset.targets, val_fraction=val_fraction, seed=0)
     train_set = torch.utils.data.Subset(dataset, train_idx)
@@ -161,7 +165,8 @@ def retrain_on_folder(bundle: Bundle, folder: str | Path, *, head: str = "linear
             "name": f"{Path(folder).name} exits on {bundle.model.backbone.spec['name']}"}
     new, rep = fit_exits(model, train_set, val_set, epochs=epochs, train_which=train_which, meta=meta,
                          progress=progress, cancel=cancel)
-    rep.update({"classes": list(check.classes), "counts": dict(check.counts),
+    rep.update({"classes": list(model.class_names), "counts": dict(check.counts),
+                "empty_classes": list(check.empty_classes),
                 "skipped": [list(map(str, s)) for s in check.skipped]})
     if same_classes:
         old_records = records_from_cache(bundle.model, cache_features(bundle.model, val_set, cancel=cancel))

@@ -1,0 +1,501 @@
+"""The inference form of a MultiExitNet: what `Engine` and `offramp bench` run.
+
+`MultiExitNet.run` stays the reference (plain modules, what training uses), but at batch 1 on a
+CPU its per-layer Python calls, BatchNorms and per-exit tensor work cost as much as a small
+stage's arithmetic. `prepare(model)` makes, once:
+
+  - a copy of every stage with each BatchNorm folded into the convolution before it (torch.fx);
+  - for one image at a time on the CPU, a TorchScript graph per stage (traced and frozen, with
+    oneDNN Graph fusion where this torch has it) and, for a stage with an active exit, one that
+    also pools the stage's output and multiplies it by the exit's head (1/(h·w) and the
+    temperature folded into the head's Linear layer) and by whatever else the policy reads that
+    is linear in the pooled features. An exit that does not fire costs that graph's few extra
+    operations and one host read; the decision itself is a few Python float operations
+    (`_ThresholdDecider`, and the `*_row` functions of the learned policies), which at batch 1
+    cost less than the torch calls they replace;
+  - for other batch sizes and input sizes, the folded stages in eager mode through
+    `MultiExitNet.run` (samples leave the batch as their exits fire).
+
+The answers are the reference's: the same exit, logits within 1e-5 (tests/test_prepared.py).
+The prepared form copies the weights: after changing the model's weights in place, prepare it
+again (`is_current` says whether that is needed).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import operator
+import threading
+import time
+import warnings
+import weakref
+from dataclasses import replace
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .backbones import StagedBackbone
+from .cost import CostTable
+from .exits import ExitHead
+from .model import Evidence, MultiExitNet, StagedOutput
+from .policies import BolukbasiPolicy, Policy, StructurePolicy, ThresholdPolicy
+from .policies.bolukbasi import evidence_row
+from .policies.structure import structure_measures_row
+
+ROW_CLASSES = 64  # up to this many classes the learned policies decide in Python floats
+_TRACE_LOCK = threading.Lock()  # oneDNN fusion is a process-wide switch, on only while graphs are made
+
+
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """A copy of `module` in eval mode with every BatchNorm that follows a convolution (or Linear)
+    folded into it; the plain copy when torch.fx cannot trace the module."""
+    from torch.fx.experimental.optimization import fuse
+    module = copy.deepcopy(module).eval()
+    try:
+        return fuse(module)
+    except Exception:  # noqa: BLE001 - a module torch.fx cannot trace symbolically keeps its BatchNorms
+        return module
+
+
+# -- the graphs -----------------------------------------------------------------------------------
+def _linear_head(head: ExitHead) -> nn.Linear | None:
+    """The head's Linear layer when the head is global average pooling + one Linear, else None."""
+    pre, post = head.pre, head.post
+    if isinstance(post, nn.Sequential) and len(post) == 1:
+        post = post[0]
+    pooled = (isinstance(pre, nn.Sequential) and len(pre) == 2 and isinstance(pre[0], nn.AdaptiveAvgPool2d)
+              and pre[0].output_size in (1, (1, 1)) and isinstance(pre[1], nn.Flatten))
+    return post if pooled and isinstance(post, nn.Linear) else None
+
+
+class _Calibrated(nn.Module):
+    """Any other exit head, temperature applied, inside the graph."""
+
+    def __init__(self, head: ExitHead, temperature: float):
+        super().__init__()
+        self.head, self.temperature = fold_batchnorm(head), float(temperature)
+
+    def forward(self, tap: torch.Tensor) -> torch.Tensor:
+        logits = self.head(tap)
+        return logits / self.temperature if self.temperature != 1.0 else logits
+
+
+class _Segment(nn.Module):
+    """What one graph call computes: a stage; for an exit, then `head` (None: the head is among the
+    columns), the pooled sum of the tap times the columns given as inputs (`linear`), and the
+    distance of that sum from a centre given as input (`norm`, for the structure policy)."""
+
+    def __init__(self, stage: nn.Module, head: nn.Module | None = None, linear: bool = False, norm: bool = False):
+        super().__init__()
+        self.stage, self.head, self.linear, self.norm = stage, head, linear, norm
+
+    def forward(self, x: torch.Tensor, *inputs: torch.Tensor):
+        tap = self.stage(x)
+        if self.head is None and not self.linear:
+            return tap
+        out = [tap]
+        if self.head is not None:
+            out.append(self.head(tap))
+        # one image: the pooled sum as a vector, (channels,); every operation here costs several
+        # microseconds whatever its size, so there are as few as the decision allows
+        total = tap.sum(dim=(0, 2, 3)) if tap.dim() == 4 else tap.flatten()
+        if self.linear:  # (n,): addmv, which oneDNN Graph leaves alone (a Linear would be a partition)
+            out.append(torch.addmv(inputs[1], inputs[0], total))
+        if self.norm:
+            out.append(torch.linalg.vector_norm(total - inputs[2]))
+        return tuple(out)
+
+
+@contextlib.contextmanager
+def _onednn_fusion(enabled: bool):
+    with _TRACE_LOCK:
+        before = torch.jit.onednn_fusion_enabled()
+        torch.jit.enable_onednn_fusion(enabled)
+        try:
+            yield
+        finally:
+            torch.jit.enable_onednn_fusion(before)
+
+
+def _close(got, want) -> bool:
+    got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
+    return len(got) == len(want) and all(g.shape == w.shape and bool(torch.allclose(g, w, rtol=1e-4, atol=1e-4))
+                                         for g, w in zip(got, want))
+
+
+def _graph(module: nn.Module, example: tuple[torch.Tensor, ...], fuse: bool) -> tuple[Callable, str]:
+    """`module` as a frozen TorchScript graph, run on `example` until optimised and checked against
+    the module: (the graph's forward, how it runs). Falls back to no fusion, then to the module."""
+    module.eval()
+    with torch.no_grad():
+        want = module(*example)
+    for fused in ((True, False) if fuse else (False,)):
+        try:
+            with _onednn_fusion(fused), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TorchScript's deprecation and tracer warnings
+                with torch.no_grad():
+                    graph = torch.jit.freeze(torch.jit.trace(module, example, check_trace=False))
+                with torch.inference_mode():  # the profiling executor optimises on the first runs
+                    for _ in range(3):
+                        got = graph.forward(*example)
+            if _close(got, want):
+                return graph.forward, "TorchScript + oneDNN Graph" if fused else "TorchScript"
+        except Exception:  # noqa: BLE001 - e.g. a fusion this torch cannot do: try the next way
+            pass
+    return module.forward, "eager"
+
+
+# -- the prepared model ---------------------------------------------------------------------------
+class PreparedModel:
+    """`model` made ready to run (see the module's doc). `run` has `MultiExitNet.run`'s contract."""
+
+    def __init__(self, model: MultiExitNet, *, graphs: bool | None = None, fuse: bool = True):
+        """`graphs`: make the batch-1 TorchScript graphs (default: when the model is on the CPU);
+        `fuse`: with oneDNN Graph fusion where it works (each graph is checked against its module)."""
+        model.eval()
+        self.model = model
+        self._stamp = [(t, t._version) for t in (*model.parameters(), *model.buffers())]
+        self.device = next(model.parameters()).device
+        backbone = model.backbone
+        self._stages = [fold_batchnorm(s) for s in backbone.stages]
+        folded = StagedBackbone(self._stages, list(backbone.taps), None, backbone.preset, backbone.spec)
+        self.batched = MultiExitNet(folded, list(model.exits), model.class_names).to(self.device).eval()
+        self.batched.temperature.copy_(model.temperature)
+        self.num_exits, self.num_classes, self.exit_stages = model.num_exits, model.num_classes, model.exit_stages
+        self._graphs = self.device.type == "cpu" if graphs is None else graphs
+        self._fuse = fuse
+        self._plans: dict[int, tuple[weakref.ref, tuple, _Plan]] = {}
+        self._made: dict[tuple, Callable] = {}
+        self._kinds: set[str] = set()
+        self.input_shape: tuple[int, ...] | None = None
+        if self._graphs:
+            self._make_stage_graphs()
+
+    @property
+    def runtime(self) -> str:
+        """How this form runs one image: e.g. "torch TorchScript + oneDNN Graph, BatchNorm folded"."""
+        kinds = " / ".join(sorted(self._kinds)) if self._graphs else "eager"
+        return f"torch {kinds}, BatchNorm folded"
+
+    def _make_stage_graphs(self) -> None:
+        crop = self.model.backbone.preset.crop
+        self.input_shape = (1, 3, crop, crop)
+        x = torch.randn(*self.input_shape, generator=torch.Generator().manual_seed(0)).to(self.device)
+        self._inputs, self._stage_fns, self._spatial = [], [], []
+        with torch.no_grad():
+            for stage in self._stages:
+                self._inputs.append(x)
+                self._stage_fns.append(self._trace(_Segment(stage), (x,)))
+                x = stage(x)
+                self._spatial.append(math.prod(x.shape[2:]) if x.dim() == 4 else 1)
+        self._heads = []  # per exit: (rows (K, C), bias (K,)) of a linear head, or None
+        for e, head in enumerate(self.model.exits):
+            linear, t = _linear_head(head), float(self.model.temperature[e])
+            if linear is None:
+                self._heads.append(None)
+                continue
+            scale = 1.0 / (self._spatial[self.exit_stages[e]] * t)
+            bias = linear.bias if linear.bias is not None else torch.zeros(linear.out_features)
+            self._heads.append(((linear.weight.detach().double() * scale).float().contiguous(),
+                                (bias.detach().double() / t).float()))
+
+    def _trace(self, module: nn.Module, example: tuple) -> Callable:
+        fn, kind = _graph(module, example, self._fuse)
+        self._kinds.add(kind)
+        return fn
+
+    def exit_step(self, e: int, columns: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                  centre: torch.Tensor | None = None) -> tuple[Callable, tuple, bool]:
+        """Exit e's batch-1 graph (made on first use), its extra inputs, and whether its head is
+        among the products. `columns` (n, C) and `bias` (n,): more products of the pooled sum a
+        decision reads; `centre` (C,): also give the distance of the pooled sum from it."""
+        s = self.exit_stages[e]
+        head = self._heads[e]
+        inputs: list[torch.Tensor] = []
+        if head is not None:
+            inputs = [head[0], head[1]]
+            if columns is not None:
+                inputs = [torch.cat([head[0], columns]), torch.cat([head[1], bias])]
+        elif columns is not None:
+            inputs = [columns, bias]
+        linear = bool(inputs)
+        if centre is not None:
+            inputs = inputs + [centre] if linear else [torch.empty(0), torch.empty(0), centre]
+        key = (e, linear, centre is not None)
+        if key not in self._made:
+            graph_head = None if head is not None else _Calibrated(self.model.exits[e], float(self.model.temperature[e]))
+            module = _Segment(self._stages[s], graph_head, linear, centre is not None)
+            self._made[key] = self._trace(module, (self._inputs[s], *inputs))
+        return self._made[key], tuple(inputs), head is not None
+
+    def is_current(self) -> bool:
+        """False when the model's weights changed in place since it was prepared (prepare it again)."""
+        return all(t._version == v for t, v in self._stamp)
+
+    def plan(self, policy: Policy) -> "_Plan":
+        """What runs at each stage for `policy` (made once per policy and its settings)."""
+        key = _plan_key(policy)
+        hit = self._plans.get(id(policy))
+        if hit is None or hit[0]() is not policy or hit[1] != key:
+            hit = (weakref.ref(policy), key, _Plan(self, policy))
+            self._plans[id(policy)] = hit
+        return hit[2]
+
+    def warm(self, policy: Policy) -> None:
+        """Make the graphs `policy` needs now rather than on its first frame."""
+        if self._graphs:
+            self.plan(policy)
+
+    # -- running -----------------------------------------------------------------------------------
+    def _fast(self, x: torch.Tensor) -> bool:
+        return self._graphs and tuple(x.shape) == self.input_shape and x.device == self.device
+
+    @torch.inference_mode()
+    def run(self, x: torch.Tensor, policy: Policy) -> StagedOutput:
+        """Staged inference that really stops, as `MultiExitNet.run`: the batch-1 graphs for one
+        image of the preset's size, the folded modules otherwise."""
+        if not self._fast(x):
+            return self.batched.run(x, policy)
+        x = x.contiguous()
+        plan = self.plan(policy)
+        decide, k, last = plan.decider.start(), self.num_classes, self.num_exits - 1
+        rows: list[list[float] | None] = [None] * self.num_exits
+        s = fired = 0
+        for s, (fn, e, inputs, in_columns, extra) in enumerate(plan.steps):
+            if e < 0:
+                x = fn(x)
+                continue
+            out = fn(x, *inputs)
+            if in_columns:  # (tap, products: the head's first[, distance])
+                values = out[1].tolist()
+                row, more = (values, None) if len(values) == k else (values[:k], values[k:])
+            else:  # (tap, logits[, other products][, distance])
+                row, more = out[1].tolist()[0], (out[2].tolist() if extra[0] else None)
+            rows[e] = row
+            fired = e
+            if e == last or decide(e, row, more, out[-1].item() if extra[1] else 0.0, out[0]):
+                break
+            x = out[0]
+        nan = plan.nan_row
+        exit_logits = torch.tensor([[nan if r is None else r for r in rows]])  # (1, exits, classes)
+        return StagedOutput(torch.tensor([fired]), exit_logits[:, fired], exit_logits,
+                            torch.tensor([[r is not None for r in rows]]),
+                            torch.tensor([self.exit_stages[fired] + 1]), [1] * (s + 1))
+
+    @torch.inference_mode()
+    def run_to(self, x: torch.Tensor, exit_index: int = -1) -> torch.Tensor:
+        """Calibrated logits of exit `exit_index` (default the last) and nothing else: no other head,
+        no decision; the model cut after that exit (the full model for the last)."""
+        e = self.model.exit_index(exit_index)
+        last = self.exit_stages[e]
+        if not self._fast(x):
+            for stage in self.batched.backbone.stages[:last + 1]:
+                x = stage(x)
+            logits = self.model.exits[e](x)
+            t = float(self.model.temperature[e])
+            return logits / t if t != 1.0 else logits
+        x = x.contiguous()
+        for fn in self._stage_fns[:last]:
+            x = fn(x)
+        fn, inputs, in_columns = self.exit_step(e)
+        logits = fn(x, *inputs)[1]
+        return logits.unsqueeze(0) if in_columns else logits
+
+    @torch.inference_mode()
+    def profile_latency(self, table: CostTable, repeats: int = 30, warmup: int = 5) -> CostTable:
+        """A copy of `table` with the median batch-1 ms of every stage and exit head as this form
+        runs them (a head: its exit's graph less its stage's); `table` itself without graphs."""
+        if not self._graphs:
+            return table
+
+        def median_ms(fn, *args) -> float:
+            for _ in range(warmup):
+                fn(*args)
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn(*args)
+                times.append((time.perf_counter() - start) * 1e3)
+            return sorted(times)[len(times) // 2]
+        stage_ms = [median_ms(fn, x) for fn, x in zip(self._stage_fns, self._inputs)]
+        exit_ms = []
+        for e, s in enumerate(self.exit_stages):
+            fn, inputs, _ = self.exit_step(e)
+            exit_ms.append(max(median_ms(fn, self._inputs[s], *inputs) - stage_ms[s], 0.0))
+        return replace(table, stage_ms=stage_ms, exit_ms=exit_ms, device=str(self.device))
+
+
+def prepare(model: MultiExitNet, **kw) -> PreparedModel:
+    """`PreparedModel(model, **kw)`: the form `Engine` and `offramp bench` run."""
+    return PreparedModel(model, **kw)
+
+
+# -- plans: which graph each stage runs and how an exit decides, per policy -----------------------
+def _plan_key(policy: Policy) -> tuple:
+    """What a plan depends on besides the policy object: thresholds, offsets, weights' versions."""
+    if isinstance(policy, ThresholdPolicy):
+        return (policy.measure, tuple(policy.thresholds))
+    tensors = tuple((t.data_ptr(), t._version) for t in (*policy.parameters(), *policy.buffers()))
+    return (getattr(policy, "offset", None), getattr(policy, "tau", None), tensors)
+
+
+class _Plan:
+    """For one policy: per stage (graph, exit index or −1, its inputs, whether the head is among
+    the columns, (other columns?, distance?)), and the decider."""
+
+    def __init__(self, prepared: PreparedModel, policy: Policy):
+        n, k = prepared.num_exits, prepared.num_classes
+        active = policy.active_exits(n)
+        if isinstance(policy, ThresholdPolicy):
+            decider = _ThresholdDecider(policy)
+        elif isinstance(policy, BolukbasiPolicy) and k <= ROW_CLASSES:
+            decider = _BolukbasiDecider(policy)
+        elif isinstance(policy, StructurePolicy) and k <= ROW_CLASSES:
+            decider = _StructureDecider(policy, prepared)
+        else:
+            decider = _EvidenceDecider(policy, n)
+        self.decider = decider
+        self.nan_row = [math.nan] * k
+        self.steps = []
+        e = 0
+        for s, fn in enumerate(prepared._stage_fns):
+            if e < n and prepared.exit_stages[e] == s and (active[e] or e == n - 1):
+                columns, bias, centre = decider.columns(e) if e < n - 1 else (None, None, None)
+                graph, inputs, in_columns = prepared.exit_step(e, columns, bias, centre)
+                self.steps.append((graph, e, inputs, in_columns, (columns is not None and not in_columns,
+                                                                  centre is not None)))
+                if e == n - 1:
+                    break
+            else:
+                self.steps.append((fn, -1, (), False, (False, False)))
+            e += int(e < n and prepared.exit_stages[e] == s)
+
+
+class _ThresholdDecider:
+    """The confidence of the logits row in Python floats, against the threshold rounded to float32
+    (as torch compares a float32 tensor with a number)."""
+
+    def __init__(self, policy: ThresholdPolicy):
+        self.measure = policy.measure
+        self.limits = [math.inf if t is None else float(np.float32(t)) for t in policy.thresholds]
+
+    def columns(self, e: int):
+        return None, None, None
+
+    def start(self):
+        return self.decide
+
+    def decide(self, e: int, row: list, more: list, distance: float, tap) -> bool:
+        m = max(row)
+        z = [math.exp(v - m) for v in row]
+        total = sum(z)
+        if self.measure == "max_prob":
+            return 1.0 / total >= self.limits[e]
+        p = [v / total for v in z]
+        if self.measure == "entropy":
+            k = len(p)
+            h = -sum(q * math.log(q if q > 1e-12 else 1e-12) for q in p)
+            return (1.0 - h / math.log(k) if k > 1 else 1.0) >= self.limits[e]
+        top = sorted(p)[-2:]
+        return (top[-1] - (top[0] if len(top) > 1 else 0.0)) >= self.limits[e]
+
+
+class _EvidenceDecider:
+    """Any other policy: its own `decide` on an `Evidence` of the logits so far and the tap."""
+
+    def __init__(self, policy: Policy, num_exits: int):
+        self.policy, self.num_exits = policy, num_exits
+
+    def columns(self, e: int):
+        return None, None, None
+
+    def start(self):
+        history: list[torch.Tensor] = []
+        exits: list[int] = []
+
+        def decide(e: int, row: list, more: list, distance: float, tap) -> bool:
+            history.append(torch.tensor([row]))
+            exits.append(e)
+            return bool(self.policy.decide(Evidence(e, self.num_exits, history, exits, tap=tap)))
+        return decide
+
+
+class _BolukbasiDecider:
+    """`evidence_row` of the logits row, then the exit's classifier in Python floats (in numpy when
+    it has a hidden layer)."""
+
+    def __init__(self, policy: BolukbasiPolicy):
+        self.top_k, self.offset = policy.top_k, policy.offset
+        self.layers = [[(m.weight.detach().double().cpu().numpy(), m.bias.detach().double().cpu().numpy())
+                        for m in net.modules() if isinstance(m, nn.Linear)] for net in policy.classifiers]
+        self.linear = [(layers[0][0][0].tolist(), float(layers[0][1][0])) if len(layers) == 1 else None
+                       for layers in self.layers]
+
+    def columns(self, e: int):
+        return None, None, None
+
+    def start(self):
+        classes: list[int] = []
+        previous = None
+
+        def decide(e: int, row: list, more, distance: float, tap) -> bool:
+            nonlocal previous
+            f, previous, cls = evidence_row(row, self.top_k, classes, previous)
+            classes.append(cls)
+            linear = self.linear[e]
+            if linear is not None:
+                return sum(map(operator.mul, linear[0], f)) + linear[1] + self.offset > 0
+            h = np.asarray(f)
+            for i, (weight, bias) in enumerate(self.layers[e]):
+                h = weight @ h + bias
+                h = np.maximum(h, 0.0) if i < len(self.layers[e]) - 1 else h
+            return float(h[0]) + self.offset > 0
+        return decide
+
+
+class _StructureDecider:
+    """The graph gives, from the pooled sum, its products with the prototypes and with the folded
+    projection and trunk layer (`StructurePolicy.folded`), and the sum itself for its distance from
+    the centre (for a wide tap: that distance, from one more operation in the graph); the measures
+    (`structure_measures_row`) and the rest of the trunk run on the host."""
+
+    WIDE = 256  # channels from which the graph computes the distance rather than passing the sum on
+
+    def __init__(self, policy: StructurePolicy, prepared: PreparedModel):
+        self.tau, self.temperature, self.k = policy.tau, policy.proto_temperature, prepared.num_classes
+        self.folded = []
+        for e in range(policy.num_exits - 1):
+            (centre, prototypes_t, fold, a), w, w2, b2 = policy.folded(e, prepared._spatial[prepared.exit_stages[e]])
+            rows = [prototypes_t.T, fold.T]  # (K + hidden, C)
+            bias = [-(centre @ prototypes_t)[0], a]
+            wide = centre.shape[1] > self.WIDE
+            if not wide:  # the sum itself: the identity's rows cost less than a norm operation
+                rows.append(torch.eye(centre.shape[1]))
+                bias.append(torch.zeros(centre.shape[1]))
+            graph = (torch.cat(rows).contiguous(), torch.cat(bias), centre[0] if wide else None)
+            self.folded.append((graph, None if wide else centre[0].double().tolist(), w, w2.copy(), b2))
+
+    def columns(self, e: int):
+        return self.folded[e][0]
+
+    def start(self):
+        previous: list[int] = []
+
+        def decide(e: int, row: list, more: list, distance: float, tap) -> bool:
+            k = self.k
+            _, centre, w, w2, b2 = self.folded[e]
+            h = len(w2)
+            if centre is not None:
+                distance = math.dist(more[k + h:], centre)
+            d = max(distance, 1e-12)
+            measures, answer = structure_measures_row(row, [v / d for v in more[:k]], previous, self.temperature)
+            previous.append(answer)
+            hidden = np.array(more[k:k + h])
+            hidden += w @ np.array(measures)
+            logit = float(w2 @ np.maximum(hidden, 0.0, out=hidden)) + b2
+            z = math.exp(-abs(logit))  # a sigmoid that never overflows
+            return (1.0 / (1.0 + z) if logit >= 0 else z / (1.0 + z)) >= self.tau
+        return decide
