@@ -38,6 +38,8 @@ class MainWindow(QMainWindow):
         self.theme: Theme = NORMAL
         self.presentation = False
         self._base_font = QFont(QApplication.font())
+        self.fallback_to_builtin = True  # a load that leaves no model at all brings in the built-in one
+        self._falling_back = False  # … which is loading now
         self._pending = None  # (result, frame) waiting to be drawn
         self.shown_frame = None  # the Frame on screen (what Capture saves)
         self._next_error_origin = "model"  # "source" errors clear when another source opens
@@ -114,6 +116,7 @@ class MainWindow(QMainWindow):
         session.source_opened.connect(self._on_source_opened)
         session.source_failed.connect(self._on_source_failed)
         session.loading.connect(self._on_loading)
+        session.model_loaded.connect(self._on_fallback_loaded)
         session.load_failed.connect(self._on_load_failed)
         self.capture_panel.retrain_requested.connect(self._on_retrain_requested)
         self.memory = WindowMemory(self, settings) if settings is not None else None
@@ -240,7 +243,7 @@ class MainWindow(QMainWindow):
         self.compute.clear()
 
     def _on_loading(self, what: str) -> None:
-        if self.banner.origin == "model":  # an earlier load's error; this load reports its own
+        if self.banner.origin == "model" and not self._falling_back:  # an earlier load's error; this load reports its own
             self.banner.hide()
         self.model_label.setText(f"model: loading {what} …")
         if not self.video.has_frame and not self._source_problem:
@@ -250,8 +253,20 @@ class MainWindow(QMainWindow):
         """The load said "loading X …" everywhere: now the model that stays (or none) is named again."""
         self._show_model(self.session.info)
         self.statusBar().clearMessage()  # "loading X …"; the error follows in the banner and the status bar
+        if self.session.info is None and self.fallback_to_builtin and not self._falling_back:
+            # no model at all (e.g. started on a damaged bundle): the window must still classify, so the
+            # built-in model comes in, and the error about the other one stays on screen
+            self._falling_back = True
+            self.session.load_bundle(None)
+            return
+        self._falling_back = False
         if not self.video.has_frame:
             self.video.set_message(self._source_problem or (EMPTY_TEXT if self.session.info else message))
+
+    def _on_fallback_loaded(self, info: ModelInfo) -> None:
+        if self._falling_back:
+            self._falling_back = False
+            self.statusBar().showMessage(f"the built-in model {info.name} is loaded instead", 15000)
 
     def _on_policy_changed(self, state: PolicyState) -> None:
         ts = state.thresholds

@@ -3,14 +3,16 @@ exactly the window, docks and dock sizes of before. `NormalLayout` keeps what "b
 closing the window in presentation mode remembers the normal layout, never the presentation one."""
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
-from PySide6.QtCore import QByteArray, QObject, Qt, QTimer
+from PySide6.QtCore import QByteArray, QEvent, QObject, Qt, QTimer
 
 if TYPE_CHECKING:
     from .main_window import MainWindow
 
 PRESENTATION_DOCKS = ("confidence", "compute")  # the panels a projector shows (C and R still capture)
+SETTLE_S = 1.5  # how long after leaving a window manager may still resize the window
 DOCK_SHARE = 0.42  # of the screen's width for those panels: large type needs a wider column
 
 
@@ -21,6 +23,7 @@ class NormalLayout(QObject):
         super().__init__(window)
         self.window = window
         self.saved: tuple[QByteArray, QByteArray, bool] | None = None  # geometry, dock state, maximized
+        self._settle_until = 0.0
 
     def enter(self) -> None:
         """Save the layout, then full screen with only PRESENTATION_DOCKS, widened."""
@@ -46,8 +49,19 @@ class NormalLayout(QObject):
         w.restoreState(state)  # dock visibility, places and sizes (the separators between them)
         if maximized:
             w.showMaximized()
-        # a window manager may apply the geometry after this returns: the docks' sizes once more then
+        # a window manager applies the normal geometry after this returns, in one or more resizes (seen
+        # under openbox: the docks kept their full-screen widths): the docks' sizes once more after each
+        self._settle_until = time.monotonic() + SETTLE_S
+        w.installEventFilter(self)
         QTimer.singleShot(0, self._on_settled)
+
+    def eventFilter(self, obj, event) -> bool:  # noqa: N802 - Qt's name
+        if obj is self.window and event.type() in (QEvent.Type.Resize, QEvent.Type.WindowStateChange):
+            if time.monotonic() < self._settle_until:
+                QTimer.singleShot(0, self._on_settled)
+            else:
+                self.window.removeEventFilter(self)
+        return False
 
     def _on_settled(self) -> None:
         if not self.window.presentation and self.saved is not None:

@@ -71,6 +71,7 @@ class ScriptedRun(QObject):
         self.source, self.frames, self.bundle = source, frames, bundle
         self.screenshot, self.stats_path, self.timeout_s = screenshot, stats, timeout_s
         self.shown = 0
+        window.fallback_to_builtin = False  # a scripted run fails on a bundle that does not load
         self.rss_mb_at: float | None = None  # resident memory at frame MEMORY_AT_FRAME
         self.finished = False
         self.snapshot: dict = {}

@@ -215,3 +215,16 @@ def test_missing_device_falls_back_with_a_message(qtbot, tmp_path, bundle_path):
         session.load_bundle(str(bundle_path))
     assert win.banner.isVisible() and "cuda:5" in win.banner.text
     assert session.info.device == "cpu" and session.device == "cpu"
+
+
+def test_a_bundle_that_fails_with_no_model_loaded_brings_in_the_built_in_one(qtbot, tmp_path):
+    """Started on a damaged bundle, the window still classifies (built-in model) and keeps the error."""
+    bad = tmp_path / "damaged.offramp"
+    bad.write_bytes(b"\0" * 300)
+    win = MainWindow(Session(device="cpu"), settings=QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
+    qtbot.addWidget(win)
+    win.show()
+    with qtbot.waitSignal(win.session.model_loaded, timeout=WAIT):
+        win.session.load_bundle(str(bad))
+    assert win.session.info is not None and win.session.info.path.endswith("default.offramp")
+    assert win.banner.isVisible() and "damaged.offramp" in win.banner.text

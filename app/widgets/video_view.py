@@ -96,7 +96,7 @@ class VideoView(QWidget):
         big.setBold(True)
         conf = f"  {100 * self.confidence:.0f} %" if self.confidence is not None else ""
         text = f"{self.label}{conf}"
-        for _ in range(2):  # measure; if too wide for the view, shrink the type once and measure again
+        for _ in range(6):  # measure; while too wide for the view, shrink the type and measure again
             small = QFont(big)
             small.setPointSizeF(big.pointSizeF() * 0.5)
             small.setBold(False)
@@ -106,11 +106,12 @@ class VideoView(QWidget):
             small_h = p.fontMetrics().height() if self.caption else 0
             small_w = p.fontMetrics().horizontalAdvance(self.caption) if self.caption else 0
             room = (self.width() - 48) / max(big_w, small_w, 1)
-            if room >= 1:
+            if room >= 1 or big.pointSizeF() <= 6.0:
                 break
-            big.setPointSizeF(max(6.0, big.pointSizeF() * room))
+            # glyph widths do not scale exactly with the point size (hinting): aim a little lower
+            big.setPointSizeF(max(6.0, big.pointSizeF() * room * 0.97))
         pad = 12
-        w = min(max(big_w, small_w) + 2 * pad, self.width() - 24)
+        w = min(max(big_w, small_w) + 2 * pad + 4, self.width() - 24)  # + 4: advances are rounded, glyphs are not
         h = big_h + small_h + 2 * pad
         x = min(max(12.0, image.left() + 12), self.width() - w - 12)
         y = max(12.0, min(image.bottom(), self.height()) - h - 12)
@@ -118,11 +119,14 @@ class VideoView(QWidget):
         p.setPen(Qt.PenStyle.NoPen)
         p.setBrush(self.theme.color("background", 210) if self.theme.name != "normal" else QColor(0, 0, 0, 190))
         p.drawRoundedRect(box, 8, 8)
+        inner = int(w - 2 * pad)  # a view too narrow for even the smallest type elides, never clips
         p.setFont(big)
         p.setPen(QPen(self.theme.color("fired")))
-        p.drawText(QRectF(box.x() + pad, box.y() + pad, w - 2 * pad, big_h), Qt.AlignmentFlag.AlignLeft, text)
+        text = p.fontMetrics().elidedText(text, Qt.TextElideMode.ElideRight, inner)
+        p.drawText(QRectF(box.x() + pad, box.y() + pad, inner, big_h), Qt.AlignmentFlag.AlignLeft, text)
         if self.caption:
             p.setFont(small)
             p.setPen(QPen(Qt.GlobalColor.white))
-            p.drawText(QRectF(box.x() + pad, box.y() + pad + big_h, w - 2 * pad, small_h), Qt.AlignmentFlag.AlignLeft,
-                       self.caption)
+            caption = p.fontMetrics().elidedText(self.caption, Qt.TextElideMode.ElideRight, inner)
+            p.drawText(QRectF(box.x() + pad, box.y() + pad + big_h, inner, small_h), Qt.AlignmentFlag.AlignLeft,
+                       caption)
