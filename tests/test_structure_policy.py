@@ -15,7 +15,7 @@ from engine.policies.structure import (MEASURES, StructurePolicy, _surrogate, co
                                        log_halting_distribution, structure_exits, structure_front,
                                        structure_measures, train_structure_policy, with_policy_cost)
 from engine.progress import CancelFlag, Cancelled
-from synth import build_tiny_model
+
 
 COL = {name: i for i, name in enumerate(MEASURES)}
 COST = CostTable(exit_stages=[0, 1, 2], stage_flops=[1e6, 1e6, 1e6], exit_flops=[1e3, 1e3, 1e3])
