@@ -3,6 +3,7 @@
     offramp-app [PATH]                       # PATH: a bundle to load or a source to open
     offramp-app --source PATH --frames N --screenshot OUT.png --stats OUT.json
                 [--bundle B] [--device D] [--presentation]
+    offramp-app --log-level INFO --log-file offramp.log   # what the workers did, tracebacks included
 """
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="torch threads (default 1: one frame at a time gains nothing from more, and the "
                         "window and capture need the other cores); 0 = torch's default")
     p.add_argument("--timeout", type=float, default=120.0, help="scripted run: give up after this many seconds")
+    from engine.logs import LEVELS  # no torch
+    p.add_argument("--log-level", type=str.upper, choices=LEVELS, default="WARNING",
+                   help="log records of this level and above go to stderr (and --log-file); default WARNING")
+    p.add_argument("--log-file", metavar="PATH", help="also append the log to this file, with times and threads")
     return p.parse_args(argv)
 
 
@@ -60,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     problem = _check(args)
     if problem:
         return _fail(problem)
+    from engine.logs import setup_logging
+    try:
+        setup_logging(args.log_level, args.log_file)
+    except OSError as e:
+        return _fail(f"cannot write the log file {args.log_file}: {e.strerror or e}")
     from .qt_binding import binding_problem
     problem = binding_problem()  # a known-bad Qt binding crashes minutes later: refuse it now, in one line
     if problem:

@@ -2,14 +2,18 @@
 shortcuts, presentation mode, screenshots, drag & drop, remembered settings (`app.remember`).
 
 It draws what the session reports, at most at `RENDER_MS` intervals, so a fast model never floods
-the GUI thread; every panel that describes a frame is fed in one place (`_show`) from one result,
-so the overlay, the exit diagram, the confidence plot and "This frame" always agree. Only the
-running figures' plots are drawn less often (`STATS_MS`), and always end on the frame shown."""
+the GUI thread. The panels that describe the model and the frame are its live views
+(`live_views`, the `app.widgets.live.LiveView` protocol): each is told of a new model, fed every
+frame from one result in one place (`_show`), re-themed and cleared by one loop, so the overlay,
+the exit diagram, the confidence plot and "This frame" always agree. Only the running figures'
+plots are drawn less often (`STATS_MS`), and always end on the frame shown."""
 from __future__ import annotations
 
 import datetime
+import logging
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from PySide6.QtCore import QSettings, QStandardPaths, Qt, QTimer
@@ -20,10 +24,13 @@ from .menus import build_menus
 from .presentation import NormalLayout
 from .remember import WindowMemory, load_policy, remembered_bundle, save_policy
 from .session import Session
-from .sources import SourceSpec
-from .state import ModelInfo, PolicyState, signed_percent
+from .sources import Frame, SourceSpec
+from .state import ModelInfo, PolicyState
 from .widgets import (EMPTY_TEXT, NORMAL, PRESENTATION, CapturePanel, ComputePanel, ConfidencePlot, ErrorBanner,
-                      ExitDiagram, OfferBanner, PolicyPanel, RetrainPanel, Theme, TransportBar, VideoView)
+                      ExitDiagram, LiveView, OfferBanner, PolicyPanel, RetrainPanel, Theme, TransportBar,
+                      VideoView)
+
+log = logging.getLogger(__name__)
 
 RENDER_MS = 33  # redraw the frame at most 30 times a second, whatever the inference rate
 STATS_MS = 100  # the compute-saved plots at most 10 times a second: they change slowly
@@ -77,6 +84,8 @@ class MainWindow(QMainWindow):
             "capture": self._dock("capture", "Capture to folder", self.capture_panel,
                                   Qt.DockWidgetArea.LeftDockWidgetArea),
         }
+        # the panels that describe the loaded model and the frame on screen, fed alike (`LiveView`)
+        self.live_views: tuple[LiveView, ...] = (self.video, self.diagram, self.confidence, self.compute)
         self.tabifyDockWidget(self.docks["policy"], self.docks["retrain"])
         self.tabifyDockWidget(self.docks["retrain"], self.docks["capture"])
         self.docks["policy"].raise_()
@@ -162,19 +171,8 @@ class MainWindow(QMainWindow):
         """Every panel that describes a frame, from this one result (None: the frame was not run)."""
         self.shown_frame, self._shown = frame, result
         self._stats_due = True
-        self.video.set_frame(frame.image)
-        self.compute.show_frame(result)
-        if result is None:
-            self.video.set_prediction("", None, "")
-            self.diagram.clear_result()
-            self.confidence.set_values({}, None)
-            return
-        caption = (f"exit E{result.exit_index} of {result.num_exits} · {result.stages_run} of "
-                   f"{result.num_stages} stages · FLOPs saved {signed_percent(result.saved)}")
-        self.video.set_prediction(result.label, result.confidence, caption)
-        ran = {r.exit_index: r.confidence for r in result.exits}
-        self.diagram.set_result(result.stages_run, ran, result.exit_index, result.label)
-        self.confidence.set_values(ran, result.exit_index)
+        for view in self.live_views:
+            view.show_result(result, frame)
 
     @property
     def shown_result(self):
@@ -207,9 +205,8 @@ class MainWindow(QMainWindow):
             self.video.set_message(self._source_problem or EMPTY_TEXT)
         self._show_model(info)
         self.device_label.setText(f"device: {info.device}")
-        self.diagram.set_model(info.num_stages, info.exit_stages)
-        self.confidence.set_model(info.num_exits)
-        self.compute.set_model(info.num_exits)
+        for view in self.live_views:
+            view.set_model(info)
         self.actions.set_devices(info)
         self._warm_up()
         if self.settings is not None and info.path:
@@ -229,18 +226,14 @@ class MainWindow(QMainWindow):
         info = self.session.info
         if info is None or self.video.has_frame:
             return
-        values = {e: 0.5 for e in range(info.num_exits)}
-        self.video.set_prediction("warm-up", 0.5, "exit E0 of 1 · 1 of 1 stages · FLOPs saved 0 %")
-        self.video.set_frame(np.zeros((8, 8, 3), np.uint8))
-        self.diagram.set_result(info.num_stages, values, 0, "warm-up")
-        self.confidence.set_values(values, 0)
-        self.compute.warm_up(info.num_exits)
+        sample, frame = _sample_result(info), Frame(np.zeros((8, 8, 3), np.uint8), 0, 1, "warm-up", 0.0)
+        for view in self.live_views:
+            view.show_result(sample, frame)
+        self.compute.warm_up(info.num_exits)  # its plots of the running figures too
         self.render(QPixmap(self.size()))
-        self.video.reset()
+        for view in self.live_views:
+            view.clear()
         self.video.set_message(self._source_problem or EMPTY_TEXT)
-        self.diagram.clear_result()
-        self.confidence.set_values({}, None)
-        self.compute.clear()
 
     def _on_loading(self, what: str) -> None:
         if self.banner.origin == "model" and not self._falling_back:  # an earlier load's error; this load reports its own
@@ -301,6 +294,7 @@ class MainWindow(QMainWindow):
 
     def show_error(self, message: str) -> None:
         """Every error the user can cause ends here: the banner and the status bar; never a crash."""
+        log.info("shown: %s", message)  # a failure's traceback, if any, was logged where it was caught
         self.banner.show_error(message, self._next_error_origin)
         self._next_error_origin = "model"
         self.statusBar().showMessage(message, 15000)
@@ -317,7 +311,7 @@ class MainWindow(QMainWindow):
         font.setPointSizeF(self._base_font.pointSizeF() * self.theme.font_scale)
         self.setFont(font)
         self.setStyleSheet(self.theme.stylesheet())
-        for w in (self.video, self.diagram, self.confidence, self.compute, self.retrain_panel, self.banner, self.offer):
+        for w in (*self.live_views, self.retrain_panel, self.banner, self.offer):
             w.set_theme(self.theme)
         if on:
             self.normal_layout.enter()
@@ -412,3 +406,12 @@ class MainWindow(QMainWindow):
         self._fps_timer.stop()
         self.session.shutdown()
         super().closeEvent(event)
+
+
+def _sample_result(info: ModelInfo) -> SimpleNamespace:
+    """Made-up values shaped like an `InferenceResult` in which every stage and exit ran: what the
+    warm-up draws."""
+    exits = [SimpleNamespace(exit_index=e, confidence=0.5) for e in range(info.num_exits)]
+    return SimpleNamespace(exit_index=0, num_exits=info.num_exits, stages_run=info.num_stages,
+                           num_stages=info.num_stages, label="warm-up", confidence=0.5, exits=exits, saved=0.0,
+                           flops=info.full_flops, full_flops=info.full_flops, ms=0.0)

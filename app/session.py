@@ -1,17 +1,20 @@
 """The Qt-side controller: owns the capture and inference workers and the long-running tasks, keeps
-the plain-Python state (`ModelInfo`, `PolicyState`, `LiveStats`) and tells the widgets through
+the plain-Python state (`ModelInfo`, `PolicyState`, `RunningTotals`) and tells the widgets through
 signals. Widgets receive the session in `__init__` and subscribe to it; they never touch threads.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
 from PySide6.QtCore import QObject, QThread, Signal
 
 from .sources import SourceError, SourceSpec
-from .state import LiveStats, ModelInfo, PolicyState
+from .state import ModelInfo, PolicyState, RunningTotals
 from .workers import CaptureWorker, FrameSlot, FrameWriter, InferenceWorker, TaskWorker, start_worker, stop_worker
+
+log = logging.getLogger(__name__)
 
 
 class Session(QObject):
@@ -39,7 +42,7 @@ class Session(QObject):
         self.device = device
         self.info: ModelInfo | None = None
         self.policy: PolicyState | None = None
-        self.stats = LiveStats()
+        self.stats = RunningTotals()  # over the frames shown: a re-run replaces its frame
         self.spec: SourceSpec | None = None
         self.paused = False
         self.pace: float | None = None  # seconds per frame for files; None = the source's own
@@ -321,11 +324,15 @@ class Session(QObject):
         self.close_source()
         for worker, thread in self._stopping:
             if not stop_worker(worker, thread):
+                log.warning("the capture thread for %s did not stop in time", worker.spec.display)
                 self.error.emit(f"the capture thread for {worker.spec.display} did not stop in time")
         self._stopping.clear()
         if self._writer is not None and not stop_worker(*self._writer, 30000):
+            log.warning("the thread saving captured frames did not stop in time")
             self.error.emit("the thread saving captured frames did not stop in time")
         for worker, thread in self._tasks:
-            stop_worker(worker, thread, 30000)
+            if not stop_worker(worker, thread, 30000):
+                log.warning("the %s thread did not stop in time", worker.what)
         self._tasks.clear()
-        stop_worker(self._inference, self._inference_thread, 30000)
+        if not stop_worker(self._inference, self._inference_thread, 30000):
+            log.warning("the inference thread did not stop in time")

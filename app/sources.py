@@ -7,6 +7,7 @@ OpenCV reads and `Engine.infer` takes by default.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import sys
 import time
@@ -17,6 +18,8 @@ import cv2
 import numpy as np
 
 from engine import images, media
+
+log = logging.getLogger(__name__)
 
 # the same files `offramp run` accepts
 IMAGE_SUFFIXES = media.IMAGE_EXTENSIONS
@@ -275,4 +278,5 @@ def _qt_camera_names() -> list[str]:
     try:
         return [d.description() for d in QMediaDevices.videoInputs()]
     except Exception:  # noqa: BLE001 - a broken multimedia backend must not stop the app
+        log.debug("Qt Multimedia could not list the cameras", exc_info=True)
         return []

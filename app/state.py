@@ -1,6 +1,6 @@
 """Plain-Python state of the app, no Qt: what model is loaded (`ModelInfo`), which policy and
-thresholds are active (`PolicyState`); what has been shown so far (`LiveStats`) and how late the
-GUI thread's timer ran (`LatenessMeter`) live in `app.stats`. The Qt layer reads and drives these;
+thresholds are active (`PolicyState`); what has been shown so far (`RunningTotals`, the engine's
+Qt-free accumulator) and how late the GUI thread's timer ran (`LatenessMeter`) come from `app.stats`. The Qt layer reads and drives these;
 tests use them bare.
 """
 from __future__ import annotations
@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .stats import LatenessMeter, LiveStats
+from .stats import LatenessMeter, RunningTotals
 
-__all__ = ["LatenessMeter", "LiveStats", "ModelInfo", "PolicyState", "curve_xy", "format_flops", "front_label",
+__all__ = ["LatenessMeter", "ModelInfo", "PolicyState", "RunningTotals", "curve_xy", "format_flops", "front_label",
            "own_front", "percent", "signed_percent"]
 
 # A learned policy's settings that change its trade-off without new weights: a point of its front

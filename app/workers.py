@@ -5,9 +5,13 @@ is asked to stop (a flag it checks) and its thread is waited for; nothing here c
 QThread.terminate(). Frames pass from capture to inference through a `FrameSlot` that holds one
 frame: a new frame replaces an unread one, so when inference lags the newest frame wins and
 nothing queues up.
+
+A failure in a worker reaches the window as one sentence (its `error` signal); the exception and
+its traceback go to the log (`log.exception`), where `offramp-app --log-file` keeps them.
 """
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -25,7 +29,10 @@ __all__ = ["CaptureWorker", "FrameSlot", "FrameWriter", "InferenceWorker", "Task
            "start_worker", "stop_worker"]
 
 
+log = logging.getLogger(__name__)
+
 REFERENCE_EVERY = 10  # frames between live timings of the full model
+
 
 class CaptureWorker(QObject):
     """Reads frames from a source into a FrameSlot at the chosen pace.
@@ -98,8 +105,10 @@ class CaptureWorker(QObject):
                               "live": source.live, "seekable": source.seekable})
             self._loop(source)
         except SourceError as e:
+            log.info("%s", e)  # the user's to fix (a missing file, a busy camera): no traceback
             self.error.emit(str(e))
         except Exception as e:  # noqa: BLE001 - a capture fault must reach the window, not kill the app
+            log.exception("reading %s failed", self.spec.display)
             self.error.emit(f"reading {self.spec.display} failed: {e}")
         finally:
             if source is not None:
@@ -149,8 +158,10 @@ class CaptureWorker(QObject):
 class InferenceWorker(QObject):
     """Owns the Engine; runs `Engine.infer` on the newest frame in its own thread.
 
-    Commands (load a bundle, change device, policy or thresholds, run the last frame again) are
-    queued and run between frames in this thread, so the engine is only ever touched here.
+    This thread is the one owner of the engine and what serialises its use: commands (load a
+    bundle, change device, policy or thresholds, run the last frame again) are queued from any
+    thread and run here between frames, so the engine is only ever touched here, one call at a
+    time. Nothing else may call `self.engine` (read `ModelInfo`, made here, instead).
     """
 
     started = Signal()
@@ -233,6 +244,7 @@ class InferenceWorker(QObject):
             try:
                 command()
             except Exception as e:  # noqa: BLE001 - e.g. a broken torch install met on first import
+                log.exception("a command of the inference worker failed")
                 self.error.emit(f"{e.__class__.__name__}: {e}")
             ran = True
         if ran:  # once after a burst of slider moves, not once per move
@@ -247,7 +259,8 @@ class InferenceWorker(QObject):
             res = self.engine.infer(frame.image)
         except Exception as e:  # noqa: BLE001 - reported once, the loop goes on with the next frame
             message = f"inference failed on {frame.name}: {e}"
-            if message != self._last_error:
+            if message != self._last_error:  # once, like the message, not once per frame
+                log.exception("%s", message)
                 self.error.emit(message)
             self._last_error = message
             self.result.emit(None, frame, rerun, generation)
@@ -267,6 +280,7 @@ class InferenceWorker(QObject):
         try:
             fn(self.engine)
         except Exception as e:  # noqa: BLE001 - a bad setting is reported; the engine keeps its old one
+            log.exception("%s failed", what)
             self.error.emit(f"{what} failed: {e}")
             return False
         return True
@@ -295,10 +309,12 @@ class InferenceWorker(QObject):
             except ValueError as e:  # a device this machine lacks (e.g. remembered from another one)
                 if not fallback or device == "auto" or isinstance(e, BundleError):
                     raise
+                log.info("device %r cannot be used (%s): loading on the best device here", device, e)
                 self.error.emit(f"device {device!r} cannot be used ({e}); loading on the best device here instead")
                 engine = self._make_engine(bundle, "auto")
             info = ModelInfo.from_engine(engine, path)
         except Exception as e:  # noqa: BLE001 - BundleError, anything: the old model stays
+            log.exception("could not load %s", shown)
             self._load_failed(f"could not load {shown}: {e}")
             return
         self.engine, self._path = engine, path
@@ -322,6 +338,7 @@ class InferenceWorker(QObject):
                 if weights_of is not None:
                     policy.load_state_dict(self.engine.bundle.policies[weights_of].state_dict())
             except Exception as e:  # noqa: BLE001
+                log.exception("cannot build the policy %s", policy)
                 self.error.emit(f"cannot build the policy {policy}: {e}")
                 return
         self._guard("changing the policy", lambda e: e.set_policy(policy))
@@ -369,6 +386,7 @@ class TaskWorker(QObject):
         except Cancelled:
             self.cancelled.emit()
         except Exception as e:  # noqa: BLE001 - every failure becomes a message in the window
+            log.exception("%s failed", self.what)
             self.error.emit(f"{self.what} failed: {e}")
         else:
             self.result.emit(out)
@@ -424,8 +442,10 @@ class FrameWriter(QObject):
         try:
             path = self._files.write(image, folder, cls, suffix)
         except DatasetError as e:
+            log.info("%s", e)  # the user's to fix (a bad class name, a full disk): no traceback
             self.failed.emit(str(e))
         except Exception as e:  # noqa: BLE001 - a failed save is reported; the live view goes on
+            log.exception("saving a frame into %s failed", folder)
             self.failed.emit(f"saving a frame into {folder} failed: {e}")
         else:
             self.saved.emit(str(path), cls)

@@ -33,10 +33,12 @@ from .data import check_folder, open_dataset, preset_transform, split_indices
 from .evaluate import Records, accuracy_per_exit, evaluate_policy, oracle, record_outputs
 from .fronts import fit_front, model_cost, scored_on, target_index
 from .model import MultiExitNet
-from .policies import Policy, ThresholdPolicy, bolukbasi_front, with_policy_flops
+from .policies import BolukbasiPolicy, Policy, StructurePolicy, ThresholdPolicy, bolukbasi_front, with_policy_flops
 from .progress import CancelFlag, ProgressFn, report
+from .speed import Runner, exit_overhead, plain_runner, prepared_form, staged_runner
 
 TARGET_LOSSES = (0.005, 0.01)  # accuracy below the full model at which the table reads each method
+RUNTIMES = ("prepared", "eager")  # what runs the timed configurations: engine.prepared (as the app), plain modules
 DEFAULT_VAL_FRACTION = 0.1  # what train-exits and train-backbone hold out by default
 _HALVING_SEED = 1  # a folder's validation part -> calibration and test
 
@@ -138,21 +140,21 @@ def with_preset(subset: Subset, preset) -> Subset:
 
 
 # -- methods scored on the test split -------------------------------------------------------------
-Runner = Callable[[int], object]  # runs test image i at batch 1
 
 
 @dataclass
 class Method:
     """One way to classify the test split: its points (accuracy, flops, saved, policy; cheapest on
-    calibration first) and how to run point j at batch 1 (`runner(j)` gives a Runner)."""
+    calibration first) and how to run point j at batch 1 (`runner(j, runtime)` gives a Runner)."""
 
     name: str
     family: str  # full, truncation, static, threshold, dyce, bolukbasi, structure, bundle, cascade
     source: str  # what it was fitted on, or where it came from
     points: list[dict]
-    runner: Callable[[int], Runner] | None = None
+    runner: Callable[[int, str], Runner] | None = None
     choice: int | None = None  # the point chosen on calibration at the first target loss
     time_all: bool = False  # time every point (few, fixed ones), not only the table's
+    policies: list[Policy] | None = None  # the policy of each point, for a fitted front
 
 
 def score_on(records: Records, cost: CostTable, policies: Sequence[Policy]) -> list[dict]:
@@ -164,19 +166,6 @@ def score_on(records: Records, cost: CostTable, policies: Sequence[Policy]) -> l
         out.append({"accuracy": ev["accuracy"], "flops": ev["mean_flops"], "saved": ev["saved"],
                     "exit_fractions": ev["exit_fractions"], "policy": ev["policy"]})
     return out
-
-
-def plain_runner(model: MultiExitNet, exit_index: int, images: torch.Tensor) -> Runner:
-    """Batch-1 forward of `model` cut to a plain fixed-depth network: the stages up to exit
-    `exit_index`'s tap and its head, nothing else (the full model for the last exit)."""
-    e = model.exit_index(exit_index)
-    net = torch.nn.Sequential(*list(model.backbone.stages)[: model.exit_stages[e] + 1], model.exits[e]).eval()
-    return lambda i: net(images[i:i + 1])
-
-
-def staged_runner(model: MultiExitNet | Cascade, policy: Policy, images: torch.Tensor) -> Runner:
-    """Batch-1 staged run (`MultiExitNet.run` or `Cascade.run`) that really stops at the exit that fires."""
-    return lambda i: model.run(images[i:i + 1], policy)
 
 
 def _held_out(cal: Records, cal_points: list[dict], policies: list[Policy], test: Records,
@@ -193,7 +182,8 @@ def _fitted(kind: str, cal: Records, test: Records, cost: CostTable, model, imag
             source: str, **fit_kw) -> Method:
     cal_points, policies = fit_front(kind, cal, cost, **fit_kw)
     points, choice = _held_out(scored_on(kind, cal), cal_points, policies, test, cost)
-    return Method(kind, kind, source, points, lambda j: staged_runner(model, policies[j], images), choice)
+    return Method(kind, kind, source, points, lambda j, rt: staged_runner(model, policies[j], images, rt), choice,
+                  policies=policies)
 
 
 def _truncations(model: MultiExitNet, test: Records, cost: CostTable, images: torch.Tensor) -> Method:
@@ -204,7 +194,7 @@ def _truncations(model: MultiExitNet, test: Records, cost: CostTable, images: to
     for k, p in enumerate(points):
         p["exit"] = k
     return Method("truncation", "truncation", "exit k always (stages after it dropped)", points,
-                  lambda j: plain_runner(model, j, images), time_all=True)
+                  lambda j, rt: plain_runner(model, j, images, rt), time_all=True)
 
 
 def _static(name: str, other: Bundle, test_split: Subset, full_flops: float, timing_idx: list[int],
@@ -219,7 +209,7 @@ def _static(name: str, other: Bundle, test_split: Subset, full_flops: float, tim
              "backbone": model.backbone.spec["name"]}
     images = _images(subset, timing_idx)
     return Method(f"static:{name}", "static", f"separately trained network {name} (its last exit)", [point],
-                  lambda j: plain_runner(model, -1, images), time_all=True)
+                  lambda j, rt: plain_runner(model, -1, images, rt), time_all=True)
 
 
 def _bundle_policies(bundle: Bundle, test: Records, cost: CostTable, images: torch.Tensor) -> list[Method]:
@@ -230,7 +220,7 @@ def _bundle_policies(bundle: Bundle, test: Records, cost: CostTable, images: tor
             continue
         [point] = score_on(test, cost, [policy])
         out.append(Method(f"bundle:{name}", "bundle", f"bundle policy {name!r}: {policy.describe()}", [point],
-                          lambda j, p=policy: staged_runner(bundle.model, p, images), time_all=True))
+                          lambda j, rt, p=policy: staged_runner(bundle.model, p, images, rt), time_all=True))
     return out
 
 
@@ -252,7 +242,7 @@ def _cascade(bundle: Bundle, others: dict[str, Bundle], cal: Records, test: Reco
     points, choice = _held_out(recs["cal"], cal_points, policies, recs["test"], ccost)
     names = " -> ".join([*others, "this bundle"])
     return Method("cascade", "cascade", f"Bolukbasi selection over {names}, fitted on the calibration split",
-                  points, lambda j: staged_runner(cascade, policies[j], images), choice)
+                  points, lambda j, rt: staged_runner(cascade, policies[j], images, rt), choice)
 
 
 def _images(subset: Subset, indices: Sequence[int]) -> torch.Tensor:
@@ -315,28 +305,56 @@ def _timed_indices(method: Method, full_accuracy: float) -> set[int]:
 
 
 def _time_methods(methods: list[Method], model: MultiExitNet, images: torch.Tensor, full_accuracy: float,
-                  progress, cancel) -> dict:
+                  runtime: str, progress, cancel) -> dict:
     """Time the points the table reads (or all of a method's, when few and fixed) together with the
-    full model, interleaved; write ms, median_ms and speedup (full ms / ms) into those points."""
+    full model, interleaved, all run by `runtime`; write ms, median_ms, speedup (full ms / ms) and
+    flops_speedup (full FLOPs / FLOPs) into those points."""
     runners: dict[str, Runner] = {}
     where: dict[str, dict] = {}
     for m in methods:
         for j in sorted(_timed_indices(m, full_accuracy)):
             key = f"{m.name}#{j}"
-            runners[key], where[key] = m.runner(j), m.points[j]
+            runners[key], where[key] = m.runner(j, runtime), m.points[j]
     # the full model through the staged runner: what Offramp's bookkeeping costs when nothing exits early
     e = model.num_exits
-    runners["full#staged"] = staged_runner(model, ThresholdPolicy([None] * (e - 1) + [1.0]), images)
+    runners["full#staged"] = staged_runner(model, ThresholdPolicy([None] * (e - 1) + [1.0]), images, runtime)
+    runners["full#eager"] = plain_runner(model, -1, images, "eager")  # the plain modules, for reference
     times = time_batch1(runners, int(images.shape[0]), progress=progress, cancel=cancel)
     full_ms = times["full#0"]["mean_ms"]
     for key, point in where.items():
         t = times[key]
-        point.update(ms=t["mean_ms"], median_ms=t["median_ms"], speedup=full_ms / t["mean_ms"])
+        point.update(ms=t["mean_ms"], median_ms=t["median_ms"], speedup=full_ms / t["mean_ms"],
+                     flops_speedup=1.0 / max(1.0 - point["saved"], 1e-12))
     return {"images": int(images.shape[0]), "threads": torch.get_num_threads(), "device": "cpu", "batch_size": 1,
+            "runtime": prepared_form(model).runtime if runtime == "prepared" else "torch eager (plain modules)",
             "full_ms": full_ms, "full_median_ms": times["full#0"]["median_ms"],
-            "full_staged_ms": times["full#staged"]["mean_ms"],
+            "full_staged_ms": times["full#staged"]["mean_ms"], "full_eager_ms": times["full#eager"]["mean_ms"],
             "how": "every timed configuration runs each image once, in a per-image shuffled order, in one process; "
-                   "ms is the mean over the images; speed-up = full-model ms / ms"}
+                   "ms is the mean over the images; speed-up = full-model ms / ms, the full model run by the same "
+                   "runtime; FLOPs speed-up = full-model FLOPs / mean FLOPs"}
+
+
+def _overheads(bundle: Bundle, methods: list[Method], images: torch.Tensor, cost: CostTable, runtime: str,
+               repeats: int) -> dict:
+    """`engine.speed.exit_overhead` of a threshold, a Bolukbasi and a structure policy (the bundle's,
+    else the fitted front's chosen point), each by its kind of decision."""
+    model = bundle.model
+    form = prepared_form(model) if runtime == "prepared" else model
+    found: dict[str, Policy] = {"threshold": ThresholdPolicy([1.0] * model.num_exits)}
+    for kind, cls in (("bolukbasi", BolukbasiPolicy), ("structure", StructurePolicy)):
+        own = [p for p in bundle.policies.values() if isinstance(p, cls)]
+        fitted = next((m for m in methods if m.family == kind and m.choice is not None and m.policies), None)
+        if own:
+            found[kind] = own[0]
+        elif fitted is not None:
+            found[kind] = fitted.policies[fitted.choice]
+    out = {}
+    for kind, policy in found.items():
+        try:
+            out[kind] = exit_overhead(form, policy, images, cost, repeats=repeats)
+        except ValueError as err:  # every image fires an early exit: say so rather than fail the report
+            out[kind] = {"error": str(err)}
+    return out
 
 
 def run_benchmark(bundle: Bundle, splits: Splits, *, statics: dict[str, Bundle] | None = None,
@@ -344,6 +362,7 @@ def run_benchmark(bundle: Bundle, splits: Splits, *, statics: dict[str, Bundle] 
                   lambdas: Sequence[float] | None = None,
                   structure_lambdas: Sequence[float] | None = None, structure_epochs: int | None = None,
                   prototype_samples: int = 5000, timing_images: int = 300, seed: int = 0,
+                  runtime: str = "prepared", overhead_repeats: int = 300,
                   progress: ProgressFn | None = None, cancel: CancelFlag | None = None) -> dict:
     """Every method on the test split of `splits`, fitted only on its calibration split; a JSON-able
     report (see `engine.bench_report` for its goals, table and plot).
@@ -353,10 +372,15 @@ def run_benchmark(bundle: Bundle, splits: Splits, *, statics: dict[str, Bundle] 
     the Bolukbasi and structure fronts (structure prototypes from at most `prototype_samples`
     training images); every policy stored in the bundle; with `cascade` (name -> cheaper bundle,
     cheapest first) a Bolukbasi network-selection cascade ending with this bundle; the oracle.
-    Points the table reads are timed at batch 1 on `timing_images` test images (see `time_batch1`).
+    Points the table reads are timed at batch 1 on `timing_images` test images (see `time_batch1`),
+    run by `runtime` ("prepared": `engine.prepared`, as the app runs; "eager": the plain modules),
+    and the time an exit that does not fire adds is measured per exit (`engine.speed.exit_overhead`,
+    `overhead_repeats` runs of each variant; 0: not measured).
     Raises ValueError when the calibration or test split is empty or a bundle predicts other classes."""
     if learned not in ("fit", "bundle"):
         raise ValueError(f"learned must be 'fit' or 'bundle', not {learned!r}")
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
     if len(splits.calibration) == 0 or len(splits.test) == 0:
         raise ValueError(f"the calibration ({len(splits.calibration)}) or test ({len(splits.test)} images) split is "
                          "empty; use more images or a larger --val-fraction")
@@ -374,7 +398,7 @@ def run_benchmark(bundle: Bundle, splits: Splits, *, statics: dict[str, Bundle] 
     e = model.num_exits
     full = Method("full", "full", "the last exit only: the original network",
                   score_on(test, cost, [ThresholdPolicy([None] * (e - 1) + [1.0])]),
-                  lambda j: plain_runner(model, -1, images), time_all=True)
+                  lambda j, rt: plain_runner(model, -1, images, rt), time_all=True)
     methods = [full, _truncations(model, test, cost, images)]
     methods += [_static(n, b, splits.test, cost.full_flops, timing_idx, progress, cancel)
                 for n, b in (statics or {}).items()]
@@ -394,7 +418,10 @@ def run_benchmark(bundle: Bundle, splits: Splits, *, statics: dict[str, Bundle] 
     methods += _bundle_policies(bundle, test, cost, images)
     if cascade:
         methods.append(_cascade(bundle, cascade, cal, test, splits, images, lambdas, progress, cancel))
-    timing = _time_methods(methods, model, images, full_accuracy, progress, cancel)
+    timing = _time_methods(methods, model, images, full_accuracy, runtime, progress, cancel)
+    if overhead_repeats > 0:
+        report(progress, cancel, "timing exits that do not fire", 0, 1)
+        timing["exit_overhead"] = _overheads(bundle, methods, images, cost, runtime, overhead_repeats)
     ora = oracle(test, cost)
     return {
         "splits": splits.describe(), "classes": list(model.class_names), "exit_stages": model.exit_stages,

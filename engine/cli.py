@@ -28,6 +28,7 @@ from pathlib import Path
 from . import cli_args as num
 from .cli_info import cmd_info
 from .files import json_text
+from .logs import LEVELS, setup_logging
 from .progress import Cancelled, Progress
 
 log = logging.getLogger("offramp")
@@ -572,7 +573,7 @@ def cmd_bench(args) -> int:
     rep = run_benchmark(bundle, splits, statics=statics, cascade=cascade, learned=args.learned, lambdas=args.lambdas,
                         structure_lambdas=args.structure_lambdas, structure_epochs=args.structure_epochs,
                         prototype_samples=args.prototype_samples, timing_images=args.timing_images,
-                        progress=progress)
+                        runtime=args.runtime, overhead_repeats=args.overhead_repeats, progress=progress)
     progress.close()
     rep = {"bundle": str(args.bundle), "data": str(args.data),
            "command": "offramp " + " ".join(sys.argv[1:]), **rep}
@@ -581,6 +582,9 @@ def cmd_bench(args) -> int:
     print("\n".join(bench_report.table(rep)))
     print("chosen on the calibration split (cheapest within 0.5 point there), as it does on the test split:")
     print("\n".join(bench_report.choice_lines(rep)))
+    if rep["timing"].get("exit_overhead"):
+        print("time an active exit that does not fire adds beyond its FLOPs (batch 1):")
+        print("\n".join(bench_report.overhead_lines(rep)))
     print(f"learned policies: {rep['learned_policies']}")
     print("goals (test split, cheapest point within 0.5 point of the full model):")
     print("\n".join(bench_report.goal_lines(rep["goals"])))
@@ -696,6 +700,8 @@ TRAIN_EXITS_EPILOG = """examples:
 
 def build_parser() -> argparse.ArgumentParser:
     p = num.Parser(prog="offramp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--log-level", type=str.upper, choices=LEVELS, default="WARNING",
+                   help="log records of this level and above go to stderr (default WARNING; OFFRAMP_DEBUG=1: DEBUG)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     raw = argparse.RawDescriptionHelpFormatter
 
@@ -842,6 +848,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="structure policy training epochs per λ (default 150)")
     s.add_argument("--prototype-samples", type=num.positive_int, default=5000, metavar="N",
                    help="training images whose features give the structure policy's prototypes (default: 5000)")
+    s.add_argument("--runtime", default="prepared", choices=["prepared", "eager"],
+                   help="what runs the timed configurations: prepared (BatchNorm folded, TorchScript graphs, as the "
+                        "app runs; default) or eager (the plain modules training uses)")
+    s.add_argument("--overhead-repeats", type=num.nonnegative_int, default=300, metavar="N",
+                   help="runs of each variant when timing what an exit that does not fire costs (default 300; 0: skip)")
     s.add_argument("--json", help="report file (default: <bundle>-bench.json)")
     s.add_argument("--png", help="plot file (default: next to the JSON)")
     s.set_defaults(fn=cmd_bench)
@@ -850,10 +861,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit status. Every error ends in one line on stderr (the
-    traceback is logged at debug level: set OFFRAMP_DEBUG=1 to see it)."""
-    if os.environ.get("OFFRAMP_DEBUG"):
-        logging.basicConfig(level=logging.DEBUG)
+    traceback is logged at debug level: set OFFRAMP_DEBUG=1, or give --log-level DEBUG, to see it)."""
     args = build_parser().parse_args(argv)
+    setup_logging("DEBUG" if os.environ.get("OFFRAMP_DEBUG") else args.log_level)
     try:
         return args.fn(args)
     except Cancelled:

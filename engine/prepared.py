@@ -5,20 +5,23 @@ CPU its per-layer Python calls, BatchNorms and per-exit tensor work cost as much
 stage's arithmetic. `prepare(model)` makes, once:
 
   - a copy of every stage with each BatchNorm folded into the convolution before it (torch.fx);
-  - for one image at a time on the CPU, a TorchScript graph per stage (traced and frozen, with
-    oneDNN Graph fusion where this torch has it) and, for a stage with an active exit, one that
-    also pools the stage's output and multiplies it by the exit's head (1/(h·w) and the
-    temperature folded into the head's Linear layer) and by whatever else the policy reads that
-    is linear in the pooled features. An exit that does not fire costs that graph's few extra
-    operations and one host read; the decision itself is a few Python float operations
-    (`_ThresholdDecider`, and the `*_row` functions of the learned policies), which at batch 1
-    cost less than the torch calls they replace;
+  - for one image at a time on the CPU, TorchScript graphs (traced and frozen, channels-last,
+    with oneDNN Graph fusion where this torch has it), one per exit that runs: the stages since
+    the previous exit that ran, then the pooled sum of the tap multiplied by the exit's head
+    (1/(h·w) and the temperature folded into its Linear layer) and by whatever else the policy
+    reads that is linear in the pooled features. Stages between two exits that run are one
+    graph, made on first use for each set of active exits (`PreparedModel.warm` makes them
+    ahead). An exit that does not fire costs its graph's few extra operations, one host read and
+    a decision in a few Python float operations (`_ThresholdDecider`, the learned policies'
+    `*_row` functions), which at batch 1 cost less than the torch calls they replace;
   - for other batch sizes and input sizes, the folded stages in eager mode through
     `MultiExitNet.run` (samples leave the batch as their exits fire).
 
 The answers are the reference's: the same exit, logits within 1e-5 (tests/test_prepared.py).
 The prepared form copies the weights: after changing the model's weights in place, prepare it
-again (`is_current` says whether that is needed).
+again (`is_current` says whether that is needed). torch.compile was measured and not used: 19 s
+to compile the built-in model here, twice the time per image of these graphs, and a C++ compiler
+that a laptop may not have.
 """
 from __future__ import annotations
 
@@ -88,11 +91,15 @@ class _Segment(nn.Module):
     columns), the pooled sum of the tap times the columns given as inputs (`linear`), and the
     distance of that sum from a centre given as input (`norm`, for the structure policy)."""
 
-    def __init__(self, stage: nn.Module, head: nn.Module | None = None, linear: bool = False, norm: bool = False):
+    def __init__(self, stage: nn.Module, head: nn.Module | None = None, linear: bool = False, norm: bool = False,
+                 channels_last: bool = False):
         super().__init__()
         self.stage, self.head, self.linear, self.norm = stage, head, linear, norm
+        self.channels_last = channels_last  # the first stage: take the image as it comes, run it channels-last
 
     def forward(self, x: torch.Tensor, *inputs: torch.Tensor):
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         tap = self.stage(x)
         if self.head is None and not self.linear:
             return tap
@@ -101,7 +108,12 @@ class _Segment(nn.Module):
             out.append(self.head(tap))
         # one image: the pooled sum as a vector, (channels,); every operation here costs several
         # microseconds whatever its size, so there are as few as the decision allows
-        total = tap.sum(dim=(0, 2, 3)) if tap.dim() == 4 else tap.flatten()
+        if tap.dim() != 4:
+            total = tap.flatten()
+        elif tap.is_contiguous(memory_format=torch.channels_last) and not tap.is_contiguous():
+            total = tap.permute(0, 2, 3, 1).reshape(-1, tap.shape[1]).sum(0)  # rows of channels: a column sum
+        else:
+            total = tap.sum(dim=(0, 2, 3))
         if self.linear:  # (n,): addmv, which oneDNN Graph leaves alone (a Linear would be a partition)
             out.append(torch.addmv(inputs[1], inputs[0], total))
         if self.norm:
@@ -152,9 +164,11 @@ def _graph(module: nn.Module, example: tuple[torch.Tensor, ...], fuse: bool) -> 
 class PreparedModel:
     """`model` made ready to run (see the module's doc). `run` has `MultiExitNet.run`'s contract."""
 
-    def __init__(self, model: MultiExitNet, *, graphs: bool | None = None, fuse: bool = True):
+    def __init__(self, model: MultiExitNet, *, graphs: bool | None = None, fuse: bool = True,
+                 channels_last: bool = True):
         """`graphs`: make the batch-1 TorchScript graphs (default: when the model is on the CPU);
-        `fuse`: with oneDNN Graph fusion where it works (each graph is checked against its module)."""
+        `fuse`: with oneDNN Graph fusion where it works (each graph is checked against its module);
+        `channels_last`: the graphs keep images channels-last (faster convolutions here)."""
         model.eval()
         self.model = model
         self._stamp = [(t, t._version) for t in (*model.parameters(), *model.buffers())]
@@ -166,8 +180,9 @@ class PreparedModel:
         self.batched.temperature.copy_(model.temperature)
         self.num_exits, self.num_classes, self.exit_stages = model.num_exits, model.num_classes, model.exit_stages
         self._graphs = self.device.type == "cpu" if graphs is None else graphs
-        self._fuse = fuse
+        self._fuse, self._channels_last = fuse, channels_last
         self._plans: dict[int, tuple[weakref.ref, tuple, _Plan]] = {}
+        self._last: tuple | None = None  # (policy, key, plan) of the latest run
         self._made: dict[tuple, Callable] = {}
         self._kinds: set[str] = set()
         self.input_shape: tuple[int, ...] | None = None
@@ -184,12 +199,14 @@ class PreparedModel:
         crop = self.model.backbone.preset.crop
         self.input_shape = (1, 3, crop, crop)
         x = torch.randn(*self.input_shape, generator=torch.Generator().manual_seed(0)).to(self.device)
-        self._inputs, self._stage_fns, self._spatial = [], [], []
+        self._inputs, self._spatial = [], []
+        cl = self._channels_last
+        self._graph_stages = [copy.deepcopy(s).to(memory_format=torch.channels_last) if cl else s
+                              for s in self._stages]
         with torch.no_grad():
-            for stage in self._stages:
+            for s, stage in enumerate(self._graph_stages):
                 self._inputs.append(x)
-                self._stage_fns.append(self._trace(_Segment(stage), (x,)))
-                x = stage(x)
+                x = stage(x.contiguous(memory_format=torch.channels_last) if cl and x.dim() == 4 else x)
                 self._spatial.append(math.prod(x.shape[2:]) if x.dim() == 4 else 1)
         self._heads = []  # per exit: (rows (K, C), bias (K,)) of a linear head, or None
         for e, head in enumerate(self.model.exits):
@@ -201,6 +218,7 @@ class PreparedModel:
             bias = linear.bias if linear.bias is not None else torch.zeros(linear.out_features)
             self._heads.append(((linear.weight.detach().double() * scale).float().contiguous(),
                                 (bias.detach().double() / t).float()))
+        self.exit_step(self.num_exits - 1, first=0)  # the full model, one graph: what runs with no early exit
 
     def _trace(self, module: nn.Module, example: tuple) -> Callable:
         fn, kind = _graph(module, example, self._fuse)
@@ -208,11 +226,13 @@ class PreparedModel:
         return fn
 
     def exit_step(self, e: int, columns: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                  centre: torch.Tensor | None = None) -> tuple[Callable, tuple, bool]:
-        """Exit e's batch-1 graph (made on first use), its extra inputs, and whether its head is
-        among the products. `columns` (n, C) and `bias` (n,): more products of the pooled sum a
-        decision reads; `centre` (C,): also give the distance of the pooled sum from it."""
+                  centre: torch.Tensor | None = None, first: int | None = None) -> tuple[Callable, tuple, bool]:
+        """The batch-1 graph (made on first use) of the stages from `first` (default: exit e's own
+        stage) to exit e's and of exit e, its extra inputs, and whether the head is among the
+        products. `columns` (n, C) and `bias` (n,): more products of the pooled sum a decision reads;
+        `centre` (C,): also give the distance of the pooled sum from it."""
         s = self.exit_stages[e]
+        first = s if first is None else first
         head = self._heads[e]
         inputs: list[torch.Tensor] = []
         if head is not None:
@@ -224,11 +244,13 @@ class PreparedModel:
         linear = bool(inputs)
         if centre is not None:
             inputs = inputs + [centre] if linear else [torch.empty(0), torch.empty(0), centre]
-        key = (e, linear, centre is not None)
+        key = (first, e, linear, centre is not None)
         if key not in self._made:
             graph_head = None if head is not None else _Calibrated(self.model.exits[e], float(self.model.temperature[e]))
-            module = _Segment(self._stages[s], graph_head, linear, centre is not None)
-            self._made[key] = self._trace(module, (self._inputs[s], *inputs))
+            stages = self._graph_stages[first:s + 1]
+            module = _Segment(stages[0] if len(stages) == 1 else nn.Sequential(*stages), graph_head, linear,
+                              centre is not None, self._channels_last and first == 0)
+            self._made[key] = self._trace(module, (self._inputs[first], *inputs))
         return self._made[key], tuple(inputs), head is not None
 
     def is_current(self) -> bool:
@@ -238,10 +260,14 @@ class PreparedModel:
     def plan(self, policy: Policy) -> "_Plan":
         """What runs at each stage for `policy` (made once per policy and its settings)."""
         key = _plan_key(policy)
+        last = self._last
+        if last is not None and last[0] is policy and last[1] == key:  # the live case: the same policy again
+            return last[2]
         hit = self._plans.get(id(policy))
         if hit is None or hit[0]() is not policy or hit[1] != key:
             hit = (weakref.ref(policy), key, _Plan(self, policy))
             self._plans[id(policy)] = hit
+        self._last = (policy, key, hit[2])
         return hit[2]
 
     def warm(self, policy: Policy) -> None:
@@ -253,10 +279,10 @@ class PreparedModel:
     def _fast(self, x: torch.Tensor) -> bool:
         return self._graphs and tuple(x.shape) == self.input_shape and x.device == self.device
 
-    @torch.inference_mode()
     def run(self, x: torch.Tensor, policy: Policy) -> StagedOutput:
         """Staged inference that really stops, as `MultiExitNet.run`: the batch-1 graphs for one
-        image of the preset's size, the folded modules otherwise."""
+        image of the preset's size, the folded modules otherwise. (The graphs record no autograd:
+        no inference-mode switch here, which alone costs as much as an exit's decision.)"""
         if not self._fast(x):
             return self.batched.run(x, policy)
         x = x.contiguous()
@@ -264,10 +290,7 @@ class PreparedModel:
         decide, k, last = plan.decider.start(), self.num_classes, self.num_exits - 1
         rows: list[list[float] | None] = [None] * self.num_exits
         s = fired = 0
-        for s, (fn, e, inputs, in_columns, extra) in enumerate(plan.steps):
-            if e < 0:
-                x = fn(x)
-                continue
+        for fn, e, inputs, in_columns, extra, s in plan.steps:  # s: the stage exit e reads
             out = fn(x, *inputs)
             if in_columns:  # (tap, products: the head's first[, distance])
                 values = out[1].tolist()
@@ -279,32 +302,35 @@ class PreparedModel:
             if e == last or decide(e, row, more, out[-1].item() if extra[1] else 0.0, out[0]):
                 break
             x = out[0]
-        nan = plan.nan_row
-        exit_logits = torch.tensor([[nan if r is None else r for r in rows]])  # (1, exits, classes)
-        return StagedOutput(torch.tensor([fired]), exit_logits[:, fired], exit_logits,
-                            torch.tensor([[r is not None for r in rows]]),
-                            torch.tensor([self.exit_stages[fired] + 1]), [1] * (s + 1))
+        # the output through numpy: a few array writes cost less than one torch.tensor call
+        exit_logits = plan.nan_rows.copy()  # (1, exits, classes), NaN where an exit did not run
+        for e, row in enumerate(rows):
+            if row is not None:
+                exit_logits[0, e] = row
+        return StagedOutput(torch.from_numpy(np.array([fired], dtype=np.int64)),
+                            torch.from_numpy(exit_logits[:, fired]), torch.from_numpy(exit_logits),
+                            torch.from_numpy(np.array([[r is not None for r in rows]])),
+                            torch.from_numpy(np.array([self.exit_stages[fired] + 1], dtype=np.int64)), [1] * (s + 1))
 
-    @torch.inference_mode()
-    def run_to(self, x: torch.Tensor, exit_index: int = -1) -> torch.Tensor:
+    def run_to(self, x: torch.Tensor, exit_index: int = -1, *, with_tap: bool = False):
         """Calibrated logits of exit `exit_index` (default the last) and nothing else: no other head,
-        no decision; the model cut after that exit (the full model for the last)."""
+        no decision; the model cut after that exit (the full model for the last). With `with_tap`:
+        (logits, the stage output the exit read)."""
         e = self.model.exit_index(exit_index)
         last = self.exit_stages[e]
         if not self._fast(x):
-            for stage in self.batched.backbone.stages[:last + 1]:
-                x = stage(x)
-            logits = self.model.exits[e](x)
-            t = float(self.model.temperature[e])
-            return logits / t if t != 1.0 else logits
-        x = x.contiguous()
-        for fn in self._stage_fns[:last]:
-            x = fn(x)
-        fn, inputs, in_columns = self.exit_step(e)
-        logits = fn(x, *inputs)[1]
-        return logits.unsqueeze(0) if in_columns else logits
+            with torch.no_grad():
+                for stage in self.batched.backbone.stages[:last + 1]:
+                    x = stage(x)
+                logits = self.model.exits[e](x)
+                t = float(self.model.temperature[e])
+                logits = logits / t if t != 1.0 else logits
+            return (logits, x) if with_tap else logits
+        fn, inputs, in_columns = self.exit_step(e, first=0)  # one graph: every stage and the head
+        out = fn(x.contiguous(), *inputs)
+        logits = out[1].unsqueeze(0) if in_columns else out[1]
+        return (logits, out[0]) if with_tap else logits
 
-    @torch.inference_mode()
     def profile_latency(self, table: CostTable, repeats: int = 30, warmup: int = 5) -> CostTable:
         """A copy of `table` with the median batch-1 ms of every stage and exit head as this form
         runs them (a head: its exit's graph less its stage's); `table` itself without graphs."""
@@ -312,15 +338,18 @@ class PreparedModel:
             return table
 
         def median_ms(fn, *args) -> float:
-            for _ in range(warmup):
-                fn(*args)
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                fn(*args)
-                times.append((time.perf_counter() - start) * 1e3)
+            with torch.inference_mode():
+                for _ in range(warmup):
+                    fn(*args)
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    fn(*args)
+                    times.append((time.perf_counter() - start) * 1e3)
             return sorted(times)[len(times) // 2]
-        stage_ms = [median_ms(fn, x) for fn, x in zip(self._stage_fns, self._inputs)]
+        stage_fns = [self._trace(_Segment(stage, channels_last=self._channels_last and s == 0), (self._inputs[s],))
+                     for s, stage in enumerate(self._graph_stages)]
+        stage_ms = [median_ms(fn, x) for fn, x in zip(stage_fns, self._inputs)]
         exit_ms = []
         for e, s in enumerate(self.exit_stages):
             fn, inputs, _ = self.exit_step(e)
@@ -343,8 +372,10 @@ def _plan_key(policy: Policy) -> tuple:
 
 
 class _Plan:
-    """For one policy: per stage (graph, exit index or −1, its inputs, whether the head is among
-    the columns, (other columns?, distance?)), and the decider."""
+    """For one policy: per exit that runs, (the graph of the stages since the previous one and of
+    the exit, exit index, its inputs, whether the head is among the products, (other products?,
+    distance?)); and the decider. Stages between two exits that run are one graph: each call of a
+    graph costs some microseconds whatever it computes."""
 
     def __init__(self, prepared: PreparedModel, policy: Policy):
         n, k = prepared.num_exits, prepared.num_classes
@@ -358,20 +389,17 @@ class _Plan:
         else:
             decider = _EvidenceDecider(policy, n)
         self.decider = decider
-        self.nan_row = [math.nan] * k
+        self.nan_rows = np.full((1, n, k), np.nan, dtype=np.float32)
         self.steps = []
-        e = 0
-        for s, fn in enumerate(prepared._stage_fns):
-            if e < n and prepared.exit_stages[e] == s and (active[e] or e == n - 1):
-                columns, bias, centre = decider.columns(e) if e < n - 1 else (None, None, None)
-                graph, inputs, in_columns = prepared.exit_step(e, columns, bias, centre)
-                self.steps.append((graph, e, inputs, in_columns, (columns is not None and not in_columns,
-                                                                  centre is not None)))
-                if e == n - 1:
-                    break
-            else:
-                self.steps.append((fn, -1, (), False, (False, False)))
-            e += int(e < n and prepared.exit_stages[e] == s)
+        first = 0
+        for e in range(n):
+            if not (active[e] or e == n - 1):
+                continue
+            columns, bias, centre = decider.columns(e) if e < n - 1 else (None, None, None)
+            graph, inputs, in_columns = prepared.exit_step(e, columns, bias, centre, first)
+            self.steps.append((graph, e, inputs, in_columns, (columns is not None and not in_columns,
+                                                              centre is not None), prepared.exit_stages[e]))
+            first = prepared.exit_stages[e] + 1
 
 
 class _ThresholdDecider:

@@ -10,7 +10,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Sequence, Union
 
 import cv2
@@ -25,6 +25,7 @@ from .images import pil_to_rgb, read_rgb
 from .model import MultiExitNet, StagedOutput
 from .policies import MEASURES, Policy, ThresholdPolicy, confidence
 from .prepared import PreparedModel, prepare
+from .totals import RunningTotals
 
 
 @dataclass(frozen=True)
@@ -37,25 +38,6 @@ class ExitReading:
     top_k: list[tuple[str, float]]  # (class name, probability), best first
     threshold: float | None  # the active threshold at this exit, if the policy has one
     fired: bool
-
-
-@dataclass
-class RunningTotals:
-    frames: int = 0
-    flops: float = 0.0
-    full_flops: float = 0.0
-    ms: float = 0.0
-    full_ms: float = 0.0
-    exit_counts: list[int] = field(default_factory=list)  # histogram: frames per exit
-
-    @property
-    def saved(self) -> float:
-        """Fraction of FLOPs saved against running the full model on every frame."""
-        return 1.0 - self.flops / self.full_flops if self.full_flops else 0.0
-
-    @property
-    def saved_ms(self) -> float:
-        return 1.0 - self.ms / self.full_ms if self.full_ms else 0.0
 
 
 @dataclass(frozen=True)
@@ -225,7 +207,7 @@ class Engine:
         has_flops = _has_flops(bundle.cost, self.model)
         self._cost = bundle.cost if has_flops else measure_costs(self.model, self._policy)
         self._flops_of: weakref.WeakKeyDictionary[Policy, list[float]] = weakref.WeakKeyDictionary()
-        self._totals = RunningTotals(exit_counts=[0] * self.model.num_exits)
+        self._totals = RunningTotals(self.model.num_exits, history=0)
         self._prepared: PreparedModel | None = None  # the form that runs (engine.prepared); made per device
         self.set_device(target)
 
@@ -291,7 +273,7 @@ class Engine:
     def totals(self) -> RunningTotals:
         """A snapshot of the running totals since the engine started or `reset_totals`."""
         with self._lock:
-            return _snapshot(self._totals)
+            return self._totals.snapshot()
 
     # -- changing what runs -----------------------------------------------------------------------
     def set_device(self, name: str) -> None:
@@ -411,7 +393,7 @@ class Engine:
 
     def reset_totals(self) -> None:
         with self._lock:
-            self._totals = RunningTotals(exit_counts=[0] * self.num_exits)
+            self._totals = RunningTotals(self.num_exits, history=0)
 
     # -- running ----------------------------------------------------------------------------------
     def preprocess(self, frame: Frame, rgb: bool = False) -> torch.Tensor:
@@ -435,6 +417,8 @@ class Engine:
             with self._lock:
                 policy, cost, device, prepared = self._policy, self._cost, self._device, self._prepared
             x = x.to(device)
+            if prepared is not None:  # graphs a new set of active exits needs are made before the clock starts
+                prepared.warm(policy)
             _sync(device)
             start = time.perf_counter()
             with torch.inference_mode():
@@ -490,14 +474,8 @@ class Engine:
                                     limits[e] if e < n_exits - 1 else None, e == fired)
                         for e in range(n_exits) if ran[i][e]]
             with self._lock:
-                t = self._totals
-                t.frames += 1
-                t.flops += flops_at[fired]
-                t.full_flops += full_flops
-                t.ms += ms
-                t.full_ms += full_ms
-                t.exit_counts[fired] += 1
-                totals = _snapshot(t)
+                self._totals.count(fired, n_exits, flops_at[fired], full_flops, ms, full_ms)
+                totals = self._totals.snapshot()
             results.append(InferenceResult(
                 exit_index=fired, num_exits=n_exits, class_index=top_i[i][fired][0],
                 label=names[top_i[i][fired][0]], confidence=top_p[i][fired][0], exits=readings,
@@ -505,10 +483,6 @@ class Engine:
                 full_flops=full_flops, ms=ms, full_ms=full_ms, totals=totals, full_ms_live=full_ms_live,
                 runtime=self.runtime))
         return results
-
-
-def _snapshot(t: RunningTotals) -> RunningTotals:
-    return replace(t, exit_counts=list(t.exit_counts))
 
 
 def _resolve_device(name: str) -> str:

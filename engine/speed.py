@@ -1,5 +1,6 @@
-"""What an exit costs in time beyond its FLOPs: the measurement behind `offramp bench`'s per-exit
-overhead and tests/benchmarks/prepared_speed.py.
+"""Timing what Offramp runs: batch-1 runners of a model, its prepared form (engine.prepared) or a
+cascade for `offramp bench`, and what an exit costs in time beyond its FLOPs (`offramp bench`'s
+per-exit overhead, tests/benchmarks/prepared_speed.py).
 
 An early exit that runs and does not fire costs its head's and decision's FLOPs plus whatever the
 runtime adds (calls, reads, Python). `exit_overhead` measures that extra per exit: the staged run
@@ -13,13 +14,76 @@ import copy
 import random
 import statistics
 import time
+import weakref
+from typing import Callable
 
 import torch
 
+from .cascade import Cascade
 from .cost import CostTable
-from .model import MultiExitNet
+from .model import Evidence, MultiExitNet
 from .policies import BolukbasiPolicy, Policy, StructurePolicy, ThresholdPolicy, with_policy_flops
-from .prepared import PreparedModel
+from .prepared import PreparedModel, prepare
+
+Runner = Callable[[int], object]  # runs image i at batch 1
+
+
+# -- runners --------------------------------------------------------------------------------------
+_FORMS: "weakref.WeakKeyDictionary[MultiExitNet, PreparedModel]" = weakref.WeakKeyDictionary()
+
+
+def prepared_form(model: MultiExitNet) -> PreparedModel:
+    """`model`'s prepared form (engine.prepared), made once per model and again after its weights changed."""
+    form = _FORMS.get(model)
+    if form is None or not form.is_current():
+        form = _FORMS[model] = prepare(model.eval())
+    return form
+
+
+def plain_runner(model: MultiExitNet, exit_index: int, images: torch.Tensor, runtime: str = "prepared") -> Runner:
+    """Batch-1 forward of `model` cut to a plain fixed-depth network: the stages up to exit
+    `exit_index`'s tap and its head, nothing else (the full model for the last exit); run by its
+    prepared form or (runtime "eager") by the plain modules."""
+    e = model.exit_index(exit_index)
+    if runtime == "prepared":
+        form = prepared_form(model)
+        return lambda i: form.run_to(images[i:i + 1], e)
+    net = torch.nn.Sequential(*list(model.backbone.stages)[: model.exit_stages[e] + 1], model.exits[e]).eval()
+    return lambda i: net(images[i:i + 1])
+
+
+def staged_runner(model: MultiExitNet | Cascade, policy: Policy, images: torch.Tensor,
+                  runtime: str = "prepared") -> Runner:
+    """Batch-1 staged run that really stops at the exit that fires: `PreparedModel.run` (runtime
+    "prepared") or `MultiExitNet.run`; for a cascade its models' prepared forms, or `Cascade.run`."""
+    if runtime != "prepared":
+        return lambda i: model.run(images[i:i + 1], policy)
+    if isinstance(model, Cascade):
+        return _cascade_runner(model, policy, images)
+    form = prepared_form(model)
+    return lambda i: form.run(images[i:i + 1], policy)
+
+
+def _cascade_runner(cascade: Cascade, policy: Policy, images: torch.Tensor) -> Runner:
+    """`Cascade.run`'s loop at batch 1 with every model's prepared form."""
+    forms = [prepared_form(m) for m in cascade.models]
+    m = len(forms)
+    active = policy.active_exits(m)
+
+    def run(i: int) -> torch.Tensor:
+        x, history, ran = images[i:i + 1], [], []
+        for j, form in enumerate(forms):
+            if not (active[j] or j == m - 1):
+                continue
+            logits, tap = form.run_to(x, with_tap=True)
+            history.append(logits)
+            ran.append(j)
+            if j == m - 1 or bool(policy.decide(Evidence(j, m, history, ran, tap=tap))):
+                return logits
+    return run
+
+
+# -- what an exit costs beyond its FLOPs -----------------------------------------------------------
 
 
 def never_firing(policy: Policy, active: int, num_exits: int) -> Policy:

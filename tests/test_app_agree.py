@@ -20,7 +20,7 @@ from app.main_window import STATS_MS, MainWindow  # noqa: E402
 from app.scripted import ScriptedRun  # noqa: E402
 from app.session import Session  # noqa: E402
 from app.sources import Frame  # noqa: E402
-from app.stats import LiveStats  # noqa: E402
+from app.stats import RunningTotals  # noqa: E402
 from app.widgets import NORMAL, PRESENTATION  # noqa: E402
 from engine.runtime import ExitReading, InferenceResult, RunningTotals  # noqa: E402
 from qt_helpers import bundle_path, image_folder, no_leaked_threads, write_tiny_bundle  # noqa: E402,F401
@@ -116,7 +116,7 @@ def test_rerunning_a_still_image_is_not_a_new_frame(qtbot, window, tmp_path):
 
 
 def test_frames_per_second_only_over_a_real_stream():
-    stats = LiveStats(3)
+    stats = RunningTotals(3)
     stats.add(_result(0), now=10.0)
     stats.add(_result(0), now=10.0001)  # two frames 0.1 ms apart: once shown as 10000 frames/s
     assert stats.rate(now=10.001) is None
@@ -126,7 +126,7 @@ def test_frames_per_second_only_over_a_real_stream():
     stats.add(_result(2), now=21.0, rerun=True)  # a setting changed: the last frame run again
     assert stats.frames == 12 and stats.rate(now=21.0) == pytest.approx(10.0, rel=0.01)
     assert stats.rate(now=24.0) is None  # nothing for 3 s: the stream stopped, and its rate with it
-    assert LiveStats(3).rate(now=1.0) is None and LiveStats(3).overall_fps is None
+    assert RunningTotals(3).rate(now=1.0) is None and RunningTotals(3).overall_fps is None
 
 
 def test_savings_read_alike_and_a_negative_one_is_never_green(qtbot, window):

@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from app.sources import SourceError, SourceSpec, open_source  # noqa: E402
-from app.state import LatenessMeter, LiveStats, PolicyState, curve_xy, front_label, percent  # noqa: E402
+from app.state import LatenessMeter, PolicyState, RunningTotals, curve_xy, front_label, percent  # noqa: E402
 from app.workers import FrameSlot  # noqa: E402
 
 
@@ -99,7 +99,7 @@ def _result(exit_index, flops, full=100.0, ms=1.0, full_ms=2.0, num_exits=3):
 
 
 def test_live_stats_and_lateness():
-    stats = LiveStats(3)
+    stats = RunningTotals(3)
     for i, (e, f) in enumerate([(0, 25.0), (2, 100.0), (0, 25.0), (1, 50.0)]):
         stats.add(_result(e, f), now=i * 0.1)
     assert stats.frames == 4 and stats.exit_counts == [2, 1, 1]
@@ -112,6 +112,22 @@ def test_live_stats_and_lateness():
         meter.tick(t)
     assert meter.max_ms == pytest.approx(10.0) and meter.ticks == 4
     assert percent(-0.00001) == "0 %" and percent(0.456) == "46 %"
+
+
+def test_one_accumulator_for_the_engine_and_the_app():
+    """The engine counts figures (no history), the app counts results (with a re-run replacing its
+    frame); both are `engine.totals.RunningTotals` and agree on the same frames."""
+    engine, shown = RunningTotals(3, history=0), RunningTotals(3)
+    for i, (e, f) in enumerate([(0, 25.0), (2, 100.0), (1, 50.0)]):
+        engine.count(e, 3, f, 100.0, 1.0, 2.0, now=i * 0.1)
+        shown.add(_result(e, f), now=i * 0.1)
+    assert engine.to_json() == shown.to_json() and not engine.saved_history and len(shown.saved_history) == 3
+    before = engine.snapshot()
+    engine.count(0, 3, 25.0, 100.0, 1.0, 2.0, rerun=True)  # no history kept: a re-run still replaces its frame
+    assert engine.frames == 3 and engine.exit_counts == [2, 0, 1] and before.exit_counts == [1, 1, 1]
+    shown.add(_result(0, 25.0), rerun=True)
+    assert shown.exit_counts == [2, 0, 1] and list(shown.saved_history) == [75.0, 0.0, 75.0]
+    assert shown.last.flops == 25.0 and engine.last is None
 
 
 def _info(front):

@@ -282,8 +282,15 @@ def test_bench_measures_positive_speedups_and_reads_both_targets(bench_report):
             assert p["loss"] <= float(key) / 100 + 1e-12 and 0 <= p["oracle_saved"] <= 1
             assert p["ms"] > 0 and math.isfinite(p["speedup"]) and p["speedup"] > 0, (name, key)
             assert p["speedup"] == pytest.approx(t["full_ms"] / p["ms"])
+            assert p["flops_speedup"] == pytest.approx(1.0 / (1.0 - p["saved"]))
             timed += 1
     assert timed >= 10
+    # timed as the app runs (engine.prepared), with the plain modules' full model beside it
+    assert "TorchScript" in t["runtime"] and t["full_eager_ms"] > 0
+    overhead = t["exit_overhead"]
+    assert {"threshold", "bolukbasi", "structure"} <= set(overhead)
+    for o in overhead.values():
+        assert "error" in o or (len(o["per_exit_us"]) == len(rep["exit_stages"]) - 1 and math.isfinite(o["mean_us"]))
 
 
 def test_bench_goals_and_plot(bench_report):

@@ -3,6 +3,7 @@
 agreeing with its staged run, and the plot."""
 import json
 import math
+import sys
 
 import cv2
 import numpy as np
@@ -17,7 +18,7 @@ from engine.evaluate import (Records, accuracy_per_exit, evaluate_policy, evalua
                              operating_front, oracle, pareto, pick_point, record_outputs, save_report,
                              threshold_curve)
 from engine.model import MultiExitNet
-from engine.plot import nice_ticks, plot_curves
+from engine.plot import PlotUnavailable, nice_ticks, plot_curves, plotting_problem
 from engine.policies import OraclePolicy, ThresholdPolicy, simulate
 from engine.progress import CancelFlag, Cancelled
 
@@ -315,6 +316,53 @@ def test_plot_curves_edge_cases(tmp_path):
     assert img.shape == (300, 400, 3) and cv2.imread(str(path)).shape == (300, 400, 3)
     with pytest.raises(ValueError):
         plot_curves([{"name": "s", "points": [], "style": "dots"}], x_label="", y_label="", title="")
+
+
+def test_plot_curves_draws_what_opencv_fonts_could_not(tmp_path):
+    """×, ≤, µ and λ are drawn as such (the old OpenCV fonts printed "x", "<=", "u", "?")."""
+    labels = {"x_label": "batch-1 µs", "y_label": "accuracy (%)", "title": "≤ 0.5 point"}
+    series = [{"name": name, "points": [(1.0, 2.0), (2.0, 3.0)]} for name in ("λ = 2 × 10", "lambda = 2 x 10")]
+    drawn = [plot_curves([s], **labels, size=(300, 200)) for s in series]
+    assert not np.array_equal(*drawn)
+    assert plot_curves(series, **labels, size=(300, 200)).shape == (200, 300, 3)
+
+
+def _without_matplotlib(monkeypatch) -> None:
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+
+
+def test_without_matplotlib_a_plot_says_how_to_install_it_and_the_report_is_written(tmp_path, monkeypatch):
+    report = evaluation_report(_random_records(), _random_cost(), {"t=0.8": ThresholdPolicy.uniform(4, 0.8)})
+    assert plotting_problem() is None
+    _without_matplotlib(monkeypatch)
+    problem = plotting_problem()
+    assert problem and "\n" not in problem and "pip install 'offramp[plot]'" in problem
+    with pytest.raises(PlotUnavailable, match=r"pip install 'offramp\[plot\]'"):
+        plot_curves([{"name": "s", "points": [(1.0, 1.0)]}], x_label="", y_label="", title="")
+    with pytest.raises(PlotUnavailable):
+        save_report(report, tmp_path / "eval.json", tmp_path / "eval.png")
+    assert json.loads((tmp_path / "eval.json").read_text())["policies"] and not (tmp_path / "eval.png").exists()
+    save_report(report, tmp_path / "only.json")  # no plot asked for: nothing needs matplotlib
+    assert (tmp_path / "only.json").exists()
+
+
+def test_without_matplotlib_evaluate_writes_its_report_then_says_how_to_plot(tmp_path, monkeypatch, capsys,
+                                                                           synthetic_folder):
+    from engine.bundle import Bundle, save_bundle
+    from engine.cli import main
+    from engine.cost import measure_costs
+    from synth import build_tiny_model
+    model, policy = build_tiny_model(), ThresholdPolicy.uniform(3, 0.8)
+    path = save_bundle(Bundle(model=model, policies={"threshold": policy}, default_policy="threshold",
+                              cost=measure_costs(model, policy), meta={"name": "tiny"}), tmp_path / "tiny.offramp")
+    _without_matplotlib(monkeypatch)
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", str(path), "--data", str(synthetic_folder), "--json", str(out)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # the progress bar writes to stderr too
+    assert last == "offramp evaluate: drawing the plot needs matplotlib, an optional extra: pip install 'offramp[plot]'"
+    assert json.loads(out.read_text())["accuracy_per_exit"] and not out.with_suffix(".png").exists()
 
 
 def test_nice_ticks_are_round():

@@ -84,7 +84,7 @@ def test_engine_loads_a_bundle_and_profiles_latency(eng):
     assert eng.policy_name == "threshold" and eng.thresholds == [0.5, 0.5, None]
     assert eng.cost.has_latency and eng.cost.device == "cpu" and len(eng.cost.stage_ms) == 3
     assert eng.class_names == CLASSES and eng.preset.crop == 32
-    assert eng.totals == RunningTotals(exit_counts=[0, 0, 0])
+    assert eng.totals.to_json() == RunningTotals(3).to_json()  # no frame counted
 
 
 def test_engine_measures_flops_when_the_bundle_has_none():
@@ -247,7 +247,7 @@ def test_totals(eng):
     assert 0 < t.saved < 1 and t.flops < t.full_flops == pytest.approx(6 * eng.cost.full_flops)
     assert t.ms > 0 and t.full_ms > 0
     eng.reset_totals()
-    assert eng.totals == RunningTotals(exit_counts=[0, 0, 0])
+    assert eng.totals.to_json() == RunningTotals(3).to_json()  # no frame counted
 
 
 def test_infer_batch(eng):

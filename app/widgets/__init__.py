@@ -4,11 +4,13 @@ from .capture_panel import CapturePanel
 from .compute_panel import ComputePanel
 from .confidence_plot import ConfidencePlot
 from .exit_diagram import ExitDiagram
+from .live import LiveView
 from .policy_panel import PolicyPanel
 from .retrain_panel import RetrainPanel
 from .theme import NORMAL, PRESENTATION, Theme, contrast_ratio
 from .transport import TransportBar
 from .video_view import EMPTY_TEXT, VideoView
 
-__all__ = ["EMPTY_TEXT", "CapturePanel", "ErrorBanner", "ComputePanel", "ConfidencePlot", "ExitDiagram", "OfferBanner",
-           "PolicyPanel", "RetrainPanel", "NORMAL", "PRESENTATION", "Theme", "TransportBar", "VideoView", "contrast_ratio"]
+__all__ = ["EMPTY_TEXT", "CapturePanel", "ErrorBanner", "ComputePanel", "ConfidencePlot", "ExitDiagram", "LiveView",
+           "OfferBanner", "PolicyPanel", "RetrainPanel", "NORMAL", "PRESENTATION", "Theme", "TransportBar", "VideoView",
+           "contrast_ratio"]

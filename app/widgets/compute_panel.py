@@ -2,19 +2,23 @@
 of the saving over time, the exit histogram, and frames per second.
 
 One wording and one sign for both savings: "FLOPs saved 31 %", "time saved −5 %" (a negative saving
-costs more than the full model); the headline figures are green only when they are not negative."""
+costs more than the full model); the headline figures are green only when they are not negative.
+A live view (`app.widgets.live`): "This frame" follows every frame shown; the running figures are
+drawn less often, by `update_stats`."""
 from __future__ import annotations
+
+from typing import Any
 
 import pyqtgraph as pg
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QGridLayout, QLabel, QSizePolicy, QVBoxLayout, QWidget
 
-from ..state import LiveStats, format_flops, signed_percent
+from ..state import ModelInfo, RunningTotals, format_flops, signed_percent
 from .theme import NORMAL, Theme
 
 NOT_RUN = "This frame: –"
 
-HISTORY = 300  # frames shown in the plot over time (LiveStats keeps as many)
+HISTORY = 300  # frames shown in the plot over time (RunningTotals keeps as many)
 
 
 class ComputePanel(QWidget):
@@ -23,7 +27,7 @@ class ComputePanel(QWidget):
         self.theme: Theme = NORMAL
         self.frame_label = QLabel(NOT_RUN)
         self.total_label = QLabel("All frames: –")
-        self.fps_label = QLabel("")  # empty unless frames stream in (see LiveStats.rate)
+        self.fps_label = QLabel("")  # empty unless frames stream in (see RunningTotals.rate)
         self.big_label = QLabel("")  # the headline numbers, large: FLOPs saved …
         self.time_label = QLabel("")  # … and time saved, when timed against the full model live
         for label in (self.big_label, self.time_label):
@@ -101,8 +105,8 @@ class ComputePanel(QWidget):
         negative = fraction is not None and round(100 * fraction) < 0
         label.setStyleSheet(f"color: {self.theme.threshold if negative else self.theme.fired};")
 
-    def set_model(self, num_exits: int) -> None:
-        self._num_exits = num_exits
+    def set_model(self, info: ModelInfo) -> None:
+        num_exits = self._num_exits = info.num_exits
         self.hist_plot.getAxis("bottom").setTicks([[(e, f"E{e}") for e in range(num_exits)]])
         self.hist_plot.setXRange(-0.6, num_exits - 0.4, padding=0)
         self.clear()
@@ -126,9 +130,12 @@ class ComputePanel(QWidget):
         for label in (self.big_label, self.time_label, self.frame_label, self.total_label, self.fps_label):
             label.setText("0 % 123456789 frames/s FLOPs ms")
 
+    def show_result(self, result: Any, frame: Any) -> None:
+        """"This frame": the result on screen (None: the frame on screen was not run)."""
+        self.show_frame(result)
+
     def show_frame(self, result) -> None:
-        """"This frame": the result on screen (None: the frame on screen was not run). The window calls
-        this with every frame it draws, with the result it gives the overlay and the diagram."""
+        """"This frame" for `result` (None: not run); `update_stats` redraws it with the figures."""
         if result is None:
             self.frame_label.setText(NOT_RUN)
         else:
@@ -137,7 +144,7 @@ class ComputePanel(QWidget):
                                      f" · {result.ms:.2f} ms")
         self.frame_label.setToolTip(self.frame_label.text())
 
-    def update_stats(self, stats: LiveStats, shown=None, fps: float | None = None) -> None:
+    def update_stats(self, stats: RunningTotals, shown=None, fps: float | None = None) -> None:
         """Redraw the running figures (at most at the window's stats rate), with `shown`, the result on
         screen, marked in the histogram; `fps` None hides the rate (no stream: paused, a still, a burst)."""
         self.show_frame(shown)

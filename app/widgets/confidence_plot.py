@@ -1,10 +1,14 @@
 """Confidence at every exit that ran for this frame (pyqtgraph bars), with each exit's threshold
-drawn across its bar; the fired exit's bar in the "fired" colour, exits that did not run empty."""
+drawn across its bar; the fired exit's bar in the "fired" colour, exits that did not run empty.
+A live view (`app.widgets.live`)."""
 from __future__ import annotations
+
+from typing import Any
 
 import pyqtgraph as pg
 from PySide6.QtWidgets import QVBoxLayout, QWidget
 
+from ..state import ModelInfo
 from .theme import NORMAL, Theme
 
 
@@ -47,9 +51,9 @@ class ConfidencePlot(QWidget):
         self.thresholds.setPen(pg.mkPen(theme.threshold, width=3))
         self._redraw()
 
-    def set_model(self, num_exits: int) -> None:
-        self.num_exits = num_exits
-        self.plot.setXRange(-0.6, num_exits - 0.4, padding=0)
+    def set_model(self, info: ModelInfo) -> None:
+        self.num_exits = info.num_exits
+        self.plot.setXRange(-0.6, self.num_exits - 0.4, padding=0)
         self.values, self.fired = {}, None
         self._redraw()
 
@@ -57,6 +61,16 @@ class ConfidencePlot(QWidget):
         """Thresholds per exit (None = exit off); None for a policy without thresholds."""
         self.threshold_values = list(thresholds) if thresholds else []
         self._redraw()
+
+    def show_result(self, result: Any, frame: Any) -> None:
+        """The confidence of every exit that ran for this frame (None: not run, no bars)."""
+        if result is None:
+            self.clear()
+            return
+        self.set_values({r.exit_index: r.confidence for r in result.exits}, result.exit_index)
+
+    def clear(self) -> None:
+        self.set_values({}, None)
 
     def set_values(self, values: dict[int, float], fired: int | None) -> None:
         """Confidence of every exit that ran (exit index -> 0..1) and the exit that fired."""

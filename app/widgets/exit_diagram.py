@@ -1,11 +1,15 @@
 """The network as a row of stages with its exits hanging below them: stages that ran are coloured,
-stages never executed are greyed and marked "skipped", the exit that fired lights up."""
+stages never executed are greyed and marked "skipped", the exit that fired lights up. A live view
+(`app.widgets.live`)."""
 from __future__ import annotations
+
+from typing import Any
 
 from PySide6.QtCore import QPointF, QRectF, Qt
 from PySide6.QtGui import QFont, QPainter, QPen
 from PySide6.QtWidgets import QSizePolicy, QWidget
 
+from ..state import ModelInfo
 from .theme import NORMAL, Theme
 
 
@@ -27,10 +31,10 @@ class ExitDiagram(QWidget):
         self.theme = theme
         self.update()
 
-    def set_model(self, num_stages: int, exit_stages: list[int]) -> None:
-        self.num_stages, self.exit_stages = num_stages, list(exit_stages)
-        self.active = [True] * len(exit_stages)
-        self.clear_result()
+    def set_model(self, info: ModelInfo) -> None:
+        self.num_stages, self.exit_stages = info.num_stages, list(info.exit_stages)
+        self.active = [True] * len(self.exit_stages)
+        self.clear()
 
     def set_active(self, active: list[bool]) -> None:
         self.active = list(active)
@@ -40,7 +44,15 @@ class ExitDiagram(QWidget):
         self.stages_run, self.exits_ran, self.fired, self.label = stages_run, dict(exits_ran), fired, label
         self.update()
 
-    def clear_result(self) -> None:
+    def show_result(self, result: Any, frame: Any) -> None:
+        """The stages that ran and the exits' confidence for this frame (None: not run)."""
+        if result is None:
+            self.clear()
+            return
+        self.set_result(result.stages_run, {r.exit_index: r.confidence for r in result.exits}, result.exit_index,
+                        result.label)
+
+    def clear(self) -> None:
         self.stages_run, self.exits_ran, self.fired, self.label = 0, {}, None, ""
         self.update()
 

@@ -7,6 +7,7 @@ the policy that front belongs to, so the combo always names what runs."""
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 
 from PySide6.QtCore import Qt
@@ -16,6 +17,8 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, Q
 from .. import tasks
 from ..session import Session
 from ..state import ModelInfo, PolicyState, front_label
+
+log = logging.getLogger(__name__)
 
 STEPS = 100  # slider positions for 0..1
 NO_FRONT_TIP = ("This bundle has no Pareto front (meta['front']); train or search one with the offramp "
@@ -194,6 +197,7 @@ class PolicyPanel(QWidget):
         try:
             bundle = self.session.edited_bundle()
         except Exception as e:  # noqa: BLE001 - shown, nothing is written
+            log.exception("cannot save the configuration")
             self.session.error.emit(f"cannot save the configuration: {e}")
             return
         self.save_button.setEnabled(False)

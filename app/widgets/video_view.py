@@ -1,5 +1,8 @@
-"""The frame, scaled to fit, with the predicted label, its confidence and the exit that fired."""
+"""The frame, scaled to fit, with the predicted label, its confidence and the exit that fired.
+A live view (`app.widgets.live`)."""
 from __future__ import annotations
+
+from typing import Any
 
 import cv2
 import numpy as np
@@ -7,6 +10,7 @@ from PySide6.QtCore import QPointF, QRectF, Qt
 from PySide6.QtGui import QColor, QFont, QImage, QPainter, QPen
 from PySide6.QtWidgets import QSizePolicy, QWidget
 
+from ..state import ModelInfo, signed_percent
 from .theme import NORMAL, Theme
 
 EMPTY_TEXT = "Open an image, a folder, a video or a camera from the File menu — or drop a file here"
@@ -31,6 +35,19 @@ class VideoView(QWidget):
     def set_theme(self, theme: Theme) -> None:
         self.theme = theme
         self.update()
+
+    def set_model(self, info: ModelInfo) -> None:
+        """Nothing to size: the frame on screen stays until the new model's result replaces it."""
+
+    def show_result(self, result: Any, frame: Any) -> None:
+        """The frame and, over it, the label, confidence and the exit that fired (None: not run)."""
+        self.set_frame(frame.image)
+        if result is None:
+            self.set_prediction("", None, "")
+            return
+        caption = (f"exit E{result.exit_index} of {result.num_exits} · {result.stages_run} of "
+                   f"{result.num_stages} stages · FLOPs saved {signed_percent(result.saved)}")
+        self.set_prediction(result.label, result.confidence, caption)
 
     def set_frame(self, bgr: np.ndarray) -> None:
         """Show a (h, w, 3) uint8 BGR frame."""
@@ -59,7 +76,7 @@ class VideoView(QWidget):
             self._scaled_for = key
         return self._image, (self.width() - w) / 2, (self.height() - h) / 2
 
-    def reset(self) -> None:
+    def clear(self) -> None:
         """No frame, no prediction: the empty view."""
         self._bgr = self._image = self._rgb = None
         self.label, self.confidence, self.caption, self.message = "", None, "", EMPTY_TEXT

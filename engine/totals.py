@@ -1,0 +1,146 @@
+"""Running totals over the frames run or shown (`RunningTotals`): FLOPs and milliseconds used
+against the full model's, the exit histogram, the saving per frame and cumulative, frames/s.
+
+One accumulator for the engine (`Engine.totals`, a snapshot in every `InferenceResult`) and the
+app (what the window has shown). Plain Python: no torch, no Qt, so the app's pure modules use it.
+
+A frame counts once. Running the last frame again after a setting changed (a threshold slider
+moved on a still image or a paused video) replaces that frame's figures instead of adding a frame
+(`rerun=True`), so "all frames" and the exit histogram describe the frames a viewer saw, each as
+it is shown now.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from collections import deque
+from typing import Any
+
+FPS_FRAMES = 64  # frames/s is measured over at most the last this many frames …
+FPS_WINDOW_S = 5.0  # … that arrived within this many seconds of the newest one
+FPS_MIN_INTERVALS = 3  # fewer frames than this + 1 are no stream: no rate is shown
+FPS_MIN_SPAN_S = 0.5  # nor are frames that all came within this long (a burst, not a rate)
+FPS_STALE_S = 2.0  # no frame for this long: the stream stopped, and so did the rate
+
+
+class RunningTotals:
+    """Running figures over the frames counted since it was made (or the last `reset`).
+
+    `history`: how many per-frame savings `saved_history` and `cumulative_history` keep (0: none).
+    """
+
+    def __init__(self, num_exits: int = 0, history: int = 300):
+        self.num_exits = num_exits
+        self.history = history
+        self.reset()
+
+    def reset(self, num_exits: int | None = None) -> None:
+        """Forget every frame (and, if given, change the number of exits)."""
+        if num_exits is not None:
+            self.num_exits = num_exits
+        self.frames = 0
+        self.flops = self.full_flops = self.ms = self.full_ms = 0.0
+        self.exit_counts = [0] * self.num_exits  # histogram: frames per exit
+        self.saved_history: deque[float] = deque(maxlen=self.history)  # per frame, FLOPs saved in %
+        self.cumulative_history: deque[float] = deque(maxlen=self.history)
+        self._times: deque[float] = deque(maxlen=FPS_FRAMES)
+        self.first_time: float | None = None
+        self.last_time: float | None = None
+        self.last = None  # the latest InferenceResult given to `add`
+        self._counted: tuple | None = None  # the latest frame's figures, taken back by a rerun
+
+    def add(self, result: Any, now: float | None = None, rerun: bool = False) -> None:
+        """Count one InferenceResult (anything with its exit_index, num_exits, flops, full_flops, ms
+        and full_ms); with `rerun` (the last frame run again after a setting changed) it replaces the
+        last frame's figures instead, and is not a new frame for frames/s."""
+        self.count(result.exit_index, result.num_exits, result.flops, result.full_flops, result.ms,
+                   result.full_ms or 0.0, now=now, rerun=rerun)
+        self.last = result
+
+    def count(self, exit_index: int, num_exits: int, flops: float, full_flops: float, ms: float, full_ms: float,
+              now: float | None = None, rerun: bool = False) -> None:
+        """`add` from the figures of one frame (the engine counts before it makes the result)."""
+        if rerun and self._counted is not None:
+            self._take_back(*self._counted)
+            if self.saved_history:  # empty when no history is kept
+                self.saved_history.pop()
+                self.cumulative_history.pop()
+        else:
+            now = time.perf_counter() if now is None else now
+            self.frames += 1
+            self._times.append(now)
+            self.first_time = now if self.first_time is None else self.first_time
+            self.last_time = now
+        if len(self.exit_counts) < num_exits:
+            self.exit_counts += [0] * (num_exits - len(self.exit_counts))
+            self.num_exits = num_exits
+        self.flops += flops
+        self.full_flops += full_flops
+        self.ms += ms
+        self.full_ms += full_ms
+        self.exit_counts[exit_index] += 1
+        self.saved_history.append(100 * (1.0 - flops / full_flops if full_flops else 0.0))
+        self.cumulative_history.append(100 * self.saved)
+        self._counted = (exit_index, flops, full_flops, ms, full_ms)
+
+    def _take_back(self, exit_index: int, flops: float, full_flops: float, ms: float, full_ms: float) -> None:
+        self.flops -= flops
+        self.full_flops -= full_flops
+        self.ms -= ms
+        self.full_ms -= full_ms
+        self.exit_counts[exit_index] -= 1
+
+    def snapshot(self) -> "RunningTotals":
+        """A copy that later frames leave unchanged."""
+        out = copy.copy(self)
+        out.exit_counts = list(self.exit_counts)
+        out.saved_history = copy.copy(self.saved_history)
+        out.cumulative_history = copy.copy(self.cumulative_history)
+        out._times = copy.copy(self._times)
+        return out
+
+    @property
+    def saved(self) -> float:
+        """Fraction of FLOPs saved against running the full model on every frame counted."""
+        return 1.0 - self.flops / self.full_flops if self.full_flops else 0.0
+
+    @property
+    def saved_ms(self) -> float:
+        """Fraction of measured time saved against the full model (negative: slower than it)."""
+        return 1.0 - self.ms / self.full_ms if self.full_ms else 0.0
+
+    def rate(self, now: float | None = None) -> float | None:
+        """Frames per second over the recent stream (up to FPS_FRAMES frames within FPS_WINDOW_S), or
+        None when there is no stream to speak of: too few frames, a burst, or none for FPS_STALE_S."""
+        now = time.perf_counter() if now is None else now
+        if not self._times or now - self._times[-1] > FPS_STALE_S:
+            return None
+        newest = self._times[-1]
+        times = [t for t in self._times if newest - t <= FPS_WINDOW_S]
+        span = times[-1] - times[0]
+        if len(times) - 1 < FPS_MIN_INTERVALS or span < FPS_MIN_SPAN_S:
+            return None
+        return (len(times) - 1) / span
+
+    @property
+    def fps(self) -> float | None:
+        """`rate()` now."""
+        return self.rate()
+
+    @property
+    def overall_fps(self) -> float | None:
+        """Frames per second from the first frame counted to the last; None with fewer than 2 frames."""
+        if self.frames < 2 or self.last_time is None or self.last_time <= self.first_time:
+            return None
+        return (self.frames - 1) / (self.last_time - self.first_time)
+
+    def to_json(self) -> dict:
+        return {"frames": self.frames, "exit_histogram": list(self.exit_counts),
+                "saved_flops": self.saved, "saved_ms": self.saved_ms,
+                "mean_ms": self.ms / self.frames if self.frames else None,
+                "full_ms": self.full_ms / self.frames if self.frames else None,
+                "fps": self.overall_fps}
+
+    def __repr__(self) -> str:
+        return (f"RunningTotals(frames={self.frames}, exit_counts={self.exit_counts}, saved={self.saved:.3f}, "
+                f"saved_ms={self.saved_ms:.3f})")

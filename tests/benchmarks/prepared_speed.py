@@ -1,0 +1,236 @@
+"""Benchmark (issue 13): is the staged run as fast as its FLOPs? Every target, hit or miss, for the
+built-in model and for mobilenet_v3_large (torchvision, random weights, 10 classes: timing only),
+batch 1 and one thread unless said, everything compared interleaved in this one process:
+
+  answers     the prepared run (engine.prepared) gives the eager `MultiExitNet.run`'s exit and logits
+              (within 1e-5) on every check image, for every policy, at batch 1 and at batch 64;
+  overhead    an active exit that does not fire adds ≤ 25 µs beyond its head's FLOPs (threshold),
+              ≤ 40 µs (Bolukbasi, structure): `engine.speed.exit_overhead`, all exits on, per exit;
+  onnx        the full model through the staged path within 1.3× of the same bundle's onnxruntime
+              export (`offramp export`'s graphs and loop, `OnnxRunner.run_full`);
+  flops       measured speed-up ≥ 0.9 × the FLOPs speed-up at every operating point (the bundle's
+              policies and its DyCE front; for mobilenet, thresholds that send 20-80 % of the images
+              out early), both against the prepared full model;
+  batch 64    at every operating point the staged batch-64 run keeps per-sample exits and has at
+              least the full model's throughput (both prepared).
+
+    .venv/bin/python tests/benchmarks/prepared_speed.py --data ../shared/data/cifar10-jpg.zip \
+        [--check-images 10000] [--timing-images 300] [--skip-mobilenet]
+
+Without --data the built-in model is checked on random images (its operating points then mean little).
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from engine.backbones import build_backbone  # noqa: E402
+from engine.bundle import Bundle, default_bundle_path, load_bundle  # noqa: E402
+from engine.cost import measure_costs  # noqa: E402
+from engine.model import MultiExitNet  # noqa: E402
+from engine.policies import BolukbasiPolicy, StructurePolicy, ThresholdPolicy, with_policy_flops  # noqa: E402
+from engine.prepared import prepare  # noqa: E402
+from engine.speed import exit_overhead  # noqa: E402
+
+RESULTS: list[tuple[str, bool, str]] = []
+
+
+def target(name: str, hit: bool, achieved: str) -> None:
+    RESULTS.append((name, hit, achieved))
+    print(f"[{'HIT ' if hit else 'MISS'}] {name}: {achieved}", flush=True)
+
+
+def interleaved_ms(runs: dict, n: int, *, repeats: int = 1, seed: int = 0) -> dict[str, float]:
+    """Median ms of every run(i) over images 0..n−1 (× repeats), each image through all runs in a shuffled order."""
+    names, times = list(runs), {k: [] for k in runs}
+    rng = random.Random(seed)
+    with torch.inference_mode():
+        for name in names:
+            for i in range(min(3, n)):
+                runs[name](i)
+        for _ in range(repeats):
+            for i in range(n):
+                rng.shuffle(names)
+                for name in names:
+                    start = time.perf_counter()
+                    runs[name](i)
+                    times[name].append((time.perf_counter() - start) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+# -- the checks -------------------------------------------------------------------------------------
+def check_answers(label: str, model: MultiExitNet, form, policies: dict, images: torch.Tensor) -> None:
+    worst, wrong, total = 0.0, 0, 0
+    with torch.inference_mode():
+        for name, policy in policies.items():
+            for i in range(images.shape[0]):
+                a, b = model.run(images[i:i + 1], policy), form.run(images[i:i + 1], policy)
+                total += 1
+                if int(a.exit_index[0]) != int(b.exit_index[0]) or not torch.equal(a.ran, b.ran):
+                    wrong += 1
+                    continue
+                worst = max(worst, float((a.logits - b.logits).abs().max()))
+                ran = a.ran
+                worst = max(worst, float((a.exit_logits[ran] - b.exit_logits[ran]).abs().max()))
+            for start in range(0, images.shape[0], 64):
+                x = images[start:start + 64]
+                a, b = model.run(x, policy), form.run(x, policy)
+                same = a.exit_index == b.exit_index
+                wrong += int((~same).sum())
+                total += x.shape[0]
+                if same.any():
+                    worst = max(worst, float((a.logits[same] - b.logits[same]).abs().max()))
+    target(f"{label}: same exit and logits within 1e-5 as the eager run ({len(policies)} policies, batch 1 and 64)",
+           wrong == 0 and worst <= 1e-5, f"{wrong} of {total} answers at another exit; largest logit difference "
+           f"{worst:.2e}")
+
+
+def check_overhead(label: str, form, policies: dict, images: torch.Tensor, cost, repeats: int) -> None:
+    for name, policy in policies.items():
+        limit = 25.0 if isinstance(policy, ThresholdPolicy) else 40.0
+        o = exit_overhead(form, policy, images, cost, repeats=repeats)
+        per = " ".join(f"E{e}:{v:.0f}" for e, v in enumerate(o["per_exit_us"]))
+        target(f"{label}: an active {name} exit that does not fire adds ≤ {limit:.0f} µs beyond its FLOPs",
+               o["mean_us"] <= limit, f"{o['mean_us']:.1f} µs per exit with all on (each added alone: {per} µs)")
+
+
+def check_onnx(label: str, bundle: Bundle, form, images: torch.Tensor) -> None:
+    from engine.export import OnnxRunner, export_bundle
+    folder = Path(tempfile.mkdtemp(prefix="offramp-onnx-")) / "export"
+    export_bundle(bundle, folder, check=False)
+    runner = OnnxRunner(folder, threads=1)
+    n = bundle.model.num_exits
+    none = ThresholdPolicy([None] * (n - 1) + [1.0])
+    arrays = [images[i:i + 1].numpy() for i in range(images.shape[0])]
+    ms = interleaved_ms({"onnx": lambda i: runner.run_full(arrays[i]), "staged": lambda i: form.run(images[i:i + 1], none),
+                         "eager": lambda i: bundle.model.run(images[i:i + 1], none)}, images.shape[0])
+    ratio = ms["staged"] / ms["onnx"]
+    target(f"{label}: full model through the staged path within 1.3× of onnxruntime", ratio <= 1.3,
+           f"{ms['staged']:.3f} ms against {ms['onnx']:.3f} ms ({ratio:.2f}×; eager modules {ms['eager']:.3f} ms)")
+
+
+def check_points(label: str, model: MultiExitNet, form, cost, points: dict, images: torch.Tensor,
+                 batch: torch.Tensor) -> None:
+    """Measured against FLOPs speed-up at batch 1, and batch-64 throughput, at every operating point."""
+    n_img = images.shape[0]
+    runs = {"full": lambda i: form.run_to(images[i:i + 1])}
+    flops = {}
+    with torch.inference_mode():
+        for name, policy in points.items():
+            table = with_policy_flops(cost, policy)
+            cum = table.cumulative_flops(policy.active_exits(model.num_exits))
+            exits = [int(form.run(images[i:i + 1], policy).exit_index[0]) for i in range(n_img)]
+            flops[name] = table.full_flops / statistics.fmean(cum[e] for e in exits)
+            runs[name] = (lambda p: lambda i: form.run(images[i:i + 1], p))(policy)
+    ms = interleaved_ms(runs, n_img)
+    worst = min(points, key=lambda n: (ms["full"] / ms[n]) / flops[n])
+    lines = ", ".join(f"{n} {ms['full'] / ms[n]:.2f}/{flops[n]:.2f}" for n in points)
+    ratio = (ms["full"] / ms[worst]) / flops[worst]
+    target(f"{label}: measured speed-up ≥ 0.9 × FLOPs speed-up at every operating point ({len(points)})",
+           ratio >= 0.9, f"worst {worst}: {ratio:.2f} (measured/FLOPs per point: {lines})")
+    batched = {"full": lambda i: form.run_to(batch)}
+    for name, policy in points.items():
+        batched[name] = (lambda p: lambda i: form.run(batch, p))(policy)
+    ms64 = interleaved_ms(batched, 1, repeats=5)
+    with torch.inference_mode():
+        kept = all(torch.equal(form.run(batch, p).exit_index, model.run(batch, p).exit_index) for p in points.values())
+    worst64 = max(points, key=lambda n: ms64[n])
+    target(f"{label}: batch {batch.shape[0]} keeps per-sample exits and ≥ the full model's throughput at every point",
+           kept and ms64[worst64] <= ms64["full"], f"exits {'kept' if kept else 'CHANGED'}; slowest {worst64} "
+           f"{batch.shape[0] / ms64[worst64] * 1e3:.0f} images/s against the full model's "
+           f"{batch.shape[0] / ms64['full'] * 1e3:.0f}")
+
+
+# -- the two models ---------------------------------------------------------------------------------
+def test_images(model: MultiExitNet, data: str | None, n: int, seed: int = 0) -> torch.Tensor:
+    if data is None:
+        crop = model.backbone.preset.crop
+        return torch.randn(n, 3, crop, crop, generator=torch.Generator().manual_seed(seed))
+    from engine.bench import _images, open_splits
+    test = open_splits(data, model.backbone.preset).test
+    idx = sorted(random.Random(seed).sample(range(len(test)), min(n, len(test))))
+    return _images(test, idx)
+
+
+def default_model(args) -> None:
+    bundle = load_bundle(default_bundle_path(), device="cpu")
+    model, label = bundle.model.eval(), "built-in cifar_resnet20"
+    start = time.perf_counter()
+    form = prepare(model)
+    print(f"{label}: prepared in {time.perf_counter() - start:.2f} s, runs as {form.runtime}", flush=True)
+    check = test_images(model, args.data, args.check_images, seed=1)
+    timing = check[:args.timing_images]
+    live = {n: p for n, p in bundle.policies.items() if not p.evaluation_only}
+    check_answers(label, model, form, live, check)
+    kinds = {"threshold": ThresholdPolicy([1.0] * model.num_exits)}
+    kinds.update({p.kind: p for p in live.values() if p.kind in ("bolukbasi", "structure")})
+    check_overhead(label, form, kinds, timing, bundle.cost, args.overhead_repeats)
+    check_onnx(label, bundle, form, timing)
+    front = bundle.meta.get("front", [])
+    step = max(1, len(front) // 8)
+    points = {f"bundle:{n}": p for n, p in live.items()}
+    points.update({f"dyce#{i}": ThresholdPolicy.from_json(front[i]["policy"], num_exits=model.num_exits,
+                                                          num_classes=model.num_classes)
+                   for i in range(0, len(front), step)})
+    check_points(label, model, form, bundle.cost, points, timing, check[:64])
+
+
+def mobilenet(args) -> None:
+    label, classes = "mobilenet_v3_large (random weights)", [f"class{i}" for i in range(10)]
+    torch.manual_seed(0)
+    model = MultiExitNet.attach(build_backbone("mobilenet_v3_large"), class_names=classes).eval()
+    n = model.num_exits
+    images = test_images(model, None, args.mobilenet_images, seed=2)
+    with torch.inference_mode():
+        logits, feats = model.forward_all(images, with_features=True, calibrated=True)
+    structure = StructurePolicy([f.shape[1] for f in feats], len(classes))
+    structure.set_prototypes(feats, torch.arange(images.shape[0]) % len(classes))
+    policies = {"threshold": ThresholdPolicy([0.5] * (n - 1) + [1.0]),
+                "bolukbasi": BolukbasiPolicy(n, len(classes)), "structure": structure.eval()}
+    cost = measure_costs(model, policies["threshold"])
+    start = time.perf_counter()
+    form = prepare(model)
+    print(f"{label}: prepared in {time.perf_counter() - start:.2f} s, runs as {form.runtime}", flush=True)
+    check_answers(label, model, form, policies, images)
+    kinds = {"threshold": ThresholdPolicy([1.0] * n), "bolukbasi": policies["bolukbasi"], "structure": structure}
+    check_overhead(label, form, kinds, images, cost, max(args.overhead_repeats // 5, 20))
+    check_onnx(label, Bundle(model, policies, "threshold", cost, {"name": "mobilenet_v3_large"}), form,
+               images[:args.mobilenet_images // 2])
+    conf = torch.softmax(torch.stack(logits, 1), -1).amax(-1)  # (images, exits)
+    points = {f"exits {int(100 * q)} %": ThresholdPolicy([float(conf[:, e].quantile(1 - q / (n - 1)))
+                                                          for e in range(n - 1)] + [1.0])
+              for q in (0.2, 0.5, 0.8)}
+    check_points(label, model, form, cost, points, images, images[:64] if images.shape[0] >= 64 else images)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", help="the CIFAR-10 zip or folder (default: random images)")
+    p.add_argument("--check-images", type=int, default=2000, help="test images the answers are compared on")
+    p.add_argument("--timing-images", type=int, default=300, help="test images every timed run sees")
+    p.add_argument("--overhead-repeats", type=int, default=300, help="runs of each variant for the per-exit overhead")
+    p.add_argument("--mobilenet-images", type=int, default=64, help="random 224×224 images for mobilenet_v3_large")
+    p.add_argument("--skip-mobilenet", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    default_model(args)
+    if not args.skip_mobilenet:
+        mobilenet(args)
+    hits = sum(hit for _, hit, _ in RESULTS)
+    print(f"\n{hits} of {len(RESULTS)} targets hit")
+    for name, hit, achieved in RESULTS:
+        print(f"  [{'HIT ' if hit else 'MISS'}] {name}: {achieved}")
+    return 0 if hits == len(RESULTS) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

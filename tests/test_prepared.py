@@ -1,0 +1,233 @@
+"""engine.prepared: the inference form gives the plain model's answers (same exit, logits within
+1e-5) for every kind of policy at batch 1 and batch > 1, and the Engine keeps it in step with the
+model's weights and the thresholds."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from engine.backbones import build_backbone
+from engine.bundle import Bundle
+from engine.cost import measure_costs
+from engine.model import MultiExitNet
+from engine.policies import BolukbasiPolicy, Policy, StructurePolicy, ThresholdPolicy, register_policy
+from engine.policies.bolukbasi import evidence_features, evidence_row
+from engine.policies.structure import structure_measures, structure_measures_row
+from engine.prepared import PreparedModel, prepare
+from engine.runtime import Engine
+from qt_helpers import tiny_bundle
+from synth import build_tiny_model
+
+TOLERANCE = 1e-5
+
+
+@register_policy
+class _LastBelowZero(Policy):
+    """A policy the prepared form has no shortcut for: exits where the exit's first logit < 0."""
+
+    kind = "test_prepared_first_logit"
+
+    def decide(self, evidence):
+        return evidence.current[:, 0] < 0
+
+    @classmethod
+    def from_json(cls, d, *, num_exits, num_classes):
+        return cls()
+
+
+def _images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """Images of varied contrast, so that confident and unsure exits both occur."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g) * torch.linspace(0.2, 4.0, n).view(n, 1, 1, 1)
+
+
+def _learned(model: MultiExitNet, images: torch.Tensor, seed: int = 0) -> dict[str, Policy]:
+    """Untrained Bolukbasi and structure policies whose random decisions fire at some exits."""
+    torch.manual_seed(seed)
+    n, k = model.num_exits, model.num_classes
+    bolukbasi = BolukbasiPolicy(n, k, top_k=3)
+    with torch.no_grad():
+        logits, feats = model.forward_all(images, with_features=True, calibrated=True)
+        structure = StructurePolicy([f.shape[1] for f in feats], k, proj_dim=4, hidden=8)
+        structure.set_prototypes(feats, torch.arange(images.shape[0]) % k)
+        h = structure.halting_probabilities(torch.stack(logits, 1), feats)[:, 0].sort().values
+        m = h.shape[0] // 2
+        structure.tau = float((h[m - 1] + h[m]) / 2)  # about half the images halt at exit 0
+    with_hidden = BolukbasiPolicy(n, k, hidden=4, offset=0.1)
+    return {"bolukbasi": bolukbasi.eval(), "bolukbasi_mlp": with_hidden.eval(), "structure": structure.eval()}
+
+
+def _policies(model: MultiExitNet, images: torch.Tensor) -> dict[str, Policy]:
+    n = model.num_exits
+    with torch.no_grad():  # thresholds at each exit's median confidence: about half the images leave there
+        conf = torch.softmax(torch.stack(model.forward_all(images, calibrated=True), 1), -1).amax(-1)
+    c, m = conf.sort(dim=0).values, images.shape[0] // 2
+    middle = ((c[m - 1] + c[m]) / 2).tolist()  # between two images: no image sits on a threshold
+    return {"max_prob": ThresholdPolicy(middle),
+            "entropy": ThresholdPolicy([0.05] * (n - 1) + [None], "entropy"),
+            "margin": ThresholdPolicy([None] + [0.1] * (n - 1), "margin"),
+            "last only": ThresholdPolicy([None] * (n - 1) + [1.0]),
+            "other": _LastBelowZero(), **_learned(model, images)}
+
+
+def _assert_same(model: MultiExitNet, form: PreparedModel, policy: Policy, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        want, got = model.run(x, policy), form.run(x, policy)
+    assert torch.equal(got.exit_index, want.exit_index)
+    assert torch.equal(got.ran, want.ran) and torch.equal(got.stages_run, want.stages_run)
+    assert torch.allclose(got.logits, want.logits, rtol=0, atol=TOLERANCE)
+    assert torch.equal(torch.isnan(got.exit_logits), torch.isnan(want.exit_logits))
+    ran = want.ran
+    assert torch.allclose(got.exit_logits[ran], want.exit_logits[ran], rtol=0, atol=TOLERANCE)
+    return want.exit_index
+
+
+@pytest.mark.parametrize("head", ["linear", "conv"])
+def test_tiny_model_answers_as_the_plain_one_for_every_policy(head):
+    model = build_tiny_model(head)
+    model.temperature.copy_(torch.tensor([1.3, 0.8, 1.0]))
+    form = prepare(model)
+    assert form.input_shape == (1, 3, 32, 32) and "TorchScript" in form.runtime
+    images = _images(24)
+    for name, policy in _policies(model, images).items():
+        exits = [int(_assert_same(model, form, policy, images[i:i + 1])[0]) for i in range(images.shape[0])]
+        _assert_same(model, form, policy, images)  # batch > 1: the folded modules
+        if name in ("max_prob", "bolukbasi", "structure"):
+            assert len(set(exits)) > 1, f"{name}: every image left at one exit; the test shows nothing"
+
+
+def test_tiny_bundle_policies():
+    bundle = tiny_bundle()
+    form = prepare(bundle.model)
+    images = _images(8)
+    for policy in bundle.policies.values():
+        for i in range(images.shape[0]):
+            _assert_same(bundle.model, form, policy, images[i:i + 1])
+        _assert_same(bundle.model, form, policy, images)
+
+
+def test_default_architecture_with_random_weights():
+    torch.manual_seed(0)
+    model = MultiExitNet.attach(build_backbone("cifar_resnet20"), class_names=[f"c{i}" for i in range(10)]).eval()
+    with torch.no_grad():  # BatchNorm statistics that are not the identity, so folding them matters
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+        model.temperature.uniform_(0.7, 1.3)
+    form = prepare(model)
+    images = _images(16, seed=1)
+    for policy in _policies(model, images).values():
+        for i in range(images.shape[0]):
+            _assert_same(model, form, policy, images[i:i + 1])
+        _assert_same(model, form, policy, images)
+
+
+def test_other_sizes_and_the_cut_model():
+    model = build_tiny_model()
+    form = prepare(model)
+    policy = ThresholdPolicy([0.4, 0.4, 1.0])
+    _assert_same(model, form, policy, _images(1, size=40))  # another size: the folded modules
+    x = _images(3)
+    with torch.inference_mode():
+        full = model.forward_all(x, calibrated=True)
+        for e in range(model.num_exits):
+            assert torch.allclose(form.run_to(x[:1], e), full[e][:1], atol=TOLERANCE)
+            assert torch.allclose(form.run_to(x, e), full[e], atol=TOLERANCE)
+        logits, tap = form.run_to(x[:1], with_tap=True)
+        assert torch.allclose(logits, full[-1][:1], atol=TOLERANCE) and tap.shape[0] == 1
+
+
+def test_row_functions_match_the_batched_evidence():
+    g = torch.Generator().manual_seed(3)
+    logits = [torch.randn(6, 7, generator=g) * 3 for _ in range(3)]
+    feats = torch.randn(6, 5, generator=g)
+    protos = torch.nn.functional.normalize(torch.randn(7, 5, generator=g), dim=1)
+    want = evidence_features(logits, 4)
+    want_m = structure_measures(logits, feats, protos, proto_temperature=0.2)
+    for i in range(6):
+        classes, previous = [], None
+        for e in range(3):
+            f, previous, cls = evidence_row(logits[e][i].tolist(), 4, classes, previous)
+            classes.append(cls)
+        assert np.allclose(f, want[i].numpy(), atol=1e-5)
+        sims = (torch.nn.functional.normalize(feats[i:i + 1], dim=1) @ protos.T)[0].tolist()
+        answers = [int(l[i].argmax()) for l in logits[:-1]]
+        m, answer = structure_measures_row(logits[-1][i].tolist(), sims, answers, 0.2)
+        assert answer == int(logits[-1][i].argmax())
+        assert np.allclose(m, want_m[i].numpy(), atol=1e-5)
+
+
+def test_weights_changed_in_place_are_noticed():
+    model = build_tiny_model()
+    form = prepare(model)
+    assert form.is_current()
+    with torch.no_grad():
+        model.exits[0].post.weight.mul_(2.0)
+    assert not form.is_current()
+    x = _images(1)
+    policy = ThresholdPolicy([0.4, 0.4, 1.0])
+    _assert_same(model, prepare(model), policy, x)
+
+
+# -- the engine ---------------------------------------------------------------------------------------
+def _engine_bundle() -> Bundle:
+    model = build_tiny_model()
+    policies = {"threshold": ThresholdPolicy([0.5, 0.5, 1.0]), **_learned(model, _images(12))}
+    return Bundle(model, policies, "threshold", measure_costs(model, policies["threshold"]), {})
+
+
+def _probe(engine: Engine, x: torch.Tensor):
+    results = [engine.infer(x[i:i + 1]) for i in range(x.shape[0])]
+    return [r.exit_index for r in results], [r.exits[-1].top_k for r in results]
+
+
+def test_engine_runs_the_prepared_form_and_a_threshold_edit_reuses_it():
+    bundle = _engine_bundle()
+    engine = Engine(bundle, device="cpu", latency_repeats=2)
+    form = engine._prepared
+    assert isinstance(form, PreparedModel) and engine.runtime == form.runtime
+    x = _images(10)
+    result = engine.infer(x[:1])
+    assert result.runtime == engine.runtime and "TorchScript" in result.runtime
+    for thresholds in ([0.0, None, 1.0], [None, 0.0, 1.0], [None, None, 1.0], [0.45, 0.4, 1.0]):
+        engine.set_thresholds(thresholds)
+        policy = ThresholdPolicy(thresholds)
+        with torch.inference_mode():
+            want = [int(bundle.model.run(x[i:i + 1], policy).exit_index[0]) for i in range(x.shape[0])]
+        assert _probe(engine, x)[0] == want
+    assert engine._prepared is form  # thresholds are read on the host: nothing was made again
+    for name in ("bolukbasi", "structure"):
+        engine.set_policy(name)
+        with torch.inference_mode():
+            want = [int(bundle.model.run(x[i:i + 1], bundle.policies[name]).exit_index[0])
+                    for i in range(x.shape[0])]
+        assert _probe(engine, x)[0] == want
+
+
+def test_engine_follows_retrained_weights():
+    bundle = _engine_bundle()
+    engine = Engine(bundle, device="cpu", latency_repeats=2)
+    engine.set_thresholds([None, None, 1.0])
+    x = _images(6)
+    before = _probe(engine, x)[1]
+    retrained = copy.deepcopy(bundle)  # a retrain makes a new bundle: a new engine prepares it
+    with torch.no_grad():
+        retrained.model.exits[-1].post[-1].weight.neg_()
+    fresh = Engine(retrained, device="cpu", latency_repeats=2)
+    fresh.set_thresholds([None, None, 1.0])
+    assert _probe(fresh, x)[1] != before
+    with torch.no_grad():  # weights changed in place under a running engine
+        bundle.model.exits[-1].post[-1].weight.neg_()
+    engine.model_changed()
+    after = _probe(engine, x)[1]
+    assert after == _probe(fresh, x)[1] and after != before
+    with torch.no_grad():  # changed again: the next threshold edit notices it
+        bundle.model.exits[-1].post[-1].weight.neg_()
+    engine.set_thresholds([None, None, 1.0])
+    assert _probe(engine, x)[1] == before
