@@ -8,8 +8,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
-import traceback
 from pathlib import Path
 
 PROG = "offramp-app"
@@ -140,8 +140,8 @@ def _run_scripted(app, window, args) -> int:
 
 
 def _show_unexpected(window, kind, value, tb) -> None:
-    """A bug must not take the window down: print the traceback, show one line in the window."""
-    traceback.print_exception(kind, value, tb)
+    """A bug must not take the window down: the traceback to the log, one line in the window."""
+    logging.getLogger("app").error("unexpected error", exc_info=(kind, value, tb))
     window.show_error(f"unexpected error ({kind.__name__}): {value}")
 
 

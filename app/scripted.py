@@ -128,6 +128,7 @@ class ScriptedRun(QObject):
         last = self.window.shown_result
         self.snapshot = {
             "source": self.source, "bundle": info.path or info.name, "model": info.name, "device": info.device,
+            "runtime": getattr(stats.last, "runtime", "") if stats.last is not None else "",
             **stats.to_json(),
             "exit_fractions": [c / stats.frames for c in stats.exit_counts] if stats.frames else [],
             "gui_lateness_max_ms": round(meter.max_ms, 3), "gui_lateness_mean_ms": round(meter.mean_ms, 3),

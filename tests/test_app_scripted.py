@@ -28,6 +28,7 @@ def test_scripted_run_writes_screenshot_and_stats(qapp, tmp_path, bundle_path, i
     for key in ("saved_flops", "saved_ms", "fps", "gui_lateness_max_ms", "mean_ms", "dropped_frames"):
         assert isinstance(data[key], (int, float)), key
     assert data["fps"] > 0 and data["presentation"] is True and data["device"] == "cpu"
+    assert data["runtime"].startswith("torch")  # which runtime the time figures were measured on
 
 
 def test_bad_input_fails_with_one_line(tmp_path, capsys):

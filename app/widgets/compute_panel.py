@@ -163,8 +163,10 @@ class ComputePanel(QWidget):
             full = ""
             if stats.full_ms:
                 full_ms = stats.full_ms / stats.frames
+                runtime = getattr(stats.last, "runtime", "") if stats.last is not None else ""
+                on = f" on {runtime}" if runtime else ""
                 full = (f" · time saved {signed_percent(stats.saved_ms, 1)} ({mean_ms:.2f} ms per frame, full model "
-                        f"{full_ms:.2f} ms measured live)" if live else
+                        f"{full_ms:.2f} ms, both measured live{on})" if live else
                         f" · {mean_ms:.2f} ms per frame (full model: {full_ms:.2f} ms profiled)")
             else:
                 full = f" · {mean_ms:.2f} ms per frame"
