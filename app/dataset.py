@@ -19,7 +19,7 @@ JPEG_QUALITY = 95
 PNG_COMPRESSION = 3  # 0..9: the default 3 is already 30-200 ms a frame; higher buys little
 # names a folder cannot have on Windows (a dataset moves between machines), whatever the case
 _RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
-_SPLITS = {"train", "test", "val"}  # engine.data reads a folder with these sub-folders as splits
+_SPLITS = {"train", "test", "val"}  # engine.data.layout reads a folder with these sub-folders as splits
 _REFUSED = set('<>:"|?*')
 MAX_NAME_BYTES = 200  # leaves room for "_00001.jpg" within the usual 255-byte file-name limit
 

@@ -136,6 +136,22 @@ class MainWindow(QMainWindow):
         if presentation:
             self.set_presentation(True)
 
+    def add_panel(self, name: str, title: str, widget: QWidget,
+                  area: Qt.DockWidgetArea = Qt.DockWidgetArea.RightDockWidgetArea) -> QDockWidget:
+        """Put `widget` in a dock of its own, listed in the View menu and remembered with the layout.
+        A `LiveView` (set_model, show_result, set_theme, clear) is then fed like every live panel:
+        the model loaded, each frame on screen, the theme. Raises ValueError for a name in use."""
+        if name in self.docks:
+            raise ValueError(f"a panel named {name!r} is already in the window")
+        dock = self.docks[name] = self._dock(name, title, widget, area)
+        self.actions.view_menu.addAction(dock.toggleViewAction())
+        if isinstance(widget, LiveView):
+            self.live_views = (*self.live_views, widget)
+            widget.set_theme(self.theme)
+            if self.session.info is not None:
+                widget.set_model(self.session.info)
+        return dock
+
     def _dock(self, name: str, title: str, widget: QWidget, area: Qt.DockWidgetArea) -> QDockWidget:
         dock = QDockWidget(title, self)
         dock.setObjectName(f"dock_{name}")

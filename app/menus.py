@@ -70,7 +70,7 @@ class Actions(QObject):
         self.device_group = QActionGroup(window)
         self.set_devices(None)
 
-        view = bar.addMenu("&View")
+        view = self.view_menu = bar.addMenu("&View")  # MainWindow.add_panel adds its panels' toggles here
         self.presentation = self._add(view, "Presentation mode", window, window.set_presentation, "F5", checkable=True)
         self._add(view, "Full screen", window, window.toggle_full_screen, "F11")
         view.addSeparator()

@@ -7,8 +7,8 @@ from typing import Any
 
 
 def check_folder(folder: str, *, progress=None, cancel=None) -> Any:
-    """engine.data.check_folder: the FolderReport of a folder of labelled images."""
-    from engine.data import check_folder as check
+    """engine.data.checks.check_folder: the FolderReport of a folder of labelled images."""
+    from engine.data.checks import check_folder as check
     return check(folder, progress=progress, cancel=cancel)
 
 
@@ -25,8 +25,8 @@ def distil(bundle: Any, folder: str, epochs: int, *, progress=None, cancel=None)
 
 
 def check_unlabelled(folder: str, *, progress=None, cancel=None) -> Any:
-    """engine.data.check_unlabelled: the UnlabelledReport of a folder of images without labels."""
-    from engine.data import check_unlabelled as check
+    """engine.data.checks.check_unlabelled: the UnlabelledReport of a folder of images without labels."""
+    from engine.data.checks import check_unlabelled as check
     return check(folder, progress=progress, cancel=cancel)
 
 

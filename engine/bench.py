@@ -2,15 +2,10 @@
 fitted on a calibration split and scored on a held-out split, and measured batch-1 wall-clock
 speed-up. (Fitting the fronts: `engine.fronts`; goals, table and plot: `engine.bench_report`.)
 
-Three disjoint parts of one labelled dataset (`open_splits`):
-  train        what the exits (or the whole network) were trained on; the structure policy's prototypes
-  calibration  held out of training: temperatures, thresholds, DyCE search, learned policies
-  test         never used for training, search or fitting: every number `bench` reports
-For a train/test layout (the CIFAR-10 zip) calibration is the validation part `train-exits` and
-`train-backbone` hold out (`split_indices(val_fraction, seed 0)`) and test is the test split. A
-plain class folder has no test split: its validation part is halved into calibration and test.
+The train, calibration and test parts of the data come from `engine.splits.open_splits`: every
+method is fitted on calibration only and every number reported is read on test.
 
-Read top to bottom: splits, methods scored on the test split, batch-1 timing, the report.
+Read top to bottom: methods scored on the test split, batch-1 timing, the report.
 """
 from __future__ import annotations
 
@@ -20,7 +15,6 @@ import random
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -29,117 +23,29 @@ from torch.utils.data import Subset
 from .bundle import Bundle
 from .cascade import Cascade
 from .cost import CostTable
-from .data import check_folder, open_dataset, preset_transform, split_indices
-from .evaluate import Records, accuracy_per_exit, evaluate_policy, oracle, record_outputs
+from .cost import with_policy_flops
+from .evaluate import accuracy_per_exit, evaluate_policy, oracle, record_outputs
 from .fronts import fit_front, model_cost, scored_on, target_index
 from .model import MultiExitNet
-from .policies import BolukbasiPolicy, Policy, StructurePolicy, ThresholdPolicy, bolukbasi_front, with_policy_flops
+from .policies import Policy, ThresholdPolicy
+from .preprocess import eval_transform
 from .progress import CancelFlag, ProgressFn, report
+from .records import Records
 from .speed import Runner, exit_overhead, plain_runner, prepared_form, staged_runner
+from .splits import Splits, stratified_subset
+from .train import get_trainer, list_trainers
+from .train.bolukbasi import bolukbasi_front
 
 TARGET_LOSSES = (0.005, 0.01)  # accuracy below the full model at which the table reads each method
 RUNTIMES = ("prepared", "eager")  # what runs the timed configurations: engine.prepared (as the app), plain modules
-DEFAULT_VAL_FRACTION = 0.1  # what train-exits and train-backbone hold out by default
-_HALVING_SEED = 1  # a folder's validation part -> calibration and test
-
-
-# -- splits ---------------------------------------------------------------------------------------
-@dataclass
-class Splits:
-    """Disjoint parts of one labelled dataset, each a Subset of an image dataset with the preset's
-    transform. `validation` is everything held out of training (for a folder: calibration + test)."""
-
-    train: Subset
-    validation: Subset
-    calibration: Subset
-    test: Subset
-    classes: list[str]
-    layout: str  # "split" (train and test trees) or "folder"
-    val_fraction: float
-
-    def describe(self) -> dict:
-        """Sizes and sources of each part, and how many images calibration and test share (0)."""
-        held = ("the test split" if self.layout == "split" else
-                f"half of the validation part ({self.val_fraction:g} of the folder, seed {_HALVING_SEED})")
-        cal = (f"validation part of the train split (val_fraction {self.val_fraction:g}, seed 0)"
-               if self.layout == "split" else "the other half of that validation part")
-        return {"layout": self.layout, "val_fraction": self.val_fraction, "train": len(self.train),
-                "calibration": len(self.calibration), "test": len(self.test), "calibration_source": cal,
-                "test_source": held, "overlap": len(_sources(self.calibration) & _sources(self.test)),
-                "train_test_overlap": len(_sources(self.train) & _sources(self.test))}
-
-
-def _sources(subset: Subset) -> set[str]:
-    """The files (or zip members) of a Subset: what makes two images the same image."""
-    ds = subset.dataset
-    return {f"{ds.archive or ''}:{ds.samples[i][0]}" for i in subset.indices}
-
-
-def open_splits(data: str | Path, preset, *, val_fraction: float = DEFAULT_VAL_FRACTION,
-                classes: Sequence[str] | None = None, on_skipped: Callable[[str, str], None] | None = None,
-                on_warning: Callable[[str], None] | None = None) -> Splits:
-    """The train, calibration and test parts of `data`: the train/test layout (the CIFAR-10 zip or
-    folder) or a plain class folder, checked first (bad files go to `on_skipped(path, reason)` and
-    are left out; class folders without a readable image, which the classes leave out, go to
-    `on_warning(message)`). Train and validation are `split_indices(targets, val_fraction, seed=0)`
-    of the train split, exactly as `train-exits` and `train-backbone` split it.
-
-    `classes` (an existing model's class names) labels every image by its class folder's name:
-    label i is the model's class i, whatever other classes the folder lacks.
-
-    Raises ValueError naming `data` when it is unusable, holds a single class, or has a class
-    folder that is not among `classes`."""
-    from .data import dataset_splits
-    if "train" in dataset_splits(data):
-        ds, layout = open_dataset(data, split="train", classes=classes), "split"
-    else:
-        check = check_folder(data)
-        for path, reason in check.skipped:
-            if on_skipped is not None:
-                on_skipped(path, reason)
-        check.raise_if_unusable()
-        for cls in check.empty_classes:
-            if on_warning is not None:
-                what = "it is not scored" if classes is not None else "the model will not have this class"
-                on_warning(f"class folder {Path(check.path) / cls} has no readable image; {what}")
-        ds, layout = open_dataset(data, report=check, classes=classes), "folder"
-    if len(set(ds.targets)) < 2:
-        raise ValueError(f"{data} has a single class; exits need at least two classes to tell apart")
-    ds.transform = preset_transform(preset)
-    tr, va = split_indices(ds.targets, val_fraction=val_fraction, seed=0)
-    train, validation = Subset(ds, tr), Subset(ds, va)
-    if layout == "split":
-        try:
-            test = open_dataset(data, split="test", classes=ds.classes, transform=preset_transform(preset),
-                                classes_of="the model" if classes is not None else f"{data}'s train split")
-            return Splits(train, validation, validation, Subset(test, list(range(len(test)))), list(ds.classes),
-                          layout, val_fraction)
-        except ValueError:
-            if "test" in dataset_splits(data):  # a test split that cannot be used: say why
-                raise
-            layout = "folder"  # a train split without a test split: hold out part of validation instead
-    cal, test = split_indices([ds.targets[i] for i in va], val_fraction=0.5, seed=_HALVING_SEED)
-    return Splits(train, validation, Subset(ds, [va[i] for i in cal]), Subset(ds, [va[i] for i in test]),
-                  list(ds.classes), layout, val_fraction)
-
-
-def stratified_subset(subset: Subset, limit: int, seed: int = 0) -> Subset:
-    """At most `limit` images of `subset`, every class in proportion (all of it when smaller)."""
-    if len(subset) <= limit:
-        return subset
-    targets = [subset.dataset.targets[i] for i in subset.indices]
-    _, pick = split_indices(targets, val_fraction=limit / len(targets), seed=seed)
-    return Subset(subset.dataset, [subset.indices[i] for i in pick])
-
-
-def with_preset(subset: Subset, preset) -> Subset:
-    """The same images through another model's preset (a static bundle's may differ)."""
-    ds = copy.copy(subset.dataset)
-    ds.transform = preset_transform(preset)
-    return Subset(ds, subset.indices)
 
 
 # -- methods scored on the test split -------------------------------------------------------------
+def with_preset(subset: Subset, preset) -> Subset:
+    """The same images through another model's preset (a static bundle's may differ)."""
+    ds = copy.copy(subset.dataset)
+    ds.transform = eval_transform(preset)
+    return Subset(ds, subset.indices)
 
 
 @dataclass
@@ -148,7 +54,7 @@ class Method:
     calibration first) and how to run point j at batch 1 (`runner(j, runtime)` gives a Runner)."""
 
     name: str
-    family: str  # full, truncation, static, threshold, dyce, bolukbasi, structure, bundle, cascade
+    family: str  # full, truncation, static, threshold, dyce, each of fitted_kinds(), bundle, cascade
     source: str  # what it was fitted on, or where it came from
     points: list[dict]
     runner: Callable[[int, str], Runner] | None = None
@@ -336,13 +242,13 @@ def _time_methods(methods: list[Method], model: MultiExitNet, images: torch.Tens
 
 def _overheads(bundle: Bundle, methods: list[Method], images: torch.Tensor, cost: CostTable, runtime: str,
                repeats: int) -> dict:
-    """`engine.speed.exit_overhead` of a threshold, a Bolukbasi and a structure policy (the bundle's,
-    else the fitted front's chosen point), each by its kind of decision."""
+    """`engine.speed.exit_overhead` of a threshold policy and one policy of each of `fitted_kinds()`
+    (the bundle's, else the fitted front's chosen point), each by its kind of decision."""
     model = bundle.model
     form = prepared_form(model) if runtime == "prepared" else model
     found: dict[str, Policy] = {"threshold": ThresholdPolicy([1.0] * model.num_exits)}
-    for kind, cls in (("bolukbasi", BolukbasiPolicy), ("structure", StructurePolicy)):
-        own = [p for p in bundle.policies.values() if isinstance(p, cls)]
+    for kind in fitted_kinds():
+        own = [p for p in bundle.policies.values() if p.kind == kind]
         fitted = next((m for m in methods if m.family == kind and m.choice is not None and m.policies), None)
         if own:
             found[kind] = own[0]
@@ -357,6 +263,12 @@ def _overheads(bundle: Bundle, methods: list[Method], images: torch.Tensor, cost
     return out
 
 
+def fitted_kinds() -> list[str]:
+    """The learned policy families `run_benchmark` fits on the calibration split (learned="fit"):
+    every registered learned trainer (`engine.train.list_trainers(learned=True)`)."""
+    return list_trainers(learned=True)
+
+
 def run_benchmark(bundle: Bundle, splits: Splits, *, statics: dict[str, Bundle] | None = None,
                   cascade: dict[str, Bundle] | None = None, learned: str = "fit",
                   lambdas: Sequence[float] | None = None,
@@ -369,8 +281,10 @@ def run_benchmark(bundle: Bundle, splits: Splits, *, statics: dict[str, Bundle] 
 
     Methods: the full model; truncations (exit k always); `statics` (name -> separately trained
     smaller bundle, at its last exit); one shared threshold and the DyCE front; with learned="fit"
-    the Bolukbasi and structure fronts (structure prototypes from at most `prototype_samples`
-    training images); every policy stored in the bundle; with `cascade` (name -> cheaper bundle,
+    the front of every family in `fitted_kinds()` (Bolukbasi: `lambdas`; structure:
+    `structure_lambdas`, `structure_epochs`; any other: its own defaults; prototypes, for the
+    families that read them, from at most `prototype_samples` training images); every policy
+    stored in the bundle; with `cascade` (name -> cheaper bundle,
     cheapest first) a Bolukbasi network-selection cascade ending with this bundle; the oracle.
     Points the table reads are timed at batch 1 on `timing_images` test images (see `time_batch1`),
     run by `runtime` ("prepared": `engine.prepared`, as the app runs; "eager": the plain modules),
@@ -406,15 +320,18 @@ def run_benchmark(bundle: Bundle, splits: Splits, *, statics: dict[str, Bundle] 
     methods.append(_fitted("threshold", cal, test, cost, model, images,
                            f"best fixed threshold (one for every exit; max-prob, entropy or margin), {fitted}"))
     methods.append(_fitted("dyce", cal, test, cost, model, images, f"DyCE configuration search, {fitted}"))
-    if learned == "fit":
-        methods.append(_fitted("bolukbasi", cal, test, cost, model, images, f"λ sweep {fitted}", lambdas=lambdas,
-                               progress=progress, cancel=cancel))
-        proto = record_outputs(model, stratified_subset(splits.train, prototype_samples), progress=progress,
-                               cancel=cancel)
-        methods.append(_fitted("structure", cal, test, cost, model, images,
-                               f"λ sweep {fitted}, prototypes from {proto.num_samples} training images",
-                               lambdas=structure_lambdas, epochs=structure_epochs, prototype_records=proto,
-                               progress=progress, cancel=cancel))
+    kinds = fitted_kinds() if learned == "fit" else []
+    options = {"bolukbasi": {"lambdas": lambdas}, "structure": {"lambdas": structure_lambdas, "epochs": structure_epochs}}
+    proto = None
+    for kind in kinds:
+        kw, source = dict(options.get(kind, {})), f"λ sweep {fitted}"
+        if get_trainer(kind).uses_prototypes:
+            if proto is None:
+                proto = record_outputs(model, stratified_subset(splits.train, prototype_samples), progress=progress,
+                                       cancel=cancel)
+            kw["prototype_records"] = proto
+            source += f", prototypes from {proto.num_samples} training images"
+        methods.append(_fitted(kind, cal, test, cost, model, images, source, progress=progress, cancel=cancel, **kw))
     methods += _bundle_policies(bundle, test, cost, images)
     if cascade:
         methods.append(_cascade(bundle, cascade, cal, test, splits, images, lambdas, progress, cancel))
@@ -427,7 +344,7 @@ def run_benchmark(bundle: Bundle, splits: Splits, *, statics: dict[str, Bundle] 
         "splits": splits.describe(), "classes": list(model.class_names), "exit_stages": model.exit_stages,
         "full_flops": cost.full_flops, "full_accuracy": full_accuracy, "accuracy_per_exit": accuracy_per_exit(test),
         "calibration_accuracy_per_exit": accuracy_per_exit(cal), "timing": timing,
-        "learned_policies": ("Bolukbasi and structure fronts fitted here on the calibration split" if learned == "fit"
+        "learned_policies": (f"{' and '.join(kinds)} fronts fitted here on the calibration split" if kinds
                              else "only the policies stored in the bundle (train-policy); no fronts fitted here"),
         "oracle": {"accuracy": ora["accuracy"], "flops": ora["mean_flops"], "saved": ora["saved"],
                    "exit_fractions": ora["exit_fractions"]},

@@ -21,9 +21,8 @@ import numpy as np
 from .evaluate import pareto
 from .files import write_json
 from .plot import plot_curves, write_png
+from .train import list_trainers
 
-ADAPTIVE = ("threshold", "dyce", "bolukbasi", "structure", "cascade", "bundle")  # families that exit per image
-LEARNED = ("bolukbasi", "structure")
 FIXED = ("truncation", "static")  # plain networks of fixed depth
 KEY = "0.5"  # the at_loss entry the goals read
 
@@ -52,11 +51,23 @@ def _pt(point: dict | None) -> str:
     return f"{100 * point['saved']:.1f} % FLOPs saved{speed}"
 
 
+def adaptive_families() -> set[str]:
+    """Method families that exit per image: every fitted policy kind (`engine.train`), the DyCE
+    search, the cascade and the bundle's own policies."""
+    return {*list_trainers(), "dyce", "cascade", "bundle"}
+
+
+def learned_families() -> set[str]:
+    """The learned policy kinds (`engine.train.list_trainers(learned=True)`)."""
+    return set(list_trainers(learned=True))
+
+
 def assess_goals(rep: dict) -> list[dict]:
     """The goals as [{goal, method, achieved, hit}] (hit None: cannot be judged from this report)."""
     methods = rep["methods"]
     at = {n: m["at_loss"][KEY] for n, m in methods.items()}
-    adaptive = {n: p for n, p in at.items() if methods[n]["family"] in ADAPTIVE and p is not None}
+    adaptive_kinds, learned_kinds = adaptive_families(), learned_families()
+    adaptive = {n: p for n, p in at.items() if methods[n]["family"] in adaptive_kinds and p is not None}
     goals = []
 
     def both(p):
@@ -69,8 +80,8 @@ def assess_goals(rep: dict) -> list[dict]:
         achieved += f"; fastest: {fastest}, {_pt(adaptive[fastest])}"
     goals.append({"goal": "≥ 60 % FLOPs saved and ≥ 2× measured batch-1 CPU speed-up at ≤ 0.5-point loss",
                   "method": best, "achieved": achieved, "hit": best is not None and both(adaptive[best])})
-    learned = [n for n in methods if methods[n]["family"] in LEARNED
-               or (methods[n]["family"] == "bundle" and methods[n]["points"][0]["policy"]["kind"] in LEARNED)]
+    learned = [n for n in methods if methods[n]["family"] in learned_kinds
+               or (methods[n]["family"] == "bundle" and methods[n]["points"][0]["policy"]["kind"] in learned_kinds)]
     threshold = methods.get("threshold")
     for name in learned:
         gap = shortfall(methods[name]["points"], threshold["points"]) if threshold else None
@@ -85,7 +96,7 @@ def assess_goals(rep: dict) -> list[dict]:
                           "≤ 0.5-point loss", "method": cheapest,
                   "achieved": "not reached" if less is None else f"{100 * less:.1f} % less compute",
                   "hit": None if not learned else (less is not None and less >= 0.10)})
-    timed = [(n, p) for n, m in methods.items() if m["family"] in ADAPTIVE for p in m["points"]
+    timed = [(n, p) for n, m in methods.items() if m["family"] in adaptive_kinds for p in m["points"]
              if p.get("speedup") and p.get("flops_speedup")]
     worst = min(timed, key=lambda np_: np_[1]["speedup"] / np_[1]["flops_speedup"], default=None)
     ratio = worst[1]["speedup"] / worst[1]["flops_speedup"] if worst else None
@@ -109,7 +120,8 @@ def notes(rep: dict) -> list[str]:
     methods = rep["methods"]
     at = {n: m["at_loss"][KEY] for n, m in methods.items() if m["at_loss"][KEY] is not None}
     fixed = {n: p for n, p in at.items() if methods[n]["family"] in FIXED}
-    adaptive = {n: p for n, p in at.items() if methods[n]["family"] in ADAPTIVE}
+    adaptive_kinds = adaptive_families()
+    adaptive = {n: p for n, p in at.items() if methods[n]["family"] in adaptive_kinds}
     if fixed:
         f = max(fixed, key=lambda n: fixed[n]["saved"])
         a = max(adaptive, key=lambda n: adaptive[n]["saved"], default=None)
@@ -205,9 +217,8 @@ def _describe(policy: dict) -> str:
     if policy.get("kind") == "threshold":
         return "[" + ", ".join("off" if t is None else f"{t:.3f}" for t in policy["thresholds"][:-1]) + "]"
     info = {**policy.get("info", {}), **policy}  # a structure policy keeps its λ in info
-    keys = {"bolukbasi": ("lambda", "offset"), "structure": ("lambda", "tau")}.get(policy.get("kind"), ())
-    return " ".join([str(policy.get("kind")),
-                     *(f"{k}={info[k]:g}" for k in keys if isinstance(info.get(k), (int, float)))])
+    return " ".join([str(policy.get("kind")), *(f"{k}={info[k]:g}" for k in ("lambda", "offset", "tau")
+                                                if isinstance(info.get(k), (int, float)))])
 
 
 # -- files ----------------------------------------------------------------------------------------

@@ -23,11 +23,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .bundle import Bundle
-from .cost import CostTable, count_decision_flops, measure_costs, profile_latency
-from .evaluate import Records, _length, as_loader, drop_skipped, evaluate_policy
-from .model import Evidence, MultiExitNet
-from .policies import Policy
-from .policies.bolukbasi import with_policy_flops
+from .cost import CostTable, count_decision_flops, measure_costs, profile_latency, with_policy_flops
+from .evaluate import _length, as_loader, drop_skipped, evaluate_policy
+from .model import MultiExitNet
+from .policies import Evidence, Policy
+from .records import Records
 from .progress import CancelFlag, ProgressFn, report
 
 
@@ -228,7 +228,7 @@ def evaluate_cascade(records: Records, policy: Policy, cost: CostTable) -> dict:
     FLOPs counted (analytically when `cost` has none for it), plus: largest_accuracy (the largest
     model alone), accuracy_loss (largest − cascade), largest_flops, and speedup against the largest
     model alone — measured ms when `cost` has latency (speedup_basis "ms"), else FLOPs ("flops")."""
-    if not any(cost.policy_flops) and hasattr(policy, "decision_flops"):
+    if not any(cost.policy_flops) and policy.decision_flops() is not None:
         cost = with_policy_flops(cost, policy)
     out = evaluate_policy(records, policy, cost)
     largest = (records.logits[:, -1].argmax(dim=-1) == records.labels).double().mean().item()

@@ -178,7 +178,7 @@ def _print_warning(message: str) -> None:
 def _train_val_sets(data: str, preset, val_fraction: float):
     """(train set, validation set, class names) from a class folder (checked first: bad files are
     listed and skipped) or from the train split of the CIFAR-10 layout (zip or folder)."""
-    from .bench import open_splits
+    from .splits import open_splits
     splits = open_splits(data, preset, val_fraction=val_fraction, on_skipped=_print_skipped, on_warning=_print_warning)
     return splits.train, splits.validation, splits.classes
 
@@ -221,8 +221,9 @@ def cmd_train_exits(args) -> int:
 def _distil_exits(args, base, stages, meta, progress) -> int:
     """train-exits --unlabelled: early exits learn the last exit's answers on unlabelled images."""
     from .backbones import build_backbone
-    from .data import preset_transform, unlabelled_parts
     from .model import MultiExitNet
+    from .preprocess import eval_transform
+    from .splits import unlabelled_parts
     from .train.retrain import distil_exits, early_exits_on
     if base is not None:
         model = early_exits_on(base.model, exit_stages=stages, head=args.head, seed=args.seed)
@@ -236,7 +237,7 @@ def _distil_exits(args, base, stages, meta, progress) -> int:
                                     exit_stages=stages, head=args.head, keep_classifier=True)
     split, check = _checked_unlabelled(args.unlabelled, progress)
     images, train_idx, val_idx = unlabelled_parts(args.unlabelled, split, val_fraction=args.val_fraction, report=check,
-                                                  transform=preset_transform(model.backbone.preset))
+                                                  transform=eval_transform(model.backbone.preset))
     print(f"{check.count} images in {check.path}" + (f" ({len(check.skipped)} skipped)" if check.skipped else ""),
           file=sys.stderr)
     distill = 1.0 if args.distill is None else args.distill
@@ -255,21 +256,12 @@ def _distil_exits(args, base, stages, meta, progress) -> int:
     return 0
 
 
-def _split_or_none(path: str, split: str) -> str | None:
-    """`split` where `path` is in the train/test layout (never mix the splits), else None (all of it)."""
-    from .data import open_dataset
-    try:
-        open_dataset(path, split=split)
-        return split
-    except ValueError:
-        return None
-
-
 def _checked_unlabelled(path: str, progress=None, split: str = "train"):
-    """(split, UnlabelledReport) of the images under `path` (`_split_or_none`): bad files printed,
+    """(split, UnlabelledReport) of the images under `path` (`split_or_whole`): bad files printed,
     ValueError naming the path when too few are readable."""
-    from .data import check_unlabelled
-    split = _split_or_none(path, split)
+    from .data.checks import check_unlabelled
+    from .splits import split_or_whole
+    split = split_or_whole(path, split)
     check = check_unlabelled(path, split, progress=progress)
     if progress is not None:
         progress.close()
@@ -283,7 +275,7 @@ def cmd_train_backbone(args) -> int:
     from .backbones import build_backbone
     from .train.network import NetworkConfig, decode_dataset, read_checkpoint, train_network
     from .train.retrain import fit_exits
-    from .data import preset_transform
+    from .preprocess import eval_transform
     from dataclasses import asdict
     _check_out(args.out)
     progress = TerminalProgress()
@@ -303,7 +295,7 @@ def cmd_train_backbone(args) -> int:
     images, labels = decode_dataset(train_set, preset.crop, progress=progress)  # the training part only
     model, history = train_network(cfg, images, labels, classes, device=device, checkpoint=checkpoint,
                                    progress=progress, log=lambda s: (progress.close(), print(s)))
-    full.transform = preset_transform(preset)
+    full.transform = eval_transform(preset)
     meta = {"name": Path(args.out).stem, "training": {"config": asdict(cfg), "history": history,
                                                       "command": "offramp " + " ".join(sys.argv[1:])},
             "split": {"val_fraction": args.val_fraction, "seed": 0}}
@@ -319,7 +311,7 @@ def cmd_train_backbone(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .data import preset_transform
+    from .preprocess import eval_transform
     from .evaluate import evaluation_report, plot_report, record_outputs
     from .cost import profile_latency
     from .files import write_json
@@ -330,12 +322,13 @@ def cmd_evaluate(args) -> int:
     bundle = _load(args.bundle)
     model = bundle.model
     if args.unlabelled:
-        from .data import open_unlabelled
+        from .data.folders import open_unlabelled
         split, check = _checked_unlabelled(args.unlabelled, split=args.split)
         ds = open_unlabelled(args.unlabelled, split, report=check)
     else:
-        ds, check = _labelled_for_model(model, args.data, args.split)
-    ds.transform = preset_transform(model.backbone.preset)
+        from .splits import open_labelled_part
+        ds, check = open_labelled_part(args.data, args.split, classes=model.class_names, on_skipped=_print_skipped)
+    ds.transform = eval_transform(model.backbone.preset)
     progress = TerminalProgress()
     records = record_outputs(model, ds, batch_size=args.batch_size, progress=progress)
     progress.close()
@@ -360,35 +353,11 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _labelled_for_model(model, data: str, split: str):
-    """(dataset, FolderReport) of `data` labelled by `model`'s class names (label i = the model's
-    class i, whatever classes the folder lacks): `split` of a train/test layout, else all of a
-    plain class folder. Checked first: unreadable files are printed and left out, so every sample
-    is one real image. Raises ValueError for a class folder the model does not know, or no images."""
-    from .data import check_folder, dataset_splits, open_dataset
-    splits = dataset_splits(data)
-    if split not in splits:
-        if "train" in splits:
-            raise ValueError(f"{data} has no {split!r} split (it has {', '.join(splits)}); give --split with one of them")
-        split = None
-    open_dataset(data, split, classes=model.class_names)  # a class the model lacks is refused before any decoding
-    check = check_folder(data, split)
-    for path, reason in check.skipped:
-        _print_skipped(path, reason)
-    if check.total == 0:
-        raise ValueError(f"{check.path} has no readable images in its class folders"
-                         + (f" (all {len(check.skipped)} were skipped)" if check.skipped else "")
-                         + "; give a folder with one sub-folder of images per class")
-    return open_dataset(data, split, classes=model.class_names, report=check), check
-
-
 def _splits_for(bundle, args):
     """The data splits for search / train-policy / bench: the validation fraction given, else the
     one the bundle was trained with (meta["split"]), else 0.1 (train-exits' default)."""
-    from .bench import DEFAULT_VAL_FRACTION, open_splits
-    fraction = args.val_fraction
-    if fraction is None:
-        fraction = float((bundle.meta.get("split") or {}).get("val_fraction", DEFAULT_VAL_FRACTION))
+    from .splits import open_splits, recorded_val_fraction
+    fraction = recorded_val_fraction(bundle.meta, args.val_fraction)
     if getattr(args, "unlabelled", None):
         return _unlabelled_splits(bundle, args.unlabelled, fraction)
     splits = open_splits(args.data, bundle.model.backbone.preset, val_fraction=fraction, on_skipped=_print_skipped,
@@ -399,28 +368,11 @@ def _splits_for(bundle, args):
     return splits
 
 
-class _UnlabelledSplits:
-    """train-exits --unlabelled's parts of an unlabelled folder: the images the exits learnt from
-    (train) and the held-out rest (calibration), split as distil_exits splits them."""
-
-    def __init__(self, images, parts: tuple[list[int], list[int]], val_fraction: float, path: str):
-        from torch.utils.data import Subset
-        tr, va = parts
-        self.train, self.calibration = Subset(images, tr), Subset(images, va)
-        self.val_fraction, self.path = val_fraction, path
-
-    def describe(self) -> dict:
-        return {"layout": "unlabelled", "val_fraction": self.val_fraction, "train": len(self.train),
-                "calibration": len(self.calibration), "test": 0, "labels": "the last exit's predictions",
-                "calibration_source": f"held out of {self.path} (val_fraction {self.val_fraction:g}, seed 0)"}
-
-
-def _unlabelled_splits(bundle, path: str, fraction: float) -> _UnlabelledSplits:
-    from .data import preset_transform, unlabelled_parts
+def _unlabelled_splits(bundle, path: str, fraction: float):
+    """train-exits --unlabelled's parts of `path` (`UnlabelledSplits`), bad files printed."""
+    from .splits import UnlabelledSplits
     split, check = _checked_unlabelled(path)
-    images, tr, va = unlabelled_parts(path, split, val_fraction=fraction, report=check,
-                                      transform=preset_transform(bundle.model.backbone.preset))
-    splits = _UnlabelledSplits(images, (tr, va), fraction, path)
+    splits = UnlabelledSplits.open(path, split, bundle.model.backbone.preset, val_fraction=fraction, report=check)
     print(f"data: {len(splits.calibration)} held-out unlabelled images, scored against the last exit's answers",
           file=sys.stderr)
     return splits
@@ -441,13 +393,14 @@ def _record(model, subset, progress, with_features=True, teacher_labels=False):
 def cmd_search(args) -> int:
     from .bench_report import front_table
     from .fronts import search_bundle
+    from .splits import UnlabelledSplits
     if args.out:
         _check_out(args.out)
     bundle = _load(args.bundle)
     _check_out(args.out or args.bundle, suffixes=())  # written back over BUNDLE without --out
     splits = _splits_for(bundle, args)
     progress = TerminalProgress()
-    unlabelled = isinstance(splits, _UnlabelledSplits)
+    unlabelled = isinstance(splits, UnlabelledSplits)
     records = _record(bundle.model, splits.calibration, progress, with_features=False, teacher_labels=unlabelled)
     searched, rep = search_bundle(bundle, records, max_loss=args.max_loss / 100, budget=args.budget,
                                   measure=args.measure, split=splits.describe())
@@ -467,23 +420,22 @@ def cmd_search(args) -> int:
 
 
 def cmd_train_policy(args) -> int:
-    from torch.utils.data import Subset
-    from .bench import stratified_subset
+    from .splits import UnlabelledSplits, spread_subset, stratified_subset
     from .bench_report import front_table
     from .fronts import train_policy_bundle
+    from .train import get_trainer
     if args.out:
         _check_out(args.out)
     bundle = _load(args.bundle)
     _check_out(args.out or args.bundle, suffixes=())  # written back over BUNDLE without --out
     splits = _splits_for(bundle, args)
     progress = TerminalProgress()
-    unlabelled = isinstance(splits, _UnlabelledSplits)
+    unlabelled = isinstance(splits, UnlabelledSplits)
     records = _record(bundle.model, splits.calibration, progress, teacher_labels=unlabelled)
     proto = None
-    if args.kind == "structure":  # prototypes are class means of TRAINING features, never calibration ones
+    if get_trainer(args.kind).uses_prototypes:  # class means of TRAINING features, never calibration ones
         if unlabelled:  # no labels to stratify by: an even spread
-            step = max(1, len(splits.train) // args.prototype_samples)
-            train = Subset(splits.train.dataset, splits.train.indices[::step][:args.prototype_samples])
+            train = spread_subset(splits.train, args.prototype_samples)
         else:
             train = stratified_subset(splits.train, args.prototype_samples)
         proto = _record(bundle.model, train, progress, teacher_labels=unlabelled)
@@ -537,12 +489,13 @@ def cmd_export(args) -> int:
 
 def _check_images(path: str, bundle, limit: int):
     """Up to `limit` preprocessed images from a folder or zip (its test split when it has one), spread over it."""
-    from .data import open_unlabelled, preset_transform
+    from .data.folders import open_unlabelled
+    from .preprocess import eval_transform
+    from .splits import split_or_whole, spread_indices
     import torch
-    transform = preset_transform(bundle.model.backbone.preset)
-    images = open_unlabelled(path, _split_or_none(path, "test"), transform=transform)
-    step = max(1, len(images) // limit)
-    return torch.stack([images[i][0] for i in range(0, len(images), step)][:limit])
+    transform = eval_transform(bundle.model.backbone.preset)
+    images = open_unlabelled(path, split_or_whole(path, "test"), transform=transform)
+    return torch.stack([images[i][0] for i in spread_indices(len(images), limit)])
 
 
 def _mean_ms(fn, inputs) -> float:
@@ -698,6 +651,16 @@ TRAIN_EXITS_EPILOG = """examples:
 """
 
 
+def _policy_kinds() -> list[str]:
+    from .train import list_trainers  # imports torch: only when argparse reads the choices
+    return list_trainers()
+
+
+def _policy_families() -> str:
+    from .train import get_trainer, list_trainers
+    return "; ".join(f"{k}: {get_trainer(k).summary}" if get_trainer(k).summary else k for k in list_trainers())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = num.Parser(prog="offramp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--log-level", type=str.upper, choices=LEVELS, default="WARNING",
@@ -799,10 +762,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train-policy", formatter_class=raw, help="train a learned exit policy (threshold, bolukbasi, "
                        "structure) on the calibration split and store it in the bundle", description=TRAIN_POLICY_HELP)
     _bundle_and_data(s, "the .offramp bundle (written back unless --out)", unlabelled=True)
-    s.add_argument("--kind", required=True, choices=["threshold", "bolukbasi", "structure"],
-                   help="threshold: one confidence threshold for every exit (best of max_prob, entropy, margin); "
-                        "bolukbasi: a small classifier per exit (Bolukbasi et al. 2017); "
-                        "structure: a network on features + class-prototype measures")
+    kind = s.add_argument("--kind", required=True, choices=num.LazyChoices(_policy_kinds), metavar="KIND",
+                          help="the policy family to fit: %(families)s")
+    kind.families = num.Deferred(_policy_families)  # the registered trainers, read when the help is printed
     s.add_argument("--lambdas", type=num.nonnegative, nargs="+", metavar="λ", help="price of compute to sweep (accuracy traded "
                    "per full model's FLOPs); larger = cheaper policies (default: the family's own sweep)")
     s.add_argument("--epochs", type=num.positive_int, help="structure: training epochs per λ (default 150)")
@@ -810,7 +772,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="structure: training images whose features give the class prototypes (default: 5000)")
     s.add_argument("--max-loss", type=num.points, default=0.5, metavar="POINTS", help="keep the cheapest policy within this "
                    "many accuracy points of the last exit on the calibration split (default: 0.5)")
-    s.add_argument("--name", help="its name in the bundle (default: shared-threshold, bolukbasi or structure)")
+    s.add_argument("--name", help="its name in the bundle (default: the family's, e.g. shared-threshold, bolukbasi)")
     s.add_argument("--default", action="store_true", help="make it the default policy (the app starts with it)")
     s.add_argument("--out", help="write the bundle here instead of over BUNDLE (.offramp)")
     s.set_defaults(fn=cmd_train_policy)

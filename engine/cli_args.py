@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 
 class Parser(argparse.ArgumentParser):
@@ -68,6 +68,32 @@ def number_list(item: Callable[[str], float | int], *, what: str = "numbers") ->
             raise argparse.ArgumentTypeError(f"in {text!r}: {err}") from None
     parse.__name__ = "list"
     return parse
+
+
+class LazyChoices:
+    """An option's choices read (by `load()`, e.g. from a registry) only when argparse needs them —
+    to check a value, or to print help or an error — so that building the parser imports nothing
+    heavy. Give the option a metavar: argparse would list the choices in the usage line otherwise."""
+
+    def __init__(self, load: Callable[[], Sequence[str]]):
+        self._load = load
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._load())
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._load()
+
+
+class Deferred:
+    """Text made when it is printed: set it as an attribute of an argparse action and name it in
+    the help string (`%(name)s`), for help read from a registry (see `LazyChoices`)."""
+
+    def __init__(self, make: Callable[[], str]):
+        self._make = make
+
+    def __str__(self) -> str:
+        return self._make()
 
 
 def _range(low, high, low_open: bool = False, high_open: bool = False) -> str:

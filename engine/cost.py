@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .model import Evidence
+from .policies import Evidence
 
 if TYPE_CHECKING:
     from .model import MultiExitNet
@@ -175,6 +175,24 @@ def measure_policy_flops(policy: "Policy", model: "MultiExitNet", taps: Sequence
         features = tap.mean(dim=(2, 3)) if tap.dim() == 4 else tap  # (1, channels)
         flops.append(count_decision_flops(policy, e, n, logits, run, features))
     return flops
+
+
+def with_policy_flops(cost: CostTable, policy: "Policy", model: "MultiExitNet | None" = None) -> CostTable:
+    """A copy of `cost` whose policy_flops are `policy`'s decision FLOPs at every exit: measured
+    with `measure_policy_flops` when `model` is given, else the policy's own `decision_flops()`
+    (its layer sizes; 0 for thresholds); evaluation-only policies cost 0.
+
+    Raises ValueError when neither a model nor an analytic count is available, or the sizes differ.
+    """
+    n = cost.num_exits
+    flops = measure_policy_flops(policy, model) if model is not None else policy.decision_flops()
+    if flops is None:
+        if not policy.evaluation_only:
+            raise ValueError(f"cannot count the FLOPs of a {policy.kind!r} policy without its model: pass model=")
+        flops = [0.0] * n
+    if len(flops) != n:
+        raise ValueError(f"the policy decides at {len(flops)} exits but the cost table has {n}")
+    return replace(cost, policy_flops=[float(f) for f in flops])
 
 
 def count_decision_flops(policy: "Policy", exit_index: int, num_exits: int, logits: Sequence[torch.Tensor],

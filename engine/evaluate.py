@@ -1,7 +1,8 @@
-"""Evaluation of a multi-exit model: record every exit's outputs once, then score any policy on
-the records — accuracy, mean cost (FLOPs, and time when measured), compute saved, speed-up, exit
-histogram — against the full model and the oracle; sweep a shared threshold into a curve, keep
-its Pareto front, pick an operating point on it; write a JSON report and a PNG plot.
+"""Evaluation of a multi-exit model: record every exit's outputs once (`engine.records.Records`),
+then score any policy on the records — accuracy, mean cost (FLOPs, and time when measured),
+compute saved, speed-up, exit histogram — against the full model and the oracle; sweep a shared
+threshold into a curve, keep its Pareto front, pick an operating point on it; write a JSON report
+and a PNG plot.
 
 Scoring uses `engine.policies.simulate`, the same decision sequence `MultiExitNet.run` executes,
 so every number here is what the staged model really does on these samples.
@@ -9,112 +10,34 @@ so every number here is what the staged model really does on these samples.
 from __future__ import annotations
 
 import copy
-import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as save_tensors
 from torch.utils.data import DataLoader, Dataset
 
 from .cost import CostTable
 from .model import MultiExitNet
 from .policies import OraclePolicy, Policy, ThresholdPolicy, confidence, simulate
-from .files import finite, json_text, write_atomic, write_json
+from .files import finite, write_json
 from .progress import CancelFlag, ProgressFn, report
-
-_RECORDS_KEY = "offramp.records"
-_RECORDS_FORMAT = 1
+from .records import Records
 
 
-# -- records ------------------------------------------------------------------------------------
-@dataclass
-class Records:
-    """Outputs of every exit on N labelled samples (E exits, K classes), all on the CPU."""
-
-    logits: torch.Tensor  # (N, E, K) float32 calibrated logits of every exit
-    features: list[torch.Tensor]  # per exit (N, C_e) pooled tap features; [] when not recorded
-    labels: torch.Tensor  # (N,) long
-    class_names: list[str]
-    exit_stages: list[int]  # stage each exit reads
-
-    def __post_init__(self):
-        if self.logits.dim() != 3:
-            raise ValueError(f"logits must be (samples, exits, classes), got shape {tuple(self.logits.shape)}")
-        n, e, k = self.logits.shape
-        if self.labels.shape != (n,):
-            raise ValueError(f"labels must be ({n},) to match the logits, got {tuple(self.labels.shape)}")
-        if self.features and (len(self.features) != e or any(f.shape[0] != n for f in self.features)):
-            raise ValueError(f"features must be one (N={n}, C) tensor per exit ({e} exits)")
-        if len(self.exit_stages) != e or len(self.class_names) != k:
-            raise ValueError(f"records with {e} exits and {k} classes need {e} exit stages and {k} class names, "
-                             f"got {len(self.exit_stages)} and {len(self.class_names)}")
-        self.class_names = list(self.class_names)
-        self.exit_stages = [int(s) for s in self.exit_stages]
-
-    @property
-    def num_samples(self) -> int:
-        return self.logits.shape[0]
-
-    @property
-    def num_exits(self) -> int:
-        return self.logits.shape[1]
-
-    @property
-    def num_classes(self) -> int:
-        return self.logits.shape[2]
-
-    @property
-    def features_or_none(self) -> list[torch.Tensor] | None:
-        return self.features or None
-
-    def subset(self, idx) -> "Records":
-        """The records of the samples `idx` (indices or a boolean mask), in that order."""
-        idx = torch.as_tensor(idx)
-        if idx.dtype != torch.bool:
-            idx = idx.long()
-        return Records(self.logits[idx], [f[idx] for f in self.features], self.labels[idx],
-                       self.class_names, self.exit_stages)
-
-    def save(self, path: str | Path) -> None:
-        """Write one safetensors file (tensors + JSON metadata; no pickle), atomically."""
-        tensors = {"logits": self.logits.float().contiguous(), "labels": self.labels.long().contiguous()}
-        tensors.update({f"features.{e}": f.float().contiguous() for e, f in enumerate(self.features)})
-        meta = {"format": _RECORDS_FORMAT, "class_names": self.class_names, "exit_stages": self.exit_stages,
-                "num_features": len(self.features)}
-        write_atomic(path, save_tensors(tensors, metadata={_RECORDS_KEY: json_text(meta)}))
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Records":
-        """Read records written by `save`. Raises ValueError when the file is not such a file."""
-        path = Path(path)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {})[_RECORDS_KEY])
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-            features = [tensors[f"features.{e}"] for e in range(int(meta["num_features"]))]
-            return cls(tensors["logits"], features, tensors["labels"], meta["class_names"], meta["exit_stages"])
-        except FileNotFoundError:
-            raise
-        except (SafetensorError, KeyError, ValueError, TypeError, OSError) as err:
-            raise ValueError(f"{path} is not an Offramp records file ({err}); record it again with "
-                             "record_outputs(...).save(path)") from err
-
-
+# -- recording ----------------------------------------------------------------------------------
 def as_loader(dataset_or_loader, preset, batch_size: int, workers: int | None):
     """A map-style dataset becomes an unshuffled DataLoader (one whose `transform` is None gets
     `preset`'s on a shallow copy, since it would yield PIL images); loaders and other iterables of
     (images, labels) batches pass through."""
     loader = dataset_or_loader
     if isinstance(loader, Dataset) and not isinstance(loader, torch.utils.data.IterableDataset):
-        from .data import make_loader, preset_transform
+        from .data.folders import make_loader
+        from .preprocess import eval_transform
         if getattr(loader, "transform", "absent") is None:
             loader = copy.copy(loader)
-            loader.transform = preset_transform(preset)
+            loader.transform = eval_transform(preset)
         loader = make_loader(loader, batch_size, shuffle=False, workers=workers)
     return loader
 
@@ -159,10 +82,10 @@ def record_outputs(model: MultiExitNet, dataset_or_loader: Dataset | DataLoader 
 
 
 def drop_skipped(records: Records) -> Records:
-    """`records` without the samples whose file could not be read (label `data.SKIPPED`: the
+    """`records` without the samples whose file could not be read (label `data.folders.SKIPPED`: the
     dataset filled their place in the batch with another image), so no image counts twice.
     Raises ValueError when none is left."""
-    from .data import SKIPPED
+    from .data.folders import SKIPPED
     keep = records.labels != SKIPPED
     if bool(keep.all()):
         return records

@@ -37,8 +37,7 @@ from torch import nn
 from . import __version__
 from .bundle import Bundle
 from .files import check_output_path, json_text, replacing
-from .model import Evidence
-from .policies import Policy
+from .policies import Evidence, Policy
 from .progress import CancelFlag, ProgressFn, report
 
 FORMAT = "offramp-onnx/1"

@@ -15,9 +15,10 @@ from safetensors import safe_open
 from safetensors.torch import save as save_tensors
 from torch.utils.data import Dataset, Subset
 
-from .data import SKIPPED, make_loader, preset_transform
+from .data.folders import SKIPPED, make_loader
 from .files import json_text, write_atomic
 from .model import MultiExitNet
+from .preprocess import eval_transform
 from .progress import CancelFlag, ProgressFn, report
 
 _FORMAT = "offramp-feature-cache/1"
@@ -123,7 +124,7 @@ def _with_eval_transform(dataset: Dataset, model: MultiExitNet) -> Dataset:
         return dataset if inner is dataset.dataset else Subset(inner, dataset.indices)
     if getattr(dataset, "transform", "absent") is None:
         dataset = copy.copy(dataset)
-        dataset.transform = preset_transform(model.backbone.preset)
+        dataset.transform = eval_transform(model.backbone.preset)
     return dataset
 
 

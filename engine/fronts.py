@@ -2,10 +2,11 @@
 `offramp train-policy` write from them.
 
 A front is a list of points (policy JSON, accuracy, mean flops, saved), cheapest first, none
-beaten by another; every family fits one across the accuracy / cost trade-off: one shared
-threshold swept, DyCE per-exit configurations, Bolukbasi classifiers over λ, structure networks
-over λ and the halting cut-off. A user's target (the cheapest point within some accuracy loss of
-the last exit, or a budget along the front) picks the point a bundle keeps.
+beaten by another; every family fits one across the accuracy / cost trade-off: DyCE per-exit
+configurations here, and each family registered in `engine.train` (a shared threshold swept,
+Bolukbasi classifiers and structure networks over λ, ...) by its trainer. A user's target (the
+cheapest point within some accuracy loss of the last exit, or a budget along the front) picks the
+point a bundle keeps.
 """
 from __future__ import annotations
 
@@ -16,31 +17,22 @@ from typing import Sequence
 
 from .bundle import Bundle
 from .cost import CostTable, measure_costs
-from .data import split_indices
-from .evaluate import Records, accuracy_per_exit, operating_front, pareto, pick_point
-from .policies import MEASURES, Policy, ThresholdPolicy, bolukbasi_front, structure_front
+from .evaluate import accuracy_per_exit, pick_point
+from .policies import Policy, ThresholdPolicy
 from .progress import CancelFlag, ProgressFn
+from .records import Records
 from .search import choose, search_front
-
-POLICY_KINDS = ("threshold", "bolukbasi", "structure")
-POLICY_NAMES = {"threshold": "shared-threshold", "bolukbasi": "bolukbasi", "structure": "structure"}
-STRUCTURE_LAMBDAS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
-STRUCTURE_TAUS = (0.3, 0.5, 0.7)  # halting cut-offs tried per trained structure policy (no retraining)
-# Part of the calibration records a structure policy is not trained on: its points are scored there,
-# because its feature projection fits the rest closely enough to look ~3 points too good on CIFAR-10.
-STRUCTURE_SELECT = 0.3
+from .train import get_trainer, list_trainers
 
 
-def structure_split(records: Records) -> tuple[Records, Records]:
-    """(records to train structure policies on, records to score and choose them on): a
-    deterministic stratified split of calibration records, STRUCTURE_SELECT of them for choosing."""
-    fit, select = split_indices(records.labels.tolist(), val_fraction=STRUCTURE_SELECT, seed=0)
-    return records.subset(fit), records.subset(select)
+def policy_kinds() -> list[str]:
+    """The policy kinds `fit_front` and `train_policy_bundle` fit: every registered trainer."""
+    return list_trainers()
 
 
 def scored_on(kind: str, records: Records) -> Records:
     """The part of calibration `records` that `fit_front(kind, records, ...)` scores its points on."""
-    return structure_split(records)[1] if kind == "structure" else records
+    return records if kind == "dyce" else get_trainer(kind).scored_on(records)
 
 
 def model_cost(bundle: Bundle) -> CostTable:
@@ -58,33 +50,21 @@ def fit_front(kind: str, records: Records, cost: CostTable, *, lambdas: Sequence
               prototype_records: Records | None = None, epochs: int | None = None,
               progress: ProgressFn | None = None, cancel: CancelFlag | None = None) -> tuple[list[dict], list[Policy]]:
     """Policies of family `kind` fitted on `records` (the calibration split) across the accuracy /
-    cost trade-off, and their points on the same records (policy, accuracy, flops, saved; decision
-    FLOPs counted): the Pareto front, cheapest first, with the policies aligned.
+    cost trade-off, and their points (policy, accuracy, flops, saved; decision FLOPs counted) on
+    `scored_on(kind, records)`: the Pareto front, cheapest first, with the policies aligned.
 
-    kind: "threshold" one confidence threshold shared by every exit, swept for each confidence
-    measure (max-probability, entropy, margin: the best fixed threshold at every cost); "dyce" per-exit
-    configurations from the DyCE circular search (`search_front`); "bolukbasi" the λ sweep of
-    `bolukbasi_front` (`lambdas`, default its own); "structure" the λ sweep of `structure_front`
-    (`lambdas` default STRUCTURE_LAMBDAS, `epochs` per λ, prototypes from `prototype_records`, a
-    recording of the train split; default `records`), trained and scored on the two parts of
-    `structure_split(records)`. Raises ValueError for an unknown kind."""
-    if kind in ("threshold", "dyce"):
-        points = (pareto([p for m in MEASURES for p in operating_front(records, cost, m)]) if kind == "threshold"
-                  else search_front(records, cost, "circular"))
+    kind: "dyce" per-exit threshold configurations from the DyCE circular search (`search_front`),
+    or a registered trainer's kind (`policy_kinds()`: e.g. "threshold", one confidence threshold
+    shared by every exit; "bolukbasi" and "structure", λ sweeps), fitted by `Trainer.front` with
+    `lambdas` and `epochs` (None: the family's own) and `prototype_records` (a recording of the
+    train split; default `records`). Raises ValueError for an unknown kind."""
+    if kind == "dyce":
+        points = search_front(records, cost, "circular")
         return points, [ThresholdPolicy(p["policy"]["thresholds"], p["policy"]["measure"]) for p in points]
-    if kind == "bolukbasi":
-        kw = {} if lambdas is None else {"lambdas": [float(x) for x in lambdas]}
-        return bolukbasi_front(records, records, cost, return_policies=True, progress=progress, cancel=cancel, **kw)
-    if kind == "structure":
-        kw = {} if epochs is None else {"epochs": int(epochs)}
-        fit, select = structure_split(records)
-        points, policies = structure_front(fit, select, cost, list(lambdas or STRUCTURE_LAMBDAS),
-                                           taus=STRUCTURE_TAUS, prototype_source=prototype_records,
-                                           return_policies=True, progress=progress, cancel=cancel, **kw)
-        keep = {id(p) for p in pareto(points)}
-        pairs = sorted(((pt, p) for pt, p in zip(points, policies) if id(pt) in keep), key=lambda pp: pp[0]["flops"])
-        return [pt for pt, _ in pairs], [p for _, p in pairs]
-    raise ValueError(f"unknown policy kind {kind!r}; choose one of {', '.join((*POLICY_KINDS, 'dyce'))}")
+    if kind not in policy_kinds():
+        raise ValueError(f"unknown policy kind {kind!r}; choose one of {', '.join((*policy_kinds(), 'dyce'))}")
+    return get_trainer(kind).front(records, cost, lambdas=lambdas, epochs=epochs,
+                                   prototype_records=prototype_records, progress=progress, cancel=cancel)
 
 
 def target_index(points: Sequence[dict], full_accuracy: float, *, max_loss: float | None = None,
@@ -133,10 +113,10 @@ def train_policy_bundle(bundle: Bundle, kind: str, records: Records, *, name: st
                         cancel: CancelFlag | None = None) -> tuple[Bundle, dict]:
     """Fit the `kind` front on calibration `records` (see `fit_front`) and return a copy of
     `bundle` holding the policy of its cheapest point within `max_loss` of the last exit as policy
-    `name` (default POLICY_NAMES[kind]), the default policy too with `make_default`; meta
-    ["policy_fronts"][name] keeps the front. Returns (bundle, summary). Raises ValueError."""
-    if kind not in POLICY_KINDS:
-        raise ValueError(f"unknown policy kind {kind!r}; choose one of {', '.join(POLICY_KINDS)}")
+    `name` (default: the trainer's name for it), the default policy too with `make_default`; meta
+    ["policy_fronts"][name] keeps the front. Returns (bundle, summary). Raises ValueError for a kind
+    that is not in `policy_kinds()`."""
+    trainer = get_trainer(kind)
     t0 = time.perf_counter()
     cost = model_cost(bundle)
     points, policies = fit_front(kind, records, cost, lambdas=lambdas, prototype_records=prototype_records,
@@ -144,12 +124,12 @@ def train_policy_bundle(bundle: Bundle, kind: str, records: Records, *, name: st
     scored = scored_on(kind, records)
     full = accuracy_per_exit(scored)[-1]  # the last exit on the same images as the points
     index = target_index(points, full, max_loss=max_loss)
-    name = name or POLICY_NAMES[kind]
+    name = name or trainer.name
     meta = copy.deepcopy(bundle.meta)
     meta.setdefault("policy_fronts", {})[name] = {
         "kind": kind, "split": split or {}, "samples": scored.num_samples, "full_accuracy": full,
-        "scored_on": (f"{STRUCTURE_SELECT:g} of the calibration split, held out of training" if kind == "structure"
-                      else "the calibration split"),
+        "scored_on": (f"{trainer.select_fraction:g} of the calibration split, held out of training"
+                      if trainer.select_fraction else "the calibration split"),
         "max_loss": max_loss, "chosen": index, "points": points, "seconds": round(time.perf_counter() - t0, 2),
         "lambdas": None if lambdas is None else [float(x) for x in lambdas]}
     policy = policies[index].eval()

@@ -13,6 +13,7 @@ from torch import nn
 
 from .backbones import StagedBackbone
 from .exits import ExitHead, ExitSpec, make_exit, original_exit
+from .policies import Evidence
 
 if TYPE_CHECKING:
     from .policies import Policy
@@ -24,40 +25,6 @@ def resolve_index(i: int, n: int, what: str = "exit") -> int:
     if not 0 <= j < n:
         raise ValueError(f"{what} index {i} is out of range for {n} {what}s (use 0..{n - 1} or -{n}..-1)")
     return j
-
-
-class Evidence:
-    """What a policy sees at one exit, for the samples still running.
-
-    `features` (globally pooled tap features, (batch, channels)) is computed from `tap` only when a
-    policy reads it, so policies that look at logits alone pay nothing for it.
-    """
-
-    __slots__ = ("exit_index", "num_exits", "logits", "exits_run", "index", "_features", "_tap")
-
-    def __init__(self, exit_index: int, num_exits: int, logits: list[torch.Tensor], exits_run: list[int],
-                 features: torch.Tensor | None = None, index: torch.Tensor | None = None, *,
-                 tap: torch.Tensor | None = None):
-        if features is None and tap is None:
-            raise ValueError("Evidence needs the pooled features or the tap they come from")
-        self.exit_index = exit_index  # which exit is deciding (0-based; last = the model's final classifier)
-        self.num_exits = num_exits
-        self.logits = logits  # calibrated logits of the exits evaluated so far, each (batch, classes)
-        self.exits_run = exits_run  # the exit index of each entry in `logits`
-        self.index = (torch.arange(logits[-1].shape[0], device=logits[-1].device)
-                      if index is None else index)  # each sample's position in the original batch
-        self._features, self._tap = features, tap
-
-    @property
-    def features(self) -> torch.Tensor:
-        if self._features is None:
-            t = self._tap
-            self._features = t.mean(dim=(2, 3)) if t.dim() == 4 else t.flatten(1)
-        return self._features
-
-    @property
-    def current(self) -> torch.Tensor:
-        return self.logits[-1]
 
 
 @dataclass

@@ -12,8 +12,8 @@ stage's arithmetic. `prepare(model)` makes, once:
     reads that is linear in the pooled features. Stages between two exits that run are one
     graph, made on first use for each set of active exits (`PreparedModel.warm` makes them
     ahead). An exit that does not fire costs its graph's few extra operations, one host read and
-    a decision in a few Python float operations (`_ThresholdDecider`, the learned policies'
-    `*_row` functions), which at batch 1 cost less than the torch calls they replace;
+    a decision in a few Python float operations (the policy's `row_decider`, see
+    `engine.policies.RowDecider`), which at batch 1 cost less than the torch calls they replace;
   - for other batch sizes and input sizes, the folded stages in eager mode through
     `MultiExitNet.run` (samples leave the batch as their exits fire).
 
@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import operator
 import threading
 import time
 import warnings
@@ -43,12 +42,9 @@ from torch import nn
 from .backbones import StagedBackbone
 from .cost import CostTable
 from .exits import ExitHead
-from .model import Evidence, MultiExitNet, StagedOutput
-from .policies import BolukbasiPolicy, Policy, StructurePolicy, ThresholdPolicy
-from .policies.bolukbasi import evidence_row
-from .policies.structure import structure_measures_row
+from .model import MultiExitNet, StagedOutput
+from .policies import Evidence, Policy
 
-ROW_CLASSES = 64  # up to this many classes the learned policies decide in Python floats
 _TRACE_LOCK = threading.Lock()  # oneDNN fusion is a process-wide switch, on only while graphs are made
 
 
@@ -258,8 +254,9 @@ class PreparedModel:
         return all(t._version == v for t, v in self._stamp)
 
     def plan(self, policy: Policy) -> "_Plan":
-        """What runs at each stage for `policy` (made once per policy and its settings)."""
-        key = _plan_key(policy)
+        """What runs at each stage for `policy` (made once per policy and its settings:
+        `Policy.state_key`)."""
+        key = policy.state_key()
         last = self._last
         if last is not None and last[0] is policy and last[1] == key:  # the live case: the same policy again
             return last[2]
@@ -363,72 +360,30 @@ def prepare(model: MultiExitNet, **kw) -> PreparedModel:
 
 
 # -- plans: which graph each stage runs and how an exit decides, per policy -----------------------
-def _plan_key(policy: Policy) -> tuple:
-    """What a plan depends on besides the policy object: thresholds, offsets, weights' versions."""
-    if isinstance(policy, ThresholdPolicy):
-        return (policy.measure, tuple(policy.thresholds))
-    tensors = tuple((t.data_ptr(), t._version) for t in (*policy.parameters(), *policy.buffers()))
-    return (getattr(policy, "offset", None), getattr(policy, "tau", None), tensors)
-
-
 class _Plan:
     """For one policy: per exit that runs, (the graph of the stages since the previous one and of
     the exit, exit index, its inputs, whether the head is among the products, (other products?,
-    distance?)); and the decider. Stages between two exits that run are one graph: each call of a
-    graph costs some microseconds whatever it computes."""
+    distance?)); and the decider: the policy's own fast rows (`Policy.row_decider`), else its
+    `decide` on an Evidence. Stages between two exits that run are one graph: each call of a graph
+    costs some microseconds whatever it computes."""
 
     def __init__(self, prepared: PreparedModel, policy: Policy):
         n, k = prepared.num_exits, prepared.num_classes
         active = policy.active_exits(n)
-        if isinstance(policy, ThresholdPolicy):
-            decider = _ThresholdDecider(policy)
-        elif isinstance(policy, BolukbasiPolicy) and k <= ROW_CLASSES:
-            decider = _BolukbasiDecider(policy)
-        elif isinstance(policy, StructurePolicy) and k <= ROW_CLASSES:
-            decider = _StructureDecider(policy, prepared)
-        else:
-            decider = _EvidenceDecider(policy, n)
-        self.decider = decider
+        spatial = [prepared._spatial[s] for s in prepared.exit_stages]
+        decider = policy.row_decider(k, spatial)
+        self.decider = decider if decider is not None else _EvidenceDecider(policy, n)
         self.nan_rows = np.full((1, n, k), np.nan, dtype=np.float32)
         self.steps = []
         first = 0
         for e in range(n):
             if not (active[e] or e == n - 1):
                 continue
-            columns, bias, centre = decider.columns(e) if e < n - 1 else (None, None, None)
+            columns, bias, centre = self.decider.columns(e) if e < n - 1 else (None, None, None)
             graph, inputs, in_columns = prepared.exit_step(e, columns, bias, centre, first)
             self.steps.append((graph, e, inputs, in_columns, (columns is not None and not in_columns,
                                                               centre is not None), prepared.exit_stages[e]))
             first = prepared.exit_stages[e] + 1
-
-
-class _ThresholdDecider:
-    """The confidence of the logits row in Python floats, against the threshold rounded to float32
-    (as torch compares a float32 tensor with a number)."""
-
-    def __init__(self, policy: ThresholdPolicy):
-        self.measure = policy.measure
-        self.limits = [math.inf if t is None else float(np.float32(t)) for t in policy.thresholds]
-
-    def columns(self, e: int):
-        return None, None, None
-
-    def start(self):
-        return self.decide
-
-    def decide(self, e: int, row: list, more: list, distance: float, tap) -> bool:
-        m = max(row)
-        z = [math.exp(v - m) for v in row]
-        total = sum(z)
-        if self.measure == "max_prob":
-            return 1.0 / total >= self.limits[e]
-        p = [v / total for v in z]
-        if self.measure == "entropy":
-            k = len(p)
-            h = -sum(q * math.log(q if q > 1e-12 else 1e-12) for q in p)
-            return (1.0 - h / math.log(k) if k > 1 else 1.0) >= self.limits[e]
-        top = sorted(p)[-2:]
-        return (top[-1] - (top[0] if len(top) > 1 else 0.0)) >= self.limits[e]
 
 
 class _EvidenceDecider:
@@ -448,82 +403,4 @@ class _EvidenceDecider:
             history.append(torch.tensor([row]))
             exits.append(e)
             return bool(self.policy.decide(Evidence(e, self.num_exits, history, exits, tap=tap)))
-        return decide
-
-
-class _BolukbasiDecider:
-    """`evidence_row` of the logits row, then the exit's classifier in Python floats (in numpy when
-    it has a hidden layer)."""
-
-    def __init__(self, policy: BolukbasiPolicy):
-        self.top_k, self.offset = policy.top_k, policy.offset
-        self.layers = [[(m.weight.detach().double().cpu().numpy(), m.bias.detach().double().cpu().numpy())
-                        for m in net.modules() if isinstance(m, nn.Linear)] for net in policy.classifiers]
-        self.linear = [(layers[0][0][0].tolist(), float(layers[0][1][0])) if len(layers) == 1 else None
-                       for layers in self.layers]
-
-    def columns(self, e: int):
-        return None, None, None
-
-    def start(self):
-        classes: list[int] = []
-        previous = None
-
-        def decide(e: int, row: list, more, distance: float, tap) -> bool:
-            nonlocal previous
-            f, previous, cls = evidence_row(row, self.top_k, classes, previous)
-            classes.append(cls)
-            linear = self.linear[e]
-            if linear is not None:
-                return sum(map(operator.mul, linear[0], f)) + linear[1] + self.offset > 0
-            h = np.asarray(f)
-            for i, (weight, bias) in enumerate(self.layers[e]):
-                h = weight @ h + bias
-                h = np.maximum(h, 0.0) if i < len(self.layers[e]) - 1 else h
-            return float(h[0]) + self.offset > 0
-        return decide
-
-
-class _StructureDecider:
-    """The graph gives, from the pooled sum, its products with the prototypes and with the folded
-    projection and trunk layer (`StructurePolicy.folded`), and the sum itself for its distance from
-    the centre (for a wide tap: that distance, from one more operation in the graph); the measures
-    (`structure_measures_row`) and the rest of the trunk run on the host."""
-
-    WIDE = 256  # channels from which the graph computes the distance rather than passing the sum on
-
-    def __init__(self, policy: StructurePolicy, prepared: PreparedModel):
-        self.tau, self.temperature, self.k = policy.tau, policy.proto_temperature, prepared.num_classes
-        self.folded = []
-        for e in range(policy.num_exits - 1):
-            (centre, prototypes_t, fold, a), w, w2, b2 = policy.folded(e, prepared._spatial[prepared.exit_stages[e]])
-            rows = [prototypes_t.T, fold.T]  # (K + hidden, C)
-            bias = [-(centre @ prototypes_t)[0], a]
-            wide = centre.shape[1] > self.WIDE
-            if not wide:  # the sum itself: the identity's rows cost less than a norm operation
-                rows.append(torch.eye(centre.shape[1]))
-                bias.append(torch.zeros(centre.shape[1]))
-            graph = (torch.cat(rows).contiguous(), torch.cat(bias), centre[0] if wide else None)
-            self.folded.append((graph, None if wide else centre[0].double().tolist(), w, w2.copy(), b2))
-
-    def columns(self, e: int):
-        return self.folded[e][0]
-
-    def start(self):
-        previous: list[int] = []
-
-        def decide(e: int, row: list, more: list, distance: float, tap) -> bool:
-            k = self.k
-            _, centre, w, w2, b2 = self.folded[e]
-            h = len(w2)
-            if centre is not None:
-                distance = math.dist(more[k + h:], centre)
-            d = max(distance, 1e-12)
-            measures, answer = structure_measures_row(row, [v / d for v in more[:k]], previous, self.temperature)
-            previous.append(answer)
-            hidden = np.array(more[k:k + h])
-            hidden += w @ np.array(measures)
-            logit = float(w2 @ np.maximum(hidden, 0.0, out=hidden)) + b2
-            z = math.exp(-abs(logit))  # a sigmoid that never overflows
-            return (1.0 / (1.0 + z) if logit >= 0 else z / (1.0 + z)) >= self.tau
         return decide

@@ -3,28 +3,23 @@ policy, and keep running totals. What it returns (`InferenceResult`) is all the 
 """
 from __future__ import annotations
 
-import copy
-import math
 import os
 import threading
 import time
 import weakref
 from collections import deque
 from dataclasses import dataclass, replace
-from typing import Sequence, Union
+from typing import Sequence
 
-import cv2
-import numpy as np
 import torch
-from PIL import Image
 
 from .backbones import InputPreset
 from .bundle import Bundle, BundleError, default_bundle_path, load_bundle
 from .cost import CostTable, measure_costs, measure_policy_flops, profile_latency
-from .images import pil_to_rgb, read_rgb
 from .model import MultiExitNet, StagedOutput
 from .policies import MEASURES, Policy, ThresholdPolicy, confidence
 from .prepared import PreparedModel, prepare
+from .preprocess import Frame, preprocess
 from .totals import RunningTotals
 
 
@@ -61,98 +56,6 @@ class InferenceResult:
     @property
     def saved(self) -> float:
         return 1.0 - self.flops / self.full_flops if self.full_flops else 0.0
-
-
-# -- preprocessing --------------------------------------------------------------------------------
-Frame = Union[np.ndarray, Image.Image, str, os.PathLike, torch.Tensor]
-
-
-def load_frame(path: str | os.PathLike) -> np.ndarray:
-    """An image file as an HxWx3 uint8 RGB array, decoded by the one decoder training, `offramp run`
-    and the app use (`engine.images`). Raises ImageError (a ValueError) naming the file when it is
-    missing, not a readable image, or over the size limit."""
-    return read_rgb(path)
-
-
-def _as_array(frame: Frame, rgb: bool) -> tuple[np.ndarray, bool]:
-    """(HxW or HxWxC uint8 array, whether its first three channels are BGR)."""
-    if isinstance(frame, (str, os.PathLike)):
-        return load_frame(frame), False
-    if isinstance(frame, Image.Image):
-        return pil_to_rgb(frame), False  # any mode, converted as image files are
-    if not isinstance(frame, np.ndarray):
-        raise TypeError(f"cannot use a {type(frame).__name__} as a frame; give a numpy array, a PIL image or a path")
-    if frame.dtype != np.uint8:
-        if not np.issubdtype(frame.dtype, np.floating):
-            raise ValueError(f"frames must be uint8 (0..255) or float (0..1), not {frame.dtype}")
-        frame = (np.clip(frame, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    if frame.ndim == 3 and frame.shape[2] == 1:
-        frame = frame[:, :, 0]
-    if not (frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] in (3, 4))) or 0 in frame.shape[:2]:
-        raise ValueError(f"a frame must be HxW (grey), HxWx3 or HxWx4, not shape {frame.shape}")
-    return frame, not rgb
-
-
-def _resize_crop(img: np.ndarray, resize: int, crop: int) -> np.ndarray:
-    """Shorter side to `resize`, then the centre `crop`x`crop`, as torchvision's Resize + CenterCrop.
-
-    Only the window that survives the crop is resampled: first area-averaging by a whole factor k
-    (antialiased, and OpenCV's fast path), then bilinear sampling of the exact window for the last
-    factor below 2, so the geometry matches torchvision's to a fraction of a pixel.
-    """
-    h, w = img.shape[:2]
-    if min(h, w) == resize:
-        new_h, new_w = h, w
-    elif h <= w:
-        new_h, new_w = resize, int(resize * w / h)
-    else:
-        new_h, new_w = int(resize * h / w), resize
-    top, left = int(round((new_h - crop) / 2.0)), int(round((new_w - crop) / 2.0))
-    if (new_h, new_w) == (h, w) and 0 <= top and 0 <= left:  # no resampling: a plain crop, exact
-        return img[top: top + crop, left: left + crop]
-    sy, sx = h / new_h, w / new_w  # source pixels per output pixel
-    y0, x0 = top * sy, left * sx  # the window's corner in source pixels
-    k = int(min(sy, sx))
-    oy = ox = 0
-    if k >= 2:  # average whole k-by-k blocks of the window's neighbourhood
-        oy, ox = int(y0 // k) * k, int(x0 // k) * k
-        ny = min(math.ceil((y0 + crop * sy - oy) / k), (h - oy) // k)
-        nx = min(math.ceil((x0 + crop * sx - ox) / k), (w - ox) // k)
-        img = cv2.resize(img[oy: oy + ny * k, ox: ox + nx * k], (nx, ny), interpolation=cv2.INTER_AREA)
-    else:
-        k = 1
-    # output pixel (u, v) samples its centre: x = ((x0 + (u + 0.5) * sx) - ox) / k - 0.5 in `img`
-    m = np.array([[sx / k, 0.0, (x0 - ox + 0.5 * sx) / k - 0.5],
-                  [0.0, sy / k, (y0 - oy + 0.5 * sy) / k - 0.5]])
-    return cv2.warpAffine(img, m, (crop, crop), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                          borderMode=cv2.BORDER_REPLICATE)
-
-
-def preprocess(frame: Frame, preset: InputPreset, rgb: bool = False) -> torch.Tensor:
-    """The (1, 3, crop, crop) float32 CPU tensor the backbone expects for one frame.
-
-    `frame`: numpy HxWx3 uint8 (BGR as OpenCV gives it, RGB when `rgb`), HxW grey, HxWx4 (alpha
-    dropped), float arrays in 0..1, a PIL image, or an image path. A 4-D or 3-D float tensor is
-    taken as already preprocessed. Raises ValueError for unreadable files and unusable arrays.
-    """
-    if isinstance(frame, torch.Tensor):
-        return frame if frame.dim() == 4 else frame.unsqueeze(0)
-    img, bgr = _as_array(frame, rgb)
-    img = _resize_crop(img, preset.resize, preset.crop)
-    if img.ndim == 2:
-        chw = np.broadcast_to(img, (3, *img.shape))
-    else:
-        chw = img.transpose(2, 0, 1)[:3]  # (channels, h, w), alpha dropped
-        if bgr:
-            chw = chw[::-1]
-    x = np.ascontiguousarray(chw, dtype=np.float32)
-    std = np.asarray(preset.std, dtype=np.float32)[:, None, None]
-    mean = np.asarray(preset.mean, dtype=np.float32)[:, None, None]
-    # the same arithmetic as torchvision's ToTensor + Normalize, so training and live inference agree
-    x /= 255.0
-    x -= mean
-    x /= std
-    return torch.from_numpy(x).unsqueeze(0)
 
 
 # -- the engine -----------------------------------------------------------------------------------
@@ -266,8 +169,8 @@ class Engine:
     @property
     def thresholds(self) -> list[float | None] | None:
         """The active thresholds (one per exit), or None when the policy has none."""
-        policy = self.policy
-        return list(policy.thresholds) if isinstance(policy, ThresholdPolicy) else None
+        thresholds = self.policy.thresholds
+        return list(thresholds) if thresholds is not None else None
 
     @property
     def totals(self) -> RunningTotals:
@@ -360,9 +263,11 @@ class Engine:
                 self._cost = replace(self._cost, policy_flops=flops)
 
     def _policy_flops(self, policy: Policy) -> list[float]:
-        """FLOPs of `policy`'s decision at every exit, measured once per policy object."""
-        if isinstance(policy, ThresholdPolicy):
-            return [0.0] * self.num_exits  # no matrix products, which is all the FLOP counter counts
+        """FLOPs of `policy`'s decision at every exit: what the policy declares (`decision_flops`),
+        else measured once per policy object."""
+        declared = policy.decision_flops()
+        if declared is not None:
+            return list(declared)
         if policy not in self._flops_of:
             self._flops_of[policy] = list(measure_policy_flops(policy, self.model))  # one forward pass
         return self._flops_of[policy]
@@ -377,13 +282,11 @@ class Engine:
             raise ValueError(f"give {self.num_exits} thresholds (one per exit), not {len(thresholds)}")
         with self._lock:  # never held during a run, so the GUI thread does not wait for a frame
             policy = self._policy
-            if not isinstance(policy, ThresholdPolicy):
+            if policy.thresholds is None:
                 raise ValueError(f"the active policy ({policy.describe()}) has no thresholds; "
                                  "choose a threshold policy first")
-            checked = ThresholdPolicy(thresholds, policy.measure).thresholds
             # a new object rather than an edit: a frame in flight keeps the policy it started with
-            edited = copy.copy(policy)
-            edited.thresholds = checked
+            edited = policy.with_thresholds(thresholds)
             self._policy = edited
             prepared = self._prepared
         # the graphs stay (a threshold is read on the host); weights changed in place are noticed here
@@ -397,7 +300,8 @@ class Engine:
 
     # -- running ----------------------------------------------------------------------------------
     def preprocess(self, frame: Frame, rgb: bool = False) -> torch.Tensor:
-        """(1, 3, crop, crop) CPU tensor for `frame`; see `preprocess` in this module."""
+        """(1, 3, crop, crop) CPU tensor for `frame`: `engine.preprocess.preprocess` with the bundle's
+        preset, the function datasets are evaluated with too. Raises as that does."""
         return preprocess(frame, self.preset, rgb)
 
     def infer(self, frame: Frame, rgb: bool = False) -> InferenceResult:
@@ -459,7 +363,7 @@ class Engine:
         full_flops = cost.full_flops
         full_ms, full_ms_live = self._full_ms(cost)
         measure = getattr(policy, "measure", "max_prob")
-        limits = policy.thresholds if isinstance(policy, ThresholdPolicy) else [None] * n_exits
+        limits = policy.thresholds if policy.thresholds is not None else [None] * n_exits
         logits = out.exit_logits.float().cpu()  # (batch, exits, classes), NaN where an exit did not run
         probs = torch.softmax(logits, dim=-1)
         conf = confidence(logits, measure if measure in MEASURES else "max_prob").tolist()

@@ -29,9 +29,10 @@ import numpy as np
 import torch
 
 from .cost import CostTable
-from .evaluate import (Records, _check_cost, _correct, _exit_confidence, _summary, default_thresholds,
-                       full_model_point, operating_front, pareto, pick_point, threshold_curve)
+from .evaluate import (_check_cost, _correct, _exit_confidence, _summary, default_thresholds, full_model_point,
+                       operating_front, pareto, pick_point, threshold_curve)
 from .policies import MEASURES, ThresholdPolicy
+from .records import Records
 
 METHODS = ("circular", "one_pass", "shared")
 Thresholds = Sequence["float | None"]

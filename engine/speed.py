@@ -20,9 +20,9 @@ from typing import Callable
 import torch
 
 from .cascade import Cascade
-from .cost import CostTable
-from .model import Evidence, MultiExitNet
-from .policies import BolukbasiPolicy, Policy, StructurePolicy, ThresholdPolicy, with_policy_flops
+from .cost import CostTable, with_policy_flops
+from .model import MultiExitNet
+from .policies import BolukbasiPolicy, Evidence, Policy, StructurePolicy, ThresholdPolicy
 from .prepared import PreparedModel, prepare
 
 Runner = Callable[[int], object]  # runs image i at batch 1

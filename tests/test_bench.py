@@ -17,18 +17,18 @@ import torch
 from synth import make_image_folder
 
 from engine.backbones import build_backbone
-from engine.bench import (TARGET_LOSSES, at_loss, open_splits, oracle_at, plain_runner, staged_runner,
-                          time_batch1)
+from engine.bench import TARGET_LOSSES, at_loss, oracle_at, plain_runner, staged_runner, time_batch1
 from engine.bench_report import shortfall
 from engine.bundle import load_bundle, read_manifest
 from engine.cli import main
-from engine.cost import CostTable
-from engine.data import split_indices
-from engine.evaluate import Records, evaluate_policy, record_outputs
+from engine.cost import CostTable, with_policy_flops
+from engine.evaluate import evaluate_policy, record_outputs
 from engine.fronts import model_cost, scored_on
-from engine.policies import BolukbasiPolicy, StructurePolicy, ThresholdPolicy, with_policy_flops
+from engine.policies import BolukbasiPolicy, StructurePolicy, ThresholdPolicy
+from engine.records import Records
 from engine.runtime import Engine
 from engine.search import ConfigurationTable, evaluate_configuration
+from engine.splits import open_splits, split_indices
 
 PRESET = build_backbone("cifar_resnet_small").preset
 VAL = "0.5"  # half the folder held out of training: about 30 calibration and 30 test images of 120

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from engine.bundle import Bundle, load_bundle, save_bundle
-from engine.cost import CostTable, measure_costs
-from engine.evaluate import Records, evaluate_policy, pareto, threshold_curve
+from engine.cost import CostTable, measure_costs, with_policy_flops
+from engine.evaluate import evaluate_policy, pareto, threshold_curve
 from engine.policies import BolukbasiPolicy, ThresholdPolicy, policy_from_json, simulate
-from engine.policies.bolukbasi import (DEFAULT_OFFSETS, bolukbasi_front, evidence_features, evidence_width,
-                                       records_evidence, train_bolukbasi, with_policy_flops)
+from engine.policies.bolukbasi import evidence_features, evidence_width
+from engine.records import Records
+from engine.train.bolukbasi import DEFAULT_OFFSETS, bolukbasi_front, records_evidence, train_bolukbasi
 
 K = 4
 COST = CostTable([0, 1, 2], [1e6, 1e6, 1e6], [1e4, 1e4, 1e4])  # three equal stages
@@ -157,7 +158,7 @@ def test_bundle_round_trip_keeps_the_decisions(tiny_model, tmp_path):
 
 def test_one_frame_path_matches_the_batched_one():
     """The live case (batch 1, numpy) computes the same evidence and the same decision as a batch."""
-    from engine.model import Evidence
+    from engine.policies import Evidence
     from engine.policies.bolukbasi import BolukbasiPolicy, evidence_features, evidence_features_one
     g = torch.Generator().manual_seed(3)
     logits = [torch.randn(64, 7, generator=g) * s for s in (0.5, 2.0, 5.0)]

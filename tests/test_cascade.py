@@ -10,8 +10,8 @@ from engine.backbones import build_backbone
 from engine.cascade import Cascade, evaluate_cascade, record_cascade
 from engine.cost import measure_costs
 from engine.model import MultiExitNet
-from engine.policies import BolukbasiPolicy, simulate, train_bolukbasi
-from engine.policies.bolukbasi import records_evidence
+from engine.policies import BolukbasiPolicy, simulate
+from engine.train.bolukbasi import records_evidence, train_bolukbasi
 
 
 def _net(name: str, seed: int) -> MultiExitNet:

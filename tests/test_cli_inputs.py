@@ -16,12 +16,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from synth import SYNTH_CLASSES, make_image_folder
 
-from engine.bench import open_splits
 from engine.bundle import MANIFEST_KEY, load_bundle
 from engine.cli import build_parser, main
-from engine.data import open_dataset, preset_transform
+from engine.data.folders import open_dataset
 from engine.evaluate import record_outputs
 from engine.features import cache_features
+from engine.preprocess import eval_transform
+from engine.splits import open_splits
 from engine.train.retrain import retrain_on_folder
 
 
@@ -57,7 +58,7 @@ def test_evaluate_scores_a_partial_folder_against_the_model_classes(bundle, synt
     assert rep["classes_scored"] == ["green", "yellow"] and rep["num_samples"] == 60
     assert "2 of the model's 4 classes: green, yellow" in capsys.readouterr().out
     # what the report says is what the model does on these images, labelled by their folders' names
-    tf, right = preset_transform(model.backbone.preset), 0
+    tf, right = eval_transform(model.backbone.preset), 0
     for path in sorted(folder.rglob("*.*")):
         x = tf(Image.open(path).convert("RGB"))[None]
         with torch.no_grad():

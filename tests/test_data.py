@@ -1,4 +1,4 @@
-"""engine.data: folder and zip layouts, checks that report bad files, image conversion, splits."""
+"""engine.data: folder and zip layouts, checks that report bad files, image conversion, loaders."""
 from __future__ import annotations
 
 import io
@@ -15,9 +15,11 @@ import torch
 from PIL import Image
 from synth import make_image_folder
 
-from engine.backbones import InputPreset
 from engine.backbones.cifar import CIFAR_PRESET
-from engine.data import check_folder, load_image, make_loader, open_dataset, preset_transform, split_indices
+from engine.data.checks import check_folder
+from engine.data.folders import make_loader, open_dataset
+from engine.images import load_image
+from engine.preprocess import eval_transform
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -110,7 +112,7 @@ def test_check_folder_reports_every_problem(messy_folder: Path):
 
 def test_dataset_after_check_skips_bad_files(messy_folder: Path):
     rep = check_folder(messy_folder)
-    ds = open_dataset(messy_folder, report=rep, transform=preset_transform(CIFAR_PRESET))
+    ds = open_dataset(messy_folder, report=rep, transform=eval_transform(CIFAR_PRESET))
     assert len(ds) == 15 and ds.classes == ["a", "b"] and sorted(set(ds.targets)) == [0, 1]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -171,7 +173,7 @@ def test_fixed_class_order(synthetic_folder: Path):
 def test_zip_and_extracted_split_layout_agree(tmp_path: Path):
     folder = _make_split_layout(tmp_path / "cifar", test_classes=("red", "blue"))
     archive = _zip_folder(folder, tmp_path / "cifar.zip")
-    tf = preset_transform(CIFAR_PRESET)
+    tf = eval_transform(CIFAR_PRESET)
     for split, n in (("train", 12), ("test", 4)):
         from_zip = open_dataset(archive, split, transform=tf)
         from_dir = open_dataset(folder, split, transform=tf)
@@ -201,7 +203,7 @@ def test_zip_with_a_top_folder_and_a_plain_zip(tmp_path: Path):
 
 def test_zip_reads_from_threads_and_worker_processes(tmp_path: Path):
     archive = _zip_folder(_make_split_layout(tmp_path / "cifar"), tmp_path / "cifar.zip")
-    ds = open_dataset(archive, "train", transform=preset_transform(CIFAR_PRESET))
+    ds = open_dataset(archive, "train", transform=eval_transform(CIFAR_PRESET))
     expected = torch.stack([ds[i][0] for i in range(len(ds))])
     with ThreadPoolExecutor(4) as pool:
         got = torch.stack(list(pool.map(lambda i: ds[i][0], range(len(ds)))))
@@ -225,34 +227,9 @@ def test_corrupt_zip_member_is_reported_and_skipped(tmp_path: Path):
         _ = [ds[i] for i in range(len(ds))]
 
 
-# -- splits, transforms, loaders ----------------------------------------------------------------
-def test_split_indices_stratified_and_deterministic():
-    labels = [0] * 10 + [1] * 20 + [2] * 30
-    train, val = split_indices(labels, val_fraction=0.2, seed=3)
-    assert sorted(train + val) == list(range(60)) and not set(train) & set(val)
-    assert [sum(labels[i] == c for i in val) for c in range(3)] == [2, 4, 6]
-    assert split_indices(labels, 0.2, seed=3) == (train, val)
-    assert split_indices(labels, 0.2, seed=4) != (train, val)
-    assert split_indices(torch.tensor(labels), 0.2, seed=3) == (train, val)
-    assert len(split_indices(50, 0.1)[1]) == 5
-    assert split_indices(labels, 0.0)[1] == []
-    assert len(split_indices([0, 0, 1, 1, 2], 0.01)[1]) == 2  # one per class that has two or more
-    with pytest.raises(ValueError, match="val_fraction"):
-        split_indices(labels, 1.0)
-
-
-def test_preset_transforms_shapes():
-    img = Image.new("RGB", (50, 40), (10, 200, 30))
-    for train in (False, True):
-        assert preset_transform(CIFAR_PRESET, train=train)(img).shape == (3, 32, 32)
-        assert preset_transform(InputPreset(crop=56, resize=64), train=train)(img).shape == (3, 56, 56)
-        assert preset_transform(InputPreset(crop=96, resize=110), train=train)(img).shape == (3, 96, 96)
-    x = preset_transform(CIFAR_PRESET)(Image.new("RGB", (32, 32), (255, 255, 255)))
-    assert torch.allclose(x[:, 0, 0], (1 - torch.tensor(CIFAR_PRESET.mean)) / torch.tensor(CIFAR_PRESET.std))
-
-
+# -- loaders ------------------------------------------------------------------------------------
 def test_make_loader_defaults(synthetic_folder: Path):
-    ds = open_dataset(synthetic_folder, transform=preset_transform(CIFAR_PRESET))
+    ds = open_dataset(synthetic_folder, transform=eval_transform(CIFAR_PRESET))
     loader = make_loader(ds, batch_size=50, shuffle=True, seed=1)
     assert loader.num_workers == 0  # small data on a small machine: decode in the main process
     first = [y.tolist() for _, y in loader]
@@ -276,12 +253,12 @@ def test_class_folders_without_image_files_are_refused(tmp_path: Path):
 
 
 def test_a_zip_member_that_inflates_past_the_limit_is_skipped(tmp_path: Path, monkeypatch):
-    import engine.data as data
+    from engine.data import zips
     folder = make_image_folder(tmp_path / "f", ["a", "b"], per_class=2)
     archive = _zip_folder(folder, tmp_path / "z.zip")
     with zipfile.ZipFile(archive, "a", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("a/bomb.png", b"\0" * 100_000)  # 100 kB of zeros: a few hundred bytes compressed
-    monkeypatch.setattr(data, "MAX_MEMBER_BYTES", 50_000)
+    monkeypatch.setattr(zips, "MAX_MEMBER_BYTES", 50_000)
     rep = check_folder(archive)
     assert [(p.split(":")[-1], why.split(" (")[0]) for p, why in rep.skipped] == [("a/bomb.png", "too large")]
     assert rep.counts == {"a": 2, "b": 2}

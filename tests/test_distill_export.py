@@ -14,9 +14,11 @@ import torch
 from engine.backbones import build_backbone
 from engine.bundle import load_bundle, save_bundle
 from engine.cli import main
-from engine.data import UNLABELLED, check_unlabelled, open_dataset, open_unlabelled, preset_transform
+from engine.data.checks import check_unlabelled
+from engine.data.folders import UNLABELLED, open_dataset, open_unlabelled
 from engine.export import ExportError, OnnxRunner, export_bundle
 from engine.model import MultiExitNet
+from engine.preprocess import eval_transform
 from engine.progress import CancelFlag, Cancelled
 from engine.train.retrain import distil_exits, early_exits_on, fit_exits
 from synth import SYNTH_CLASSES, make_image_folder
@@ -47,7 +49,7 @@ def teacher_bundle(tmp_path_factory):
     backbone.preset = dataclasses.replace(backbone.preset, crop=32, resize=32)
     model = MultiExitNet.attach(backbone, class_names=list(SYNTH_CLASSES), exit_stages=[3], keep_classifier=True)
     assert model.num_exits == 1 and model.exits[-1].spec.kind == "original"
-    data = open_dataset(folder, transform=preset_transform(backbone.preset))
+    data = open_dataset(folder, transform=eval_transform(backbone.preset))
     half = torch.utils.data.Subset(data, list(range(0, len(data), 2)))
     rest = torch.utils.data.Subset(data, list(range(1, len(data), 2)))
     bundle, rep = fit_exits(model, half, rest, epochs=40, train_which=[0])
@@ -62,7 +64,7 @@ def test_distil_save_reload_export_matches_torch(teacher_bundle, tmp_path):
     assert check.count == 160 and [why for _, why in check.skipped] == ["not an image"]
     assert any(f.endswith("notes.txt") for f in check.ignored)
     preset = teacher.model.backbone.preset
-    images = open_unlabelled(images_dir, report=check, transform=preset_transform(preset))
+    images = open_unlabelled(images_dir, report=check, transform=eval_transform(preset))
     assert len(images) == 160 and images[0][1] == UNLABELLED
 
     model = early_exits_on(teacher.model, exit_stages=[0, 1, 2])
@@ -79,7 +81,7 @@ def test_distil_save_reload_export_matches_torch(teacher_bundle, tmp_path):
 
     path = save_bundle(bundle, tmp_path / "distilled.offramp")
     loaded = load_bundle(path)
-    labelled_images = open_unlabelled(labelled, transform=preset_transform(preset))
+    labelled_images = open_unlabelled(labelled, transform=eval_transform(preset))
     inputs = torch.stack([labelled_images[i][0] for i in range(0, 160, 5)])  # 32 real images
     manifest = export_bundle(loaded, tmp_path / "onnx", check_inputs=inputs)
 
@@ -232,7 +234,7 @@ def test_distilling_twice_gives_the_same_exits(trained_cli_bundle, tmp_path):
 
 
 def test_unlabelled_parts_hold_out_what_the_labelled_commands_hold_out(tmp_path):
-    from engine.data import split_indices, unlabelled_parts
+    from engine.splits import split_indices, unlabelled_parts
     labelled = make_image_folder(tmp_path / "l", ["a", "b", "c"], per_class=10, seed=7)
     ds = open_dataset(labelled)
     images, train, held = unlabelled_parts(labelled, val_fraction=0.2)

@@ -14,13 +14,14 @@ from torch.utils.data import TensorDataset
 
 from engine.backbones import build_backbone
 from engine.cost import CostTable
-from engine.evaluate import (Records, accuracy_per_exit, evaluate_policy, evaluation_report, full_model_point,
+from engine.evaluate import (accuracy_per_exit, evaluate_policy, evaluation_report, full_model_point,
                              operating_front, oracle, pareto, pick_point, record_outputs, save_report,
                              threshold_curve)
 from engine.model import MultiExitNet
 from engine.plot import PlotUnavailable, nice_ticks, plot_curves, plotting_problem
 from engine.policies import OraclePolicy, ThresholdPolicy, simulate
 from engine.progress import CancelFlag, Cancelled
+from engine.records import Records
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only wait for each other
 

@@ -17,9 +17,10 @@ from PIL import Image
 from app.sources import SourceError, SourceSpec, _as_bgr, open_source
 from engine import images, media
 from engine.backbones.cifar import CIFAR_PRESET
-from engine.data import check_folder, check_unlabelled, open_dataset
+from engine.data.checks import check_folder, check_unlabelled
+from engine.data.folders import open_dataset
 from engine.images import ImageError, from_opencv, read_rgb
-from engine.runtime import load_frame, preprocess
+from engine.preprocess import load_frame, preprocess
 
 
 # -- helpers ------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from engine.progress import CancelFlag, Cancelled
-from engine.train.network import NetworkConfig, augment, train_network
+from engine.preprocess import augment
+from engine.train.network import NetworkConfig, train_network
 
 
 def _data(n=96, classes=3, seed=0):

@@ -3,8 +3,7 @@ import math
 import pytest
 import torch
 
-from engine.model import Evidence
-from engine.policies import OraclePolicy, ThresholdPolicy, confidence, policy_from_json, simulate
+from engine.policies import Evidence, OraclePolicy, ThresholdPolicy, confidence, policy_from_json, simulate
 
 
 def test_confidence_measures_are_in_unit_range_and_ordered():

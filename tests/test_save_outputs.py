@@ -53,14 +53,14 @@ def _one_line_error(err: str) -> str:
 @pytest.fixture
 def no_work(monkeypatch):
     """Every command's expensive step fails the test if reached."""
-    import engine.bench
     import engine.evaluate
+    import engine.splits
     import engine.train.retrain
 
     def work(*a, **k):
         raise AssertionError("work started before the output was checked")
 
-    for mod, name in [(engine.train.retrain, "fit_exits"), (engine.bench, "open_splits"),
+    for mod, name in [(engine.train.retrain, "fit_exits"), (engine.splits, "open_splits"),
                       (engine.evaluate, "record_outputs"), (bundle_module, "load_bundle")]:
         monkeypatch.setattr(mod, name, work)
 

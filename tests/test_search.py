@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from engine.cost import CostTable
-from engine.evaluate import Records, evaluate_policy, full_model_policy, pick_point
+from engine.evaluate import evaluate_policy, full_model_policy, pick_point
 from engine.policies import ThresholdPolicy
+from engine.records import Records
 from engine.search import (ConfigurationTable, _Tables, choose, circular, evaluate_configuration, one_pass,
                            search_front)
 

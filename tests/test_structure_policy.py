@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from engine.bundle import Bundle, load_bundle, save_bundle
-from engine.cost import CostTable, measure_costs, measure_policy_flops
-from engine.evaluate import Records, evaluate_policy
+from engine.cost import CostTable, measure_costs, measure_policy_flops, with_policy_flops
+from engine.evaluate import evaluate_policy
 from engine.policies import ThresholdPolicy, confidence, policy_from_json, simulate
-from engine.policies.structure import (MEASURES, StructurePolicy, _surrogate, compute_prototypes,
-                                       log_halting_distribution, structure_exits, structure_front,
-                                       structure_measures, train_structure_policy, with_policy_cost)
+from engine.policies.structure import MEASURES, StructurePolicy, compute_prototypes, structure_measures
 from engine.progress import CancelFlag, Cancelled
+from engine.records import Records
+from engine.train.structure import (_surrogate, log_halting_distribution, structure_exits, structure_front,
+                                    train_structure_policy)
 
 
 COL = {name: i for i, name in enumerate(MEASURES)}
@@ -130,13 +131,13 @@ def test_learns_to_exit_the_near_samples_early_and_more_with_larger_lambda():
     train, _ = structured_records(300, seed=0)
     test, near = structured_records(600, seed=1)
     small = train_structure_policy(train, COST, 0.05, epochs=100, seed=0)
-    ev = evaluate_policy(test, small, with_policy_cost(COST, small))
+    ev = evaluate_policy(test, small, with_policy_flops(COST, small))
     exits = simulate(small, test.logits, test.features)
     assert ev["accuracy"] >= 0.98  # the last exit is always right: accuracy kept
     assert (exits[near] == 0).float().mean() >= 0.9  # near ones leave at exit 0 ...
     assert (exits[~near] == 1).float().mean() >= 0.9  # ... far ones at exit 1, where they are right
     large = train_structure_policy(train, COST, 5.0, epochs=100, seed=0)
-    ev_large = evaluate_policy(test, large, with_policy_cost(COST, large))
+    ev_large = evaluate_policy(test, large, with_policy_flops(COST, large))
     assert ev_large["saved"] > ev["saved"] + 0.05 and ev_large["accuracy"] < ev["accuracy"]
 
 
@@ -215,7 +216,7 @@ def test_structure_front_points_are_evaluate_policy_with_policy_flops():
                                        return_policies=True)
     assert [(p["lambda"], p["tau"]) for p in points] == [(0.05, 0.3), (0.05, 0.7), (5.0, 0.3), (5.0, 0.7)]
     for point, policy in zip(points, policies):
-        ev = evaluate_policy(test, policy, with_policy_cost(COST, policy))
+        ev = evaluate_policy(test, policy, with_policy_flops(COST, policy))
         assert point["accuracy"] == ev["accuracy"] and point["flops"] == ev["mean_flops"]
         assert point["policy"] == policy.to_json() and policy.tau == point["tau"]
         without = evaluate_policy(test, policy, COST)["mean_flops"]
@@ -225,7 +226,7 @@ def test_structure_front_points_are_evaluate_policy_with_policy_flops():
 @pytest.mark.parametrize("proj_dim", [0, 4])
 def test_one_frame_path_matches_the_batched_one(proj_dim):
     """The live case (batch 1, numpy) gives the same measures and decisions as a batch."""
-    from engine.model import Evidence
+    from engine.policies import Evidence
     from engine.policies.structure import structure_measures, structure_measures_one
     train, test = random_records(300, seed=0), random_records(100, seed=1)
     policy = train_structure_policy(train, COST, 0.3, epochs=5, proj_dim=proj_dim)

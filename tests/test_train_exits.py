@@ -9,10 +9,12 @@ from synth import SYNTH_CLASSES, build_tiny_model
 
 from engine.backbones import build_backbone
 from engine.backbones.cifar import CIFAR_PRESET
-from engine.data import open_dataset, preset_transform, split_indices
+from engine.data.folders import open_dataset
 from engine.features import FeatureCache, cache_features
 from engine.model import MultiExitNet
+from engine.preprocess import eval_transform
 from engine.progress import CancelFlag, Cancelled
+from engine.splits import split_indices
 from engine.train import (calibrate_exits, default_exits_to_train, expected_calibration_error, fit_temperature,
                           train_exits)
 
@@ -21,7 +23,7 @@ FAST = dict(epochs=12, lr=3e-2, batch_size=16)
 
 @pytest.fixture(scope="module")
 def dataset(synthetic_folder: Path):
-    return open_dataset(synthetic_folder, transform=preset_transform(CIFAR_PRESET))
+    return open_dataset(synthetic_folder, transform=eval_transform(CIFAR_PRESET))
 
 
 @pytest.fixture(scope="module")

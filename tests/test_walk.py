@@ -12,7 +12,8 @@ from PIL import Image
 from app.dataset import class_counts
 from app.sources import SourceSpec, open_source
 from engine import media
-from engine.data import check_folder, check_unlabelled, open_dataset, open_unlabelled
+from engine.data.checks import check_folder, check_unlabelled
+from engine.data.folders import open_dataset, open_unlabelled
 from engine.walk import LOOP, REPEAT, TreeWalker
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "symlink") or os.name == "nt", reason="POSIX symbolic links")

@@ -1,18 +1,72 @@
-"""The one policy interface. A policy sees the evidence at an exit and says, per sample,
-whether to take this exit. Learned policies keep their parameters as module state, which a
-bundle stores as tensors; everything else goes into `to_json()`.
+"""The one policy interface and what a policy sees. A policy reads the `Evidence` at an exit and
+says, per sample, whether to take this exit. Learned policies keep their parameters as module
+state, which a bundle stores as tensors; everything else goes into `to_json()`.
+
+`engine.policies` decides and nothing else: it imports no other part of the engine (training is
+`engine.train`, scoring `engine.evaluate`), so the model, the cost meter and the prepared form
+can all build on it.
 """
 from __future__ import annotations
 
-from typing import ClassVar, Sequence
+from typing import Callable, ClassVar, Protocol, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..model import Evidence
-
 _POLICIES: dict[str, type["Policy"]] = {}
+# Up to this many classes the learned policies' fast rows (`Policy.row_decider`) decide in Python
+# floats; beyond it their own numpy/torch path is cheaper.
+ROW_CLASSES = 64
+
+
+class Evidence:
+    """What a policy sees at one exit, for the samples still running.
+
+    `features` (globally pooled tap features, (batch, channels)) is computed from `tap` only when a
+    policy reads it, so policies that look at logits alone pay nothing for it.
+    """
+
+    __slots__ = ("exit_index", "num_exits", "logits", "exits_run", "index", "_features", "_tap")
+
+    def __init__(self, exit_index: int, num_exits: int, logits: list[torch.Tensor], exits_run: list[int],
+                 features: torch.Tensor | None = None, index: torch.Tensor | None = None, *,
+                 tap: torch.Tensor | None = None):
+        if features is None and tap is None:
+            raise ValueError("Evidence needs the pooled features or the tap they come from")
+        self.exit_index = exit_index  # which exit is deciding (0-based; last = the model's final classifier)
+        self.num_exits = num_exits
+        self.logits = logits  # calibrated logits of the exits evaluated so far, each (batch, classes)
+        self.exits_run = exits_run  # the exit index of each entry in `logits`
+        self.index = (torch.arange(logits[-1].shape[0], device=logits[-1].device)
+                      if index is None else index)  # each sample's position in the original batch
+        self._features, self._tap = features, tap
+
+    @property
+    def features(self) -> torch.Tensor:
+        if self._features is None:
+            t = self._tap
+            self._features = t.mean(dim=(2, 3)) if t.dim() == 4 else t.flatten(1)
+        return self._features
+
+    @property
+    def current(self) -> torch.Tensor:
+        return self.logits[-1]
+
+
+class RowDecider(Protocol):
+    """A policy's decisions for the prepared batch-1 path (`engine.prepared`), in Python floats.
+
+    `columns(e)` says what else exit e's graph computes from the tap's pooled SUM for it: (rows
+    (n, C), bias (n,)) of more products, and a centre (C,) whose distance from the sum it wants;
+    (None, None, None) for nothing. `start()` is called once per image and returns
+    `decide(e, row, more, distance, tap) -> bool`: `row` the exit's calibrated logits (a list of
+    floats), `more` those extra products, `distance` that distance (0.0 without a centre), `tap`
+    the stage output. Its answers must be `Policy.decide`'s (tests/test_prepared.py holds them)."""
+
+    def columns(self, e: int) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]: ...
+
+    def start(self) -> Callable[[int, list, list | None, float, torch.Tensor], bool]: ...
 
 
 # -- one frame at a time in numpy -----------------------------------------------------------------
@@ -73,6 +127,9 @@ def policy_from_json(d: dict, *, num_exits: int, num_classes: int) -> "Policy":
 class Policy(nn.Module):
     kind: ClassVar[str] = ""
     evaluation_only: ClassVar[bool] = False  # True for policies that need the labels (the oracle)
+    # One threshold per exit (None = exit off) that a user may edit live (`with_thresholds`), or
+    # None for a policy that has none.
+    thresholds: list[float | None] | None = None
 
     def active_exits(self, num_exits: int) -> list[bool]:
         """Which exits are evaluated at all; the last is always evaluated."""
@@ -81,6 +138,29 @@ class Policy(nn.Module):
     def decide(self, evidence: Evidence) -> torch.Tensor:
         """(batch,) bool: True where the sample takes the exit `evidence.exit_index`."""
         raise NotImplementedError
+
+    def decision_flops(self) -> list[float] | None:
+        """FLOPs of one decision at every exit from the policy's own sizes (a multiply-add counts 2,
+        matrix products only, as `engine.cost` counts them), or None when only measuring the
+        decision on a model can tell (`engine.cost.measure_policy_flops`)."""
+        return None
+
+    def with_thresholds(self, thresholds: Sequence[float | None]) -> "Policy":
+        """A copy deciding with these `thresholds` (see `thresholds`). Raises ValueError when the
+        policy has none, or for a value it refuses."""
+        raise ValueError(f"the {self.kind!r} policy ({self.describe()}) has no thresholds")
+
+    def state_key(self) -> tuple:
+        """What the decisions depend on besides the object itself; a plan made for this policy
+        (`engine.prepared`) is made again when it changes. By default every parameter's and
+        buffer's storage and version (an in-place edit changes the version); a policy with other
+        settings adds them."""
+        return tuple((t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers()))
+
+    def row_decider(self, num_classes: int, spatial: Sequence[int]) -> RowDecider | None:
+        """Faster decisions for the prepared batch-1 path (see `RowDecider`), or None there to call
+        `decide` on an `Evidence`. `spatial[e]` is the number of positions of exit e's tap."""
+        return None
 
     def to_json(self) -> dict:
         return {"kind": self.kind}

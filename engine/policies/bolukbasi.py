@@ -1,43 +1,24 @@
 """Learned early-exit policy after Bolukbasi et al., "Adaptive Neural Networks for Efficient
 Inference" (ICML 2017): at every early exit a small binary classifier (linear, or a tiny MLP)
-reads class-agnostic evidence and says exit-vs-continue. The classifiers are trained bottom-up,
-from the deepest early exit to the first, as weighted binary classification: for each sample, the
-loss of exiting now is compared with the loss it would get by continuing under the later,
-already-trained classifiers plus λ × the extra compute (a fraction of the full model's FLOPs).
-The better choice is the target, the size of the difference the weight. λ sweeps the trade-off.
+reads class-agnostic evidence and says exit-vs-continue. (Its training, bottom-up as weighted
+binary classification, and the λ sweep: `engine.train.bolukbasi`.)
 
-Read top to bottom: the evidence vector (one function for training and inference), the policy,
-its cost, training, and the λ sweep.
+Read top to bottom: the evidence vector (one function for training and inference, with its
+one-frame numpy and Python-float forms), the policy, its fast rows for the prepared path.
 """
 from __future__ import annotations
 
-import copy
 import math
 import operator
-from dataclasses import replace
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..cost import CostTable, measure_policy_flops
-from ..model import Evidence
-from ..progress import CancelFlag, ProgressFn, report
-from .base import Policy, linear_stack, one_frame, register_policy, softmax_row
-from .threshold import ThresholdPolicy
+from .base import ROW_CLASSES, Evidence, Policy, linear_stack, one_frame, register_policy, softmax_row
 
-if TYPE_CHECKING:
-    from ..evaluate import Records
-    from ..model import MultiExitNet
-
-LOSSES = ("error", "ce")
-# λ values that span "accuracy first" to "compute first" when cost is a fraction of the full model.
-DEFAULT_LAMBDAS = (0.0, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
-                   1.5, 2.0, 3.0)
-# Score offsets tried per λ: the negative ones reach the accurate end of the front (see bolukbasi_front).
-DEFAULT_OFFSETS = (-3.0, -2.0, -1.5, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5)
+LOSSES = ("error", "ce")  # what the training compares (engine.train.bolukbasi); kept in the manifest
 _EXTRA = ("entropy", "margin", "max_logodds", "agree_prev", "prev_max_prob", "prev_prob_of_top", "agree_frac")
 
 
@@ -134,12 +115,6 @@ def evidence_row(row: Sequence[float], top_k: int, classes: Sequence[int],
     return f, (e, s), cls
 
 
-def records_evidence(records: "Records", exit_index: int, top_k: int) -> torch.Tensor:
-    """`evidence_features` at `exit_index` for every recorded sample, all exits before it evaluated
-    (as the Bolukbasi policy evaluates every exit)."""
-    return evidence_features([records.logits[:, j] for j in range(exit_index + 1)], top_k)
-
-
 # -- the policy -----------------------------------------------------------------------------------
 def _make_classifier(width: int, hidden: int) -> nn.Module:
     if hidden > 0:
@@ -195,6 +170,12 @@ class BolukbasiPolicy(Policy):
             return torch.tensor([bool(score[0] + self.offset > 0)])
         return self.exit_now(e, evidence_features(evidence.logits, self.top_k)).to(evidence.current.device)
 
+    def state_key(self) -> tuple:
+        return (self.offset, *super().state_key())
+
+    def row_decider(self, num_classes: int, spatial: Sequence[int]) -> "BolukbasiRows | None":
+        return BolukbasiRows(self) if num_classes <= ROW_CLASSES else None
+
     def decision_flops(self) -> list[float]:
         """FLOPs of one decision at every exit, from the layer sizes (a multiply-add counts 2, as
         engine.cost counts them); 0 at the last exit."""
@@ -231,191 +212,34 @@ class BolukbasiPolicy(Policy):
         return f"Bolukbasi learned policy ({net}{lam})"
 
 
-# -- cost -----------------------------------------------------------------------------------------
-def with_policy_flops(cost: CostTable, policy: Policy, model: "MultiExitNet | None" = None) -> CostTable:
-    """A copy of `cost` whose policy_flops are `policy`'s decision FLOPs at every exit: measured
-    with engine.cost.measure_policy_flops when `model` is given, else from the policy's own
-    `decision_flops()` (layer sizes); threshold and evaluation-only policies cost 0.
+class BolukbasiRows:
+    """`BolukbasiPolicy.decide` for the prepared batch-1 path (a `RowDecider`): `evidence_row` of
+    the logits row, then the exit's classifier in Python floats (in numpy when it has a hidden layer)."""
 
-    Raises ValueError when neither a model nor an analytic count is available, or the sizes differ.
-    """
-    n = cost.num_exits
-    if model is not None:
-        flops = measure_policy_flops(policy, model)
-    elif hasattr(policy, "decision_flops"):
-        flops = list(policy.decision_flops())
-    elif isinstance(policy, ThresholdPolicy) or policy.evaluation_only:
-        flops = [0.0] * n
-    else:
-        raise ValueError(f"cannot count the FLOPs of a {policy.kind!r} policy without its model: pass model=")
-    if len(flops) != n:
-        raise ValueError(f"the policy decides at {len(flops)} exits but the cost table has {n}")
-    return replace(cost, policy_flops=[float(f) for f in flops])
+    def __init__(self, policy: BolukbasiPolicy):
+        self.top_k, self.offset = policy.top_k, policy.offset
+        self.layers = [[(m.weight.detach().double().cpu().numpy(), m.bias.detach().double().cpu().numpy())
+                        for m in net.modules() if isinstance(m, nn.Linear)] for net in policy.classifiers]
+        self.linear = [(layers[0][0][0].tolist(), float(layers[0][1][0])) if len(layers) == 1 else None
+                       for layers in self.layers]
 
+    def columns(self, e: int):
+        return None, None, None
 
-# -- training -------------------------------------------------------------------------------------
-def _exit_losses(records: "Records", loss: str) -> torch.Tensor:
-    """(N, E) loss of answering at each exit: 0/1 error or cross-entropy."""
-    logits, y = records.logits.float(), records.labels.long()
-    if loss == "error":
-        return (logits.argmax(dim=-1) != y[:, None]).float()
-    n, e, k = logits.shape
-    return F.cross_entropy(logits.reshape(n * e, k), y.repeat_interleave(e), reduction="none").reshape(n, e)
+    def start(self):
+        classes: list[int] = []
+        previous = None
 
-
-def _fit(net: nn.Module, x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, *, steps: int,
-         weight_decay: float, seed: int) -> None:
-    """Weighted logistic regression of `net` on x (N, D) → target (N,), full-batch L-BFGS on
-    standardised inputs; the standardisation is then folded into the first layer, so the trained
-    net reads raw evidence. Deterministic for a given seed."""
-    mu = x.mean(dim=0)
-    sd = x.std(dim=0, unbiased=False)
-    sd = torch.where(sd > 1e-6, sd, torch.ones_like(sd))  # constant columns (e.g. agreement at exit 0)
-    z = (x - mu) / sd
-    total = weight.sum()
-    if total <= 0:  # nothing to learn: every sample is indifferent, and exiting is no worse
-        weight, target, total = torch.ones_like(weight), torch.ones_like(target), torch.tensor(float(weight.numel()))
-    w = weight / total
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for m in net.modules():
-            if isinstance(m, nn.Linear):
-                m.reset_parameters()
-    if isinstance(net, nn.Linear):
-        nn.init.zeros_(net.weight)
-        nn.init.zeros_(net.bias)
-    mats = [m.weight for m in net.modules() if isinstance(m, nn.Linear)]
-    opt = torch.optim.LBFGS(net.parameters(), lr=1.0, max_iter=steps, history_size=20,
-                            tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        score = net(z).squeeze(-1)
-        # logistic loss written out: F.binary_cross_entropy_with_logits is ~1000x slower on small
-        # batches when its threads compete with other work for a few cores
-        loss = (w * (F.softplus(score) - target * score)).sum()
-        loss = loss + weight_decay * sum((m ** 2).sum() for m in mats)
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    first = net if isinstance(net, nn.Linear) else net[0]
-    with torch.no_grad():  # W z + b = (W / sd) x + (b − W (mu / sd))
-        w64, b64 = first.weight.double(), first.bias.double()
-        first.bias.copy_((b64 - (w64 * (mu / sd).double()).sum(dim=1)).float())
-        first.weight.copy_((w64 / sd.double()).float())
-
-
-def _tune_bias(net: nn.Module, x: torch.Tensor, gain: torch.Tensor) -> None:
-    """Shift the last layer's bias so that "exit where score > 0" maximises the summed `gain`
-    (loss of going on − loss of exiting) of the samples that exit: the training objective itself,
-    exactly, along the direction the logistic fit found. Logistic loss only approximates it."""
-    with torch.no_grad():
-        score = net(x).squeeze(-1).double()  # (N,)
-        order = torch.argsort(score, descending=True, stable=True)
-        s, total = score[order], torch.cumsum(gain[order].double(), dim=0)
-        # a cut may only fall between different scores: after position i when s[i] > s[i + 1]
-        can = torch.ones_like(s, dtype=torch.bool)
-        can[:-1] = s[:-1] > s[1:]
-        total = torch.where(can, total, torch.full_like(total, -math.inf))
-        k = int(torch.argmax(total))
-        if total[k] <= 0:  # no cut beats letting nobody exit
-            cut = float(s[0]) + 1.0
-        else:
-            cut = float(s[k] + s[k + 1]) / 2 if k + 1 < s.numel() else float(s[k]) - 1.0
-        last = net if isinstance(net, nn.Linear) else net[-1]
-        last.bias -= cut
-
-
-def train_bolukbasi(records: "Records", cost: CostTable, lam: float, *, hidden: int = 0, top_k: int = 5,
-                    loss: str = "error", epochs: int = 200, weight_decay: float = 1e-6, passes: int = 2,
-                    tune_bias: bool = True, seed: int = 0, progress: ProgressFn | None = None,
-                    cancel: CancelFlag | None = None) -> BolukbasiPolicy:
-    """Train a BolukbasiPolicy on `records` (calibrated logits of every exit on a held-out split).
-
-    Bottom-up from exit E−2 to 0: with the classifiers after e trained, each sample's loss of
-    exiting at e (0/1 error, or cross-entropy with loss="ce") is compared with the loss at the exit
-    the later classifiers send it to plus lam × (the FLOPs continuing adds, including their
-    decisions, / the full model's FLOPs). Target = exit where exiting is no worse, weight = the
-    absolute difference; weighted logistic regression with `epochs` L-BFGS iterations, then (with
-    `tune_bias`) the bias that minimises that objective exactly. Further `passes` repeat the sweep
-    with each exit trained only on the samples the earlier exits now let through. Deterministic.
-    Progress stage: "training policy". Raises ValueError for a negative lam, fewer than 2 exits or
-    a cost table of another model, and Cancelled when cancelled.
-    """
-    if not lam >= 0:
-        raise ValueError(f"lam (the price of compute) must be 0 or more, not {lam}")
-    if passes < 1:
-        raise ValueError(f"passes must be at least 1, not {passes}")
-    num_exits, n = records.num_exits, records.num_samples
-    if cost.num_exits != num_exits:
-        raise ValueError(f"the cost table describes {cost.num_exits} exits but the records have {num_exits}")
-    policy = BolukbasiPolicy(num_exits, records.num_classes, top_k=top_k, hidden=hidden, lam=lam, loss=loss)
-    table = with_policy_flops(cost, policy)
-    cum = torch.tensor(table.cumulative_flops(), dtype=torch.float64)  # (E,) cost of leaving at each exit
-    losses = _exit_losses(records, loss).double()  # (N, E)
-    evidence = [records_evidence(records, e, policy.top_k) for e in range(num_exits - 1)]  # each (N, width)
-    stops = torch.zeros(n, num_exits, dtype=torch.bool)  # current decisions; the last exit always answers
-    stops[:, -1] = True
-    rows = torch.arange(n)
-    total, step = passes * (num_exits - 1), 0
-    for p in range(passes):
-        for e in range(num_exits - 2, -1, -1):
-            report(progress, cancel, "training policy", step, total, f"pass {p + 1}, exit {e}")
-            step += 1
-            dest = e + 1 + stops[:, e + 1:].int().argmax(dim=1)  # where going on leads: first later exit taken
-            gain = losses[rows, dest] + lam * (cum[dest] - cum[e]) / table.full_flops - losses[:, e]
-            # the first pass cannot know the earlier exits yet: every sample counts
-            reach = ~stops[:, :e].any(dim=1) if p > 0 else torch.ones(n, dtype=torch.bool)
-            gain = torch.where(reach, gain, torch.zeros_like(gain))
-            net = policy.classifiers[e]
-            _fit(net, evidence[e], (gain >= 0).float(), gain.abs().float(), steps=epochs,
-                 weight_decay=weight_decay, seed=seed + e)
-            if tune_bias:
-                _tune_bias(net, evidence[e], gain)
-            with torch.no_grad():
-                stops[:, e] = policy.exit_now(e, evidence[e])
-    report(progress, cancel, "training policy", total, total)
-    return policy.eval()
-
-
-# -- the λ sweep ----------------------------------------------------------------------------------
-def bolukbasi_front(records_train: "Records", records_eval: "Records", cost: CostTable,
-                    lambdas: Sequence[float] = DEFAULT_LAMBDAS, *, offsets: Sequence[float] = DEFAULT_OFFSETS,
-                    pareto_only: bool = True, return_policies: bool = False, progress: ProgressFn | None = None,
-                    cancel: CancelFlag | None = None, **train_kw):
-    """Train one policy per λ on `records_train`, score it with engine.evaluate.evaluate_policy on
-    `records_eval` (its decision FLOPs in the cost) once per offset in `offsets` (a negative offset
-    makes every exit more reluctant: it reaches the accurate end of the front that small λ alone
-    may not, when the training split makes early exits look better than they are), and return
-    the points, cheapest first.
-
-    Each point: lambda, offset, policy (to_json), accuracy, flops (mean), saved, [ms, speedup when
-    `cost` has latency] — like engine.evaluate.threshold_curve's points. `pareto_only` keeps the
-    Pareto front; `return_policies` returns (points, policies) with the policies aligned.
-    `train_kw` goes to train_bolukbasi (hidden, top_k, loss, epochs, ...).
-    """
-    from ..evaluate import evaluate_policy, pareto  # engine.evaluate imports the policies package
-
-    pairs = []
-    for i, lam in enumerate(lambdas):
-        report(progress, cancel, "training policies", i, len(lambdas), f"λ = {lam:g}")
-        trained = train_bolukbasi(records_train, cost, float(lam), **train_kw)
-        table = with_policy_flops(cost, trained)
-        for offset in offsets:
-            policy = copy.deepcopy(trained)
-            policy.offset = float(offset)
-            ev = evaluate_policy(records_eval, policy, table)
-            point = {"lambda": float(lam), "offset": float(offset), "policy": policy.to_json(),
-                     "accuracy": ev["accuracy"], "flops": ev["mean_flops"], "saved": ev["saved"]}
-            if "mean_ms" in ev:
-                point.update(ms=ev["mean_ms"], speedup=ev["speedup"])
-            pairs.append((point, policy))
-    report(progress, cancel, "training policies", len(lambdas), len(lambdas))
-    pairs.sort(key=lambda pp: (pp[0]["flops"], -pp[0]["accuracy"]))
-    if pareto_only:
-        keep = {id(p) for p in pareto([pt for pt, _ in pairs])}
-        pairs = [pp for pp in pairs if id(pp[0]) in keep]
-    points = [pt for pt, _ in pairs]
-    return (points, [p for _, p in pairs]) if return_policies else points
+        def decide(e: int, row: list, more, distance: float, tap) -> bool:
+            nonlocal previous
+            f, previous, cls = evidence_row(row, self.top_k, classes, previous)
+            classes.append(cls)
+            linear = self.linear[e]
+            if linear is not None:
+                return sum(map(operator.mul, linear[0], f)) + linear[1] + self.offset > 0
+            h = np.asarray(f)
+            for i, (weight, bias) in enumerate(self.layers[e]):
+                h = weight @ h + bias
+                h = np.maximum(h, 0.0) if i < len(self.layers[e]) - 1 else h
+            return float(h[0]) + self.offset > 0
+        return decide

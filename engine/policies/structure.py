@@ -3,9 +3,9 @@
 At every early exit a small network reads the exit's pooled tap features plus *category-structure
 measures* — how clearly this input sits with one class at this depth, judged against class
 prototypes (per-class mean features of the training data at that exit) — and outputs a halting
-probability h_e; the sample takes the exit where h_e >= tau. It is trained end to end on recorded
+probability h_e; the sample takes the exit where h_e >= tau. (It is trained end to end on recorded
 exit outputs with a differentiable cost-aware objective over the sequential halting
-probabilities, λ trading expected loss against expected compute.
+probabilities, λ trading expected loss against expected compute: `engine.train.structure`.)
 
 One network is shared by all exits, with a per-exit linear projection of the features (tap widths
 differ) and the exit's one-hot: the measures mean the same thing at every depth, so sharing lets
@@ -13,31 +13,21 @@ the deep exits, which few training samples reach undecided, borrow what the earl
 """
 from __future__ import annotations
 
-import copy
 import math
 import operator
-from dataclasses import replace
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cost import CostTable
-from ..model import Evidence
-from ..progress import CancelFlag, ProgressFn, report
-from .base import Policy, linear_stack, numpy_copies, one_frame, register_policy, softmax_row
+from .base import ROW_CLASSES, Evidence, Policy, linear_stack, numpy_copies, one_frame, register_policy, softmax_row
 from .threshold import confidence
-
-if TYPE_CHECKING:
-    from ..evaluate import Records
 
 # Columns of `structure_measures`, in order.
 MEASURES = ("sim_top1", "sim_top2", "sim_gap", "separability", "sim_margin", "agree_prototype",
             "agree_previous", "agree_last", "max_prob", "entropy", "margin")
-LOSSES = ("error", "ce")
-GRADIENTS = ("surrogate", "plain")
 
 
 # -- prototypes and measures ----------------------------------------------------------------------
@@ -303,7 +293,14 @@ class StructurePolicy(Policy):
         trunk = 2 * self.input_width * h + 2 * h
         return [float(2 * c * k + 2 * c * d + trunk) for c in self.feature_widths[:-1]] + [0.0]
 
-    decision_flops = flops_per_exit  # the name engine.policies.bolukbasi.with_policy_flops looks for
+    def decision_flops(self) -> list[float]:
+        return self.flops_per_exit()
+
+    def state_key(self) -> tuple:
+        return (self.tau, *super().state_key())
+
+    def row_decider(self, num_classes: int, spatial: Sequence[int]) -> "StructureRows | None":
+        return StructureRows(self, spatial) if num_classes <= ROW_CLASSES else None
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "feature_widths": self.feature_widths, "num_classes": self.num_classes,
@@ -330,207 +327,51 @@ class StructurePolicy(Policy):
         return f"structure network (tau {self.tau:.2f}" + (f", λ {lam:g})" if lam is not None else ")")
 
 
-def with_policy_cost(cost: CostTable, policy: StructurePolicy) -> CostTable:
-    """A copy of `cost` whose policy_flops are the policy's analytic decision FLOPs."""
-    if cost.num_exits != policy.num_exits:
-        raise ValueError(f"the cost table has {cost.num_exits} exits, the policy {policy.num_exits}")
-    return replace(cost, policy_flops=policy.flops_per_exit())
+class StructureRows:
+    """`StructurePolicy.decide` for the prepared batch-1 path (a `RowDecider`). The exit's graph
+    gives, from the pooled sum, its products with the prototypes and with the folded projection and
+    trunk layer (`StructurePolicy.folded`), and the sum itself for its distance from the centre (for
+    a wide tap: that distance, from one more operation in the graph); the measures
+    (`structure_measures_row`) and the rest of the trunk run on the host."""
+
+    WIDE = 256  # channels from which the graph computes the distance rather than passing the sum on
+
+    def __init__(self, policy: StructurePolicy, spatial: Sequence[int]):
+        self.tau, self.temperature, self.k = policy.tau, policy.proto_temperature, policy.num_classes
+        self.folded = []
+        for e in range(policy.num_exits - 1):
+            (centre, prototypes_t, fold, a), w, w2, b2 = policy.folded(e, spatial[e])
+            rows = [prototypes_t.T, fold.T]  # (K + hidden, C)
+            bias = [-(centre @ prototypes_t)[0], a]
+            wide = centre.shape[1] > self.WIDE
+            if not wide:  # the sum itself: the identity's rows cost less than a norm operation
+                rows.append(torch.eye(centre.shape[1]))
+                bias.append(torch.zeros(centre.shape[1]))
+            graph = (torch.cat(rows).contiguous(), torch.cat(bias), centre[0] if wide else None)
+            self.folded.append((graph, None if wide else centre[0].double().tolist(), w, w2.copy(), b2))
+
+    def columns(self, e: int):
+        return self.folded[e][0]
+
+    def start(self):
+        previous: list[int] = []
+
+        def decide(e: int, row: list, more: list, distance: float, tap) -> bool:
+            k = self.k
+            _, centre, w, w2, b2 = self.folded[e]
+            h = len(w2)
+            if centre is not None:
+                distance = math.dist(more[k + h:], centre)
+            d = max(distance, 1e-12)
+            measures, answer = structure_measures_row(row, [v / d for v in more[:k]], previous, self.temperature)
+            previous.append(answer)
+            hidden = np.array(more[k:k + h])
+            hidden += w @ np.array(measures)
+            logit = float(w2 @ np.maximum(hidden, 0.0, out=hidden)) + b2
+            z = math.exp(-abs(logit))  # a sigmoid that never overflows
+            return (1.0 / (1.0 + z) if logit >= 0 else z / (1.0 + z)) >= self.tau
+        return decide
 
 
-def log_halting_distribution(x: torch.Tensor) -> torch.Tensor:
-    """log P(halt at e), (N, E), from the halting logits x (N, E−1), h = sigmoid(x), computed stably:
-    P(halt at e) = h_e ∏_{j<e}(1 − h_j), the last exit taking the rest."""
-    stay = torch.cumsum(F.logsigmoid(-x), dim=1)  # log ∏_{j<=e}(1 − h_j)
-    before = torch.cat([torch.zeros_like(x[:, :1]), stay], dim=1)  # (N, E): log ∏_{j<e}(1 − h_j)
-    return before + torch.cat([F.logsigmoid(x), torch.zeros_like(x[:, :1])], dim=1)
-
-
-# -- training -------------------------------------------------------------------------------------
-def _exit_losses(records: "Records", loss: str) -> torch.Tensor:
-    """(N, E) loss of every sample at every exit: 0/1 error or cross-entropy of the calibrated logits."""
-    if loss == "error":
-        return (records.logits.argmax(-1) != records.labels[:, None]).float()
-    n, e, k = records.logits.shape
-    ce = F.cross_entropy(records.logits.reshape(n * e, k).float(), records.labels.repeat_interleave(e),
-                         reduction="none")
-    return ce.reshape(n, e)
-
-
-def train_structure_policy(records: "Records", cost: CostTable, lam: float, *,
-                           prototype_source: "Records | None" = None, epochs: int = 150, lr: float = 1e-2,
-                           batch_size: int = 256, weight_decay: float = 1e-4, loss: str = "error",
-                           gradient: str = "surrogate", holdout: float = 0.2, proj_dim: int = 16, hidden: int = 32,
-                           tau: float = 0.5, proto_temperature: float = 0.1, progress: ProgressFn | None = None,
-                           cancel: CancelFlag | None = None, seed: int = 0) -> StructurePolicy:
-    """Train a StructurePolicy on recorded exits (held-out `records` with features) for trade-off `lam`.
-
-    Prototypes, feature centre and scale come from `prototype_source` (a TRAINING-split recording;
-    default `records`). Objective, minimised with Adam over shuffled mini-batches:
-        mean_n Σ_e P_n(halt at e) · (loss_n,e + lam · cost_e / full cost),
-    P(halt at e) = h_e ∏_{j<e}(1 − h_j) (the last exit takes the rest), loss = 0/1 error or CE of the
-    exit's calibrated logits, cost_e = cumulative FLOPs to exit e with this policy's own FLOPs counted.
-    `gradient`: "surrogate" (default) follows the objective's gradient with the sigmoid's saturation
-    divided out (see `_surrogate`), "plain" its own gradient (it tends to stick at "never exit").
-    A `holdout` fraction of `records` is not trained on: the parameters of the epoch whose decisions
-    score best on it are kept (early stopping: the feature projection memorises small records).
-    Same seed, same policy. Returns the policy in eval mode. Raises ValueError for records without
-    features or a cost table of another model, Cancelled when `cancel` is set.
-    """
-    if not records.features:
-        raise ValueError("a structure policy needs the pooled features: record with with_features=True")
-    if loss not in LOSSES:
-        raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
-    if gradient not in GRADIENTS:
-        raise ValueError(f"unknown gradient {gradient!r}; choose one of {', '.join(GRADIENTS)}")
-    if lam < 0 or epochs < 1:
-        raise ValueError(f"lam must be >= 0 and epochs >= 1, got lam={lam}, epochs={epochs}")
-    if cost.num_exits != records.num_exits:
-        raise ValueError(f"the cost table describes {cost.num_exits} exits but the records have {records.num_exits}")
-    source = prototype_source if prototype_source is not None else records
-    if not source.features or source.num_exits != records.num_exits:
-        raise ValueError("the prototype source must be a recording of the same exits, with features")
-    widths = [int(f.shape[1]) for f in records.features]
-    info = {"lambda": float(lam), "loss": loss, "epochs": int(epochs), "lr": float(lr), "gradient": gradient,
-            "holdout": float(holdout), "seed": int(seed)}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        policy = StructurePolicy(widths, records.num_classes, proj_dim=proj_dim, hidden=hidden, tau=tau,
-                                 proto_temperature=proto_temperature, info=info)
-    policy.set_prototypes(source.features, source.labels)
-    table = with_policy_cost(cost, policy)
-    step_cost = torch.tensor(table.cumulative_flops(), dtype=torch.float32) / table.full_flops  # (E,)
-    target = _exit_losses(records, loss) + lam * step_cost  # (N, E): what halting at e costs each sample
-    with torch.no_grad():  # the measures and standardised features are fixed: compute them once
-        fixed = [policy.fixed_inputs(e, [records.logits[:, j] for j in range(e + 1)], records.features[e])
-                 for e in range(records.num_exits - 1)]
-    if not fixed:  # a single exit: nothing to decide
-        return policy.eval()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny layers: more threads only add overhead on a shared CPU
-    try:
-        _fit(policy, fixed, target, lam=lam, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
-             gradient=gradient, holdout=holdout, seed=seed, progress=progress, cancel=cancel)
-    finally:
-        torch.set_num_threads(threads)
-    return policy.eval()
-
-
-def _surrogate(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """A loss whose gradient is the expected objective's with the sigmoid's saturation divided out.
-
-    d E[target] / d x_e = S_e · h_e(1 − h_e) · Δ_e, with S_e = P(reach e) and Δ_e = target_e − V_{e+1}
-    (V_{e+1}: expected target of going on under the current policy). Once h saturates that gradient
-    vanishes, and the policy sticks where the first steps pushed it (usually: never exit). The
-    weighted logistic loss S_e·|Δ_e|·BCE(x_e, [Δ_e < 0]) (S, Δ held fixed) has the gradient
-    S_e·|Δ_e|·(h_e − [Δ_e < 0]): the same sign everywhere, divided by h_e or 1 − h_e; so its
-    decisions h_e >= 0.5 converge to the cost-optimal ones. x: (B, E−1) logits; target (B, E)."""
-    h = torch.sigmoid(x.detach())
-    value = target[:, -1]
-    terms = []
-    for e in range(x.shape[1] - 1, -1, -1):  # bottom-up: the value of going on needs the later exits
-        delta = target[:, e] - value
-        terms.append((e, delta))
-        value = h[:, e] * target[:, e] + (1.0 - h[:, e]) * value
-    reach = torch.cumprod(torch.cat([torch.ones_like(h[:, :1]), 1.0 - h[:, :-1]], dim=1), dim=1)  # (B, E−1)
-    loss = 0.0
-    for e, delta in terms:
-        bce = F.binary_cross_entropy_with_logits(x[:, e], (delta < 0).float(), reduction="none")
-        loss = loss + (reach[:, e] * delta.abs() * bce).mean()
-    return loss
-
-
-def _fit(policy: StructurePolicy, fixed: list, target: torch.Tensor, *, lam: float, epochs: int, lr: float,
-         batch_size: int, weight_decay: float, gradient: str, holdout: float, seed: int,
-         progress: ProgressFn | None, cancel: CancelFlag | None) -> None:
-    """Minimise the expected objective over `target` (N, E) with Adam (`gradient` "surrogate": see
-    `_surrogate`; "plain": its own gradient); keep the parameters of the epoch whose decisions
-    (h >= tau) have the lowest mean target on a held-out `holdout` fraction of the samples."""
-    n = target.shape[0]
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=generator)
-    n_out = int(round(holdout * n)) if n >= 10 else 0
-    fit_idx, out_idx = order[n_out:], order[:n_out]
-
-    def logits(idx):  # (B, E−1) halting logits
-        return torch.stack([policy.halting_logit(e, s[idx], m[idx]) for e, (s, m) in enumerate(fixed)], 1)
-
-    opt = torch.optim.Adam(policy.parameters(), lr=lr, weight_decay=weight_decay)
-    best_score, best_state, best_epoch = math.inf, None, epochs
-    for epoch in range(epochs):
-        policy.train()
-        total = 0.0
-        for idx in fit_idx[torch.randperm(fit_idx.numel(), generator=generator)].split(batch_size):
-            x = logits(idx)
-            objective = (log_halting_distribution(x).exp() * target[idx]).sum(1).mean()
-            loss = _surrogate(x, target[idx]) if gradient == "surrogate" else objective
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += objective.item() * idx.numel()
-        message = f"λ {lam:g}: expected objective {total / max(fit_idx.numel(), 1):.4f}"
-        if n_out:
-            policy.eval()
-            with torch.no_grad():
-                exits = _first_exit(torch.sigmoid(logits(out_idx)), policy.tau)
-                score = target[out_idx].gather(1, exits[:, None]).mean().item()
-            message += f", held out {score:.4f}"
-            if score < best_score:
-                best_score, best_epoch = score, epoch + 1
-                best_state = copy.deepcopy(policy.state_dict())
-        report(progress, cancel, "training structure policy", epoch + 1, epochs, message)
-    if best_state is not None:
-        policy.load_state_dict(best_state)
-    policy.info.update(objective=total / max(fit_idx.numel(), 1), best_epoch=best_epoch,
-                       held_out_objective=best_score if n_out else None)
-
-
-def structure_exits(policy: StructurePolicy, records: "Records") -> torch.Tensor:
-    """(N,) exit each sample takes, computed the training way (all samples at once): the first
-    early exit with h >= tau, else the last. Equals `simulate(policy, ...)`."""
-    with torch.no_grad():
-        return _first_exit(policy.halting_probabilities(records.logits, records.features), policy.tau)
-
-
-def _first_exit(h: torch.Tensor, tau: float) -> torch.Tensor:
-    """(N,) the first early exit with h >= tau (h: (N, E−1)), else the last exit E−1."""
-    stop = torch.cat([h >= tau, torch.ones(h.shape[0], 1, dtype=torch.bool, device=h.device)], dim=1)
-    return stop.float().argmax(dim=1)  # argmax returns the first maximum
-
-
-def structure_front(records_train: "Records", records_eval: "Records", cost: CostTable,
-                    lambdas: Sequence[float] = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5), *,
-                    taus: Sequence[float] = (0.5,), prototype_source: "Records | None" = None,
-                    return_policies: bool = False, progress: ProgressFn | None = None,
-                    cancel: CancelFlag | None = None, **train_kw):
-    """Train one policy per λ on `records_train` and score it at every tau on `records_eval` with
-    `engine.evaluate.evaluate_policy` (policy FLOPs in the cost table).
-
-    Points, in the order of lambdas then taus, like `threshold_curve`'s: lambda, tau, policy
-    (to_json), accuracy, flops (mean), saved, [ms, speedup when `cost` has latency]. With
-    `return_policies`, returns (points, policies) with one trained policy per point (tau set).
-    Raises Cancelled when `cancel` is set.
-    """
-    from ..evaluate import evaluate_policy  # evaluate imports the policies package
-
-    points, policies = [], []
-    for i, lam in enumerate(lambdas):
-        report(progress, cancel, "structure front", i, len(lambdas), f"training for λ {lam:g}")
-        trained = train_structure_policy(records_train, cost, lam, prototype_source=prototype_source,
-                                         cancel=cancel, **train_kw)
-        for t in taus:
-            policy = copy.deepcopy(trained)
-            policy.tau = t
-            policy.eval()
-            ev = evaluate_policy(records_eval, policy, with_policy_cost(cost, policy))
-            point = {"lambda": float(lam), "tau": float(t), "policy": policy.to_json(), "accuracy": ev["accuracy"],
-                     "flops": ev["mean_flops"], "saved": ev["saved"]}
-            if "mean_ms" in ev:
-                point.update(ms=ev["mean_ms"], speedup=ev["speedup"])
-            points.append(point)
-            policies.append(policy)
-    report(progress, cancel, "structure front", len(lambdas), len(lambdas))
-    return (points, policies) if return_policies else points
-
-
-__all__ = ["MEASURES", "StructurePolicy", "compute_prototypes", "log_halting_distribution",
-           "structure_exits", "structure_front", "structure_measures", "train_structure_policy", "with_policy_cost"]
+__all__ = ["MEASURES", "StructurePolicy", "StructureRows", "compute_prototypes", "structure_measures",
+           "structure_measures_one", "structure_measures_row"]

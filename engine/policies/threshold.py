@@ -1,13 +1,14 @@
 """Confidence thresholds per exit on max-probability, entropy or margin, and the oracle."""
 from __future__ import annotations
 
+import copy
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 
-from ..model import Evidence
-from .base import Policy, register_policy
+from .base import Evidence, Policy, register_policy
 
 MEASURES = ("max_prob", "entropy", "margin")
 
@@ -62,6 +63,24 @@ class ThresholdPolicy(Policy):
             return torch.zeros(evidence.current.shape[0], dtype=torch.bool, device=evidence.current.device)
         return confidence(evidence.current, self.measure) >= t
 
+    def decision_flops(self) -> list[float]:
+        """0 at every exit: a confidence has no matrix products, all the FLOP counter counts."""
+        return [0.0] * len(self.thresholds)
+
+    def with_thresholds(self, thresholds: Sequence[float | None]) -> "ThresholdPolicy":
+        """A copy with these thresholds and the same measure; ValueError for a value outside 0..1."""
+        checked = ThresholdPolicy(thresholds, self.measure).thresholds
+        # a new object rather than an edit: a frame in flight keeps the policy it started with
+        edited = copy.copy(self)
+        edited.thresholds = checked
+        return edited
+
+    def state_key(self) -> tuple:
+        return (self.measure, tuple(self.thresholds))
+
+    def row_decider(self, num_classes: int, spatial: Sequence[int]) -> "ThresholdRows":
+        return ThresholdRows(self)
+
     def to_json(self) -> dict:
         return {"kind": self.kind, "measure": self.measure, "thresholds": self.thresholds}
 
@@ -75,6 +94,36 @@ class ThresholdPolicy(Policy):
     def describe(self) -> str:
         ts = ", ".join("off" if t is None else f"{t:.2f}" for t in self.thresholds[:-1])
         return f"threshold on {self.measure}: [{ts}]"
+
+
+class ThresholdRows:
+    """`ThresholdPolicy.decide` for the prepared batch-1 path (a `RowDecider`): the confidence of
+    the logits row in Python floats, against the threshold rounded to float32 (as torch compares a
+    float32 tensor with a number)."""
+
+    def __init__(self, policy: ThresholdPolicy):
+        self.measure = policy.measure
+        self.limits = [math.inf if t is None else float(np.float32(t)) for t in policy.thresholds]
+
+    def columns(self, e: int):
+        return None, None, None
+
+    def start(self):
+        return self.decide
+
+    def decide(self, e: int, row: list, more: list, distance: float, tap) -> bool:
+        m = max(row)
+        z = [math.exp(v - m) for v in row]
+        total = sum(z)
+        if self.measure == "max_prob":
+            return 1.0 / total >= self.limits[e]
+        p = [v / total for v in z]
+        if self.measure == "entropy":
+            k = len(p)
+            h = -sum(q * math.log(q if q > 1e-12 else 1e-12) for q in p)
+            return (1.0 - h / math.log(k) if k > 1 else 1.0) >= self.limits[e]
+        top = sorted(p)[-2:]
+        return (top[-1] - (top[0] if len(top) > 1 else 0.0)) >= self.limits[e]
 
 
 @register_policy

@@ -1,8 +1,9 @@
 """Training a whole multi-exit network from scratch (the built-in default model).
 
 The data is decoded once into a uint8 tensor and augmented in batches on the training device
-(random crop with padding + horizontal flip), so a 2-core laptop spends its time in the network,
-not in JPEG decoding. Every epoch ends with an atomic checkpoint; a run resumes from it.
+(random crop with padding + horizontal flip: `engine.preprocess.augment`), so a 2-core laptop
+spends its time in the network, not in JPEG decoding. Every epoch ends with an atomic checkpoint;
+a run resumes from it.
 """
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones import build_backbone
-from ..data import SKIPPED
+from ..data.folders import SKIPPED
 from ..files import json_text, replacing
 from ..model import MultiExitNet
+from ..preprocess import augment, normalise
 from ..progress import CancelFlag, ProgressFn, report
 
 logger = logging.getLogger(__name__)
@@ -66,27 +68,6 @@ def decode_dataset(dataset, size: int, *, progress: ProgressFn | None = None, ca
     if not bool(keep.all()):
         images, labels = images[keep], labels[keep]
     return images, labels
-
-
-def augment(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
-    """Random crop (zero padding `pad`) and horizontal flip of a uint8 batch (B, 3, H, W)."""
-    b, _, h, w = images.shape
-    if pad:
-        padded = F.pad(images, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(images.device)
-        dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(images.device)
-        rows = (torch.arange(h, device=images.device)[None, :] + dy[:, None])[:, None, :, None]
-        cols = (torch.arange(w, device=images.device)[None, :] + dx[:, None])[:, None, None, :]
-        images = padded[torch.arange(b, device=images.device)[:, None, None, None],
-                        torch.arange(3, device=images.device)[None, :, None, None], rows, cols]
-    flip = (torch.rand(b, generator=generator) < 0.5).to(images.device)
-    return torch.where(flip[:, None, None, None], images.flip(3), images)
-
-
-def normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
-    m = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - m) / s
 
 
 def build_network(cfg: NetworkConfig, class_names: list[str]) -> MultiExitNet:

@@ -14,12 +14,16 @@ import torch
 
 from ..bundle import Bundle
 from ..cost import measure_costs
-from ..data import check_folder, check_unlabelled, open_dataset, preset_transform, split_indices, unlabelled_parts
-from ..evaluate import Records, accuracy_per_exit, operating_front, pick_point, threshold_curve
+from ..data.checks import check_folder, check_unlabelled
+from ..data.folders import open_dataset
+from ..evaluate import accuracy_per_exit, operating_front, pick_point, threshold_curve
 from ..features import FeatureCache, cache_features
 from ..model import MultiExitNet
 from ..policies import ThresholdPolicy
+from ..preprocess import eval_transform
 from ..progress import CancelFlag, ProgressFn, report
+from ..records import Records
+from ..splits import split_indices, unlabelled_parts
 from .calibrate import calibrate_with_report
 from .exits import train_exits
 
@@ -113,7 +117,7 @@ def distil_exits(model: MultiExitNet, images, *, val_fraction: float = 0.1, epoc
     `images` (a dataset of (image tensor, anything), e.g. `open_unlabelled`), with the loss
     (1 - distill) * cross-entropy on the last exit's argmax + distill * KL to its softened output.
     A held-out `val_fraction` (or `parts` = (train indices, held-out indices), e.g. from
-    `engine.data.unlabelled_parts`) calibrates the exits and picks the thresholds; the report's
+    `engine.splits.unlabelled_parts`) calibrates the exits and picks the thresholds; the report's
     "agreement_per_exit" is how often each exit's answer equals the last exit's there.
     The last exit is the teacher: it must already be trained (e.g. the torchvision classifier).
     Raises ValueError for fewer than 2 images or a single-exit model; Cancelled."""
@@ -157,7 +161,7 @@ def retrain_on_folder(bundle: Bundle, folder: str | Path, *, head: str = "linear
         train_which = None
     model.temperature.fill_(1.0)
     dataset = open_dataset(folder, report=check, classes=model.class_names)  # label i = the model's class i
-    dataset.transform = preset_transform(model.backbone.preset)
+    dataset.transform = eval_transform(model.backbone.preset)
     train_idx, val_idx = split_indices(dataset.targets, val_fraction=val_fraction, seed=0)
     train_set = torch.utils.data.Subset(dataset, train_idx)
     val_set = torch.utils.data.Subset(dataset, val_idx)
@@ -189,7 +193,7 @@ def distil_on_folder(bundle: Bundle, folder: str | Path, *, head: str = "linear"
     check.raise_if_unusable()
     model = early_exits_on(bundle.model, exit_stages=bundle.model.exit_stages, head=head)
     images, train_idx, val_idx = unlabelled_parts(folder, val_fraction=val_fraction, report=check,
-                                                  transform=preset_transform(model.backbone.preset))
+                                                  transform=eval_transform(model.backbone.preset))
     meta = {"source": {"distilled_from": bundle.meta.get("name", "bundle"), "folder": str(folder)},
             "name": f"{bundle.meta.get('name', 'model')} with exits distilled on {Path(folder).name}",
             "split": {"val_fraction": val_fraction, "seed": 0}}

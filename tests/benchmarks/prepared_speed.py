@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from engine.backbones import build_backbone  # noqa: E402
 from engine.bundle import Bundle, default_bundle_path, load_bundle  # noqa: E402
-from engine.cost import measure_costs  # noqa: E402
+from engine.cost import measure_costs, with_policy_flops  # noqa: E402
 from engine.model import MultiExitNet  # noqa: E402
-from engine.policies import BolukbasiPolicy, StructurePolicy, ThresholdPolicy, with_policy_flops  # noqa: E402
+from engine.policies import BolukbasiPolicy, StructurePolicy, ThresholdPolicy  # noqa: E402
 from engine.prepared import prepare  # noqa: E402
 from engine.speed import exit_overhead  # noqa: E402
 
@@ -155,7 +155,8 @@ def test_images(model: MultiExitNet, data: str | None, n: int, seed: int = 0) ->
     if data is None:
         crop = model.backbone.preset.crop
         return torch.randn(n, 3, crop, crop, generator=torch.Generator().manual_seed(seed))
-    from engine.bench import _images, open_splits
+    from engine.bench import _images
+    from engine.splits import open_splits
     test = open_splits(data, model.backbone.preset).test
     idx = sorted(random.Random(seed).sample(range(len(test)), min(n, len(test))))
     return _images(test, idx)
