@@ -277,7 +277,6 @@ def evaluation_report(records: Records, cost: CostTable, policies: dict[str, Pol
     accuracy_per_exit, ece_per_exit (of the calibrated
     exits), full, policies {name: ...}, default_policy, oracle, threshold_curve, front.
     `default` names the policy the app starts with (marked in the plot)."""
-    from .train.calibrate import expected_calibration_error
     full = evaluate_policy(records, full_model_policy(records.num_exits, measure), cost)
     curve = threshold_curve(records, cost, measure, thresholds)
     return {
@@ -334,3 +333,16 @@ def plot_report(report: dict, path: str | Path | None = None, size: tuple[int, i
 _finite = finite  # non-finite numbers become null (engine.files.finite)
 
 
+def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """ECE: the mean |accuracy − confidence| over `bins` equal-width confidence bins, weighted by
+    how many samples fall in each (Naeini et al. 2015). 0 is perfectly calibrated."""
+    probs = torch.softmax(logits.detach().float(), dim=1)
+    conf, pred = probs.max(dim=1)
+    right = (pred == labels.long()).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (conf > lo) & (conf <= hi)
+        if inside.any():
+            ece += inside.float().mean().item() * abs(right[inside].mean().item() - conf[inside].mean().item())
+    return ece

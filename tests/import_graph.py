@@ -88,11 +88,12 @@ def cycles(prefix: str, module_level_only: bool = False) -> list[list[str]]:
         for imported, _, at_top in imports_of(name, path):
             if module_level_only and not at_top:
                 continue
-            if imported in modules and imported != name and not name.startswith(imported + "."):
-                # a package's __init__ importing its own submodules is not a cycle with them
-                if modules[imported].name == "__init__.py" and name.startswith(imported + "."):
-                    continue
-                graph[name].add(imported)
+            # importing a.b.c runs the __init__ of a.b first: an edge to every enclosing package too
+            parts = imported.split(".")
+            for target in (".".join(parts[:i]) for i in range(2, len(parts) + 1)):
+                # a module reaching its own enclosing package is Python's normal package import
+                if target in modules and target != name and not name.startswith(target + "."):
+                    graph[name].add(target)
     return _strongly_connected(graph)
 
 

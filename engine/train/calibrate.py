@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ..features import FeatureCache
 from ..model import MultiExitNet
+from ..evaluate import expected_calibration_error
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *, max_iter: int = 100) -> float:
@@ -36,21 +37,6 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *, max_iter: int
         opt.step(closure)
     t = float(log_t.detach().exp())
     return min(max(t, 1e-2), 1e2) if math.isfinite(t) else 1.0
-
-
-def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
-    """ECE: the mean |accuracy − confidence| over `bins` equal-width confidence bins, weighted by
-    how many samples fall in each (Naeini et al. 2015). 0 is perfectly calibrated."""
-    probs = torch.softmax(logits.detach().float(), dim=1)
-    conf, pred = probs.max(dim=1)
-    right = (pred == labels.long()).float()
-    edges = torch.linspace(0, 1, bins + 1)
-    ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        inside = (conf > lo) & (conf <= hi)
-        if inside.any():
-            ece += inside.float().mean().item() * abs(right[inside].mean().item() - conf[inside].mean().item())
-    return ece
 
 
 @torch.no_grad()
