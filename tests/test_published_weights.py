@@ -138,3 +138,88 @@ def test_bad_checkpoints_are_refused_in_one_sentence(tmp_path):
             load()
         message = str(err.value)
         assert words in message and "\n" not in message, (case, message)
+
+
+# -- offramp train-backbone --init: a run that starts from the published weights ----------------------
+@pytest.fixture(scope="module")
+def ten_classes(tmp_path_factory):
+    """CIFAR-10's shape in miniature: 10 classes × 4 images (32×32), as the published classifier needs."""
+    from synth import make_image_folder
+    return make_image_folder(tmp_path_factory.mktemp("ten"), [f"c{i}" for i in range(10)], per_class=4, seed=1)
+
+
+def test_train_backbone_starts_from_the_init_checkpoint(tmp_path, ten_classes, capsys):
+    from engine.backbones.published import published_key_map
+    from engine.bundle import load_bundle
+    from engine.cli import main
+    ref, path = _published_file(tmp_path, 20, seed=3)
+    out = tmp_path / "b.offramp"
+    # a learning rate of 1e-9: one epoch moves no weight measurably, so the bundle holds the starting weights
+    assert main(["train-backbone", "--arch", "cifar_resnet20a", "--data", str(ten_classes), "--init", str(path),
+                 "--init-sha256", sha256_of(path).upper(), "--epochs", "1", "--lr", "1e-9", "--batch-size", "16",
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    model = load_bundle(out).model
+    ours, theirs = model.backbone.state_dict(), ref.state_dict()
+    stages = {k: v for k, v in published_key_map(build_backbone("cifar_resnet20a")).items() if k in theirs
+              and "running_" not in k and "num_batches" not in k}  # BatchNorm statistics follow training batches
+    assert len(stages) > 50
+    for key, name in stages.items():
+        if name.startswith("classifier."):  # the published classifier became the last exit
+            continue
+        assert torch.allclose(ours[name], theirs[key], atol=1e-6), key
+    last = [m for m in model.exits[-1].modules() if isinstance(m, nn.Linear)]
+    assert len(last) == 1 and torch.allclose(last[0].weight, ref.linear.weight, atol=1e-6)
+    bundle = load_bundle(out)
+    init = bundle.meta["training"]["init"]
+    assert init["sha256"] == sha256_of(path) and init["file"] == str(path) and init["classes"] == 10
+
+
+@pytest.mark.parametrize("case", ["wrong sha", "another depth", "conv shortcuts", "other family", "sha without init",
+                                  "classes", "hostile"])
+def test_train_backbone_refuses_an_init_that_does_not_fit_before_decoding(case, tmp_path, ten_classes,
+                                                                          synthetic_folder, monkeypatch, capsys):
+    import engine.train.network as network
+    from engine.cli import main
+
+    def no_decoding(*a, **k):
+        raise AssertionError("images were decoded before the --init file was refused")
+
+    monkeypatch.setattr(network, "decode_dataset", no_decoding)
+    _, path20 = _published_file(tmp_path, 20)
+    hostile = tmp_path / "hostile.th"
+    hostile.write_bytes(pickle.dumps(_Reference))
+    arch, data, extra, words = "cifar_resnet20a", ten_classes, ["--init", str(path20)], str(path20)
+    if case == "wrong sha":
+        extra += ["--init-sha256", "0" * 64]
+        words = "SHA-256"
+    elif case == "another depth":
+        arch = "cifar_resnet32a"
+        words = "does not fit cifar_resnet32a"
+    elif case == "conv shortcuts":
+        arch = "cifar_resnet20"
+        words = "no weights for"
+    elif case == "other family":
+        arch = "resnet18"
+        words = "give --arch cifar_resnet20a"
+    elif case == "sha without init":
+        extra = ["--init-sha256", sha256_of(path20)]
+        words = "give --init FILE"
+    elif case == "classes":
+        data = synthetic_folder  # 4 classes: the published classifier has 10
+        words = "classifies 10 classes"
+    else:
+        extra = ["--init", str(hostile)]
+        words = "cannot be read as plain tensors"
+    out = tmp_path / "n.offramp"
+    assert main(["train-backbone", "--arch", arch, "--data", str(data), "--epochs", "1", *extra,
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("offramp train-backbone: ") and words in err, err
+    assert not out.exists() and not out.with_suffix(".ckpt").exists()
+
+
+def test_a_malformed_init_sha256_is_refused_by_the_parser(capsys):
+    from engine.cli import main
+    with pytest.raises(SystemExit) as stop:
+        main(["train-backbone", "--data", "d", "--out", "o.offramp", "--init", "f.th", "--init-sha256", "abc"])
+    assert stop.value.code == 2 and "is not a SHA-256 digest" in capsys.readouterr().err

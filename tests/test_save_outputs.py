@@ -287,3 +287,20 @@ def test_json_we_write_never_holds_a_bare_nan(tmp_path):
         raise AssertionError(name)
 
     assert json.loads(path.read_text(), parse_constant=refuse)["a"] is None
+
+
+@pytest.mark.parametrize("command", ["evaluate", "bench"])
+def test_an_explicit_png_without_matplotlib_is_refused_before_any_work(command, tmp_path, small_folder, no_work,
+                                                                       monkeypatch, capsys):
+    import engine.plot
+    problem = "drawing the plot needs matplotlib, an optional extra: pip install 'offramp[plot]'"
+    monkeypatch.setattr(engine.plot, "plotting_problem", lambda: problem)
+    png = tmp_path / "plot.png"
+    assert main([command, str(tmp_path / "in.offramp"), "--data", str(small_folder), "--png", str(png)]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert line == f"offramp {command}: --png {png} was asked for, but {problem}"
+    assert not png.exists() and not list(tmp_path.glob("*.json"))
+    # without --png nothing is refused up front: the report is written and the plot's absence said at the end
+    assert main([command, str(tmp_path / "in.offramp"), "--data", str(small_folder), "--json",
+                 str(tmp_path / "r.json")]) == 1
+    assert "work started" in capsys.readouterr().err  # no_work's stand-in for loading the bundle was reached

@@ -114,6 +114,13 @@ def load_published(backbone: StagedBackbone, path: str | Path, *, sha256: str | 
         raise CheckpointError(f"checkpoint {path} does not fit {name}: {'; '.join(parts)} — "
                               "is it a published ResNet of this depth?")
     own = backbone.state_dict()
+    # a backbone with tensors the published layout lacks (conv shortcuts: cifar_resnet20, not 20a)
+    # would keep them random: refuse rather than start half-trained
+    unfilled = sorted(set(own) - set(mapping.values()) - {k for k in own if k.endswith("num_batches_tracked")})
+    if unfilled:
+        raise CheckpointError(f"checkpoint {path} does not fit {name}: it has no weights for {len(unfilled)} of its "
+                              f"tensors ({', '.join(unfilled[:3])}…) — published ResNets load into "
+                              "cifar_resnet20a, 32a, 44a or 56a")
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[v].shape)}" for k, v in mapping.items()
              if tuple(state[k].shape) != tuple(own[v].shape)]
     if wrong:

@@ -96,6 +96,14 @@ class Deferred:
         return self._make()
 
 
+def sha256_hex(text: str) -> str:
+    """A SHA-256 digest: 64 hexadecimal digits (as `sha256sum` prints them), lower-cased."""
+    digest = text.strip().lower()
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a SHA-256 digest: give the 64 hex digits sha256sum prints")
+    return digest
+
+
 def _range(low, high, low_open: bool = False, high_open: bool = False) -> str:
     lo = None if low is None else f"{'>' if low_open else '>='} {low:g}"
     hi = None if high is None else f"{'<' if high_open else '<='} {high:g}"

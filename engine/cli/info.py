@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import logging
 
-from .files import json_text
+from ..files import json_text
+from .common import pct
 
 log = logging.getLogger("offramp")
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
+def add_info(sub) -> None:
+    """The `info` command."""
+    s = sub.add_parser("info", help="show what a bundle holds (default: the built-in model)")
+    s.add_argument("bundle", nargs="?", help="a .offramp bundle file")
+    s.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    s.set_defaults(fn=cmd_info)
 
 
 def cmd_info(args) -> int:
-    from .bundle import default_bundle_path, read_manifest
+    from ..bundle import default_bundle_path, read_manifest
     path = args.bundle or default_bundle_path()
     m = read_manifest(path)
     if args.json:
@@ -36,7 +41,7 @@ def cmd_info(args) -> int:
                              f"({type(err).__name__}: {err}); the bundle is damaged or not Offramp's") from None
     # the manifest alone can look fine over damaged weights: build the model and verify its tensors
     # (checksum, finite values, shapes) so `info` never vouches for a bundle that will not load
-    from .bundle import load_bundle
+    from ..bundle import load_bundle
     load_bundle(path)
     print("\n".join(lines))
     return 0
@@ -44,7 +49,7 @@ def cmd_info(args) -> int:
 
 def _info_model(path, m: dict) -> list[str]:
     """The bundle, its backbone, input, classes, cost and exits (one line each)."""
-    from .cost import CostTable
+    from ..cost import CostTable
     table = CostTable.from_json(m["cost"])
     cum = table.cumulative_flops()
     if not table.full_flops > 0:
@@ -63,8 +68,8 @@ def _info_model(path, m: dict) -> list[str]:
              "exits       exit  after stage  head      MFLOPs to reach  of full" + (column if acc else "")]
     for e, spec in enumerate(m["exits"]):  # exits E0… (0-based), stages 1… (counted), as the app shows them
         line = (f"            E{e:<3}  {int(spec['stage']) + 1:>11}  {spec['kind']:<8} {cum[e] / 1e6:>15.2f}  "
-                f"{_pct(cum[e] / table.full_flops):>7}")
-        lines.append(line + (f"  {_pct(acc[e]):>{len(column) - 2}}" if acc else ""))
+                f"{pct(cum[e] / table.full_flops):>7}")
+        lines.append(line + (f"  {pct(acc[e]):>{len(column) - 2}}" if acc else ""))
     kinds = ", ".join(f"{k} ({v['kind']})" for k, v in m["policies"].items())
     lines.append(f"policies    {kinds}; default: {m['default_policy']}")
     return lines
@@ -79,7 +84,7 @@ def _info_meta(path, m: dict) -> list[str]:
     point = evaluation.get("default_point")
     if point:
         what = "agrees with the last exit on" if distilled else "accuracy"
-        lines.append(f"default     {what} {_pct(point['accuracy'])}, saved {_pct(point['saved'])} of FLOPs "
+        lines.append(f"default     {what} {pct(point['accuracy'])}, saved {pct(point['saved'])} of FLOPs "
                      "(validation split)")
     if distilled:
         lines.append("exits       distilled from the last exit on unlabelled images (train-exits --unlabelled)")

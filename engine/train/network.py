@@ -70,8 +70,13 @@ def decode_dataset(dataset, size: int, *, progress: ProgressFn | None = None, ca
     return images, labels
 
 
-def build_network(cfg: NetworkConfig, class_names: list[str]) -> MultiExitNet:
+def build_network(cfg: NetworkConfig, class_names: list[str],
+                  init: dict[str, torch.Tensor] | None = None) -> MultiExitNet:
+    """`cfg.arch` with exits after every stage; its backbone (classifier included: it becomes the last
+    exit) starts from the state dict `init` when given."""
     backbone = build_backbone(cfg.arch, num_classes=len(class_names))
+    if init is not None:
+        backbone.load_state_dict(init)
     return MultiExitNet.attach(backbone, class_names=class_names, head=cfg.head)
 
 
@@ -133,17 +138,19 @@ def accuracy_per_exit(model: MultiExitNet, images: torch.Tensor, labels: torch.T
 def train_network(cfg: NetworkConfig, images: torch.Tensor, labels: torch.Tensor, class_names: list[str], *,
                   device: str = "cpu", checkpoint: str | Path | None = None, val: tuple | None = None,
                   progress: ProgressFn | None = None, cancel: CancelFlag | None = None,
-                  log=print) -> tuple[MultiExitNet, list[dict]]:
+                  init: dict[str, torch.Tensor] | None = None, log=print) -> tuple[MultiExitNet, list[dict]]:
     """Train backbone and all exits jointly (sum of per-exit cross-entropies) with SGD + one-cycle.
 
     `images` uint8 (N, 3, H, W) and `labels` (N,). With `checkpoint`, the run resumes from that file
-    if it exists (same config required) and rewrites it atomically after every epoch.
+    if it exists (same config required) and rewrites it atomically after every epoch. `init`, a state
+    dict of the backbone (e.g. published weights, `engine.backbones.published.load_published`), is
+    where a new run starts; a resumed run starts from its checkpoint.
     Returns the model (eval mode, on CPU) and the per-epoch history. Raises Cancelled.
     """
     torch.manual_seed(cfg.seed)
     if device == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
-    model = build_network(cfg, class_names).to(device)
+    model = build_network(cfg, class_names, init).to(device)
     if device == "cuda":
         model = model.to(memory_format=torch.channels_last)
     preset = model.backbone.preset
