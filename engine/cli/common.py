@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from . import args as num
 from ..progress import Progress
@@ -65,6 +66,33 @@ def check_plotting(png: str | None) -> None:
     problem = plotting_problem()
     if problem:
         raise PlotUnavailable(f"--png {png} was asked for, but {problem}")
+
+
+def report_outputs(args, default_json: str) -> tuple[str, str]:
+    """(JSON, PNG) paths of a report command (`--json`, `--png`: the PNG next to the JSON by default),
+    both checked before any work, and matplotlib checked when `--png` was asked for."""
+    out_json = args.json or default_json
+    out_png = args.png or str(Path(out_json).with_suffix(".png"))
+    check_out(out_json, suffixes=(".json",), what="report", option="--json")
+    check_out(out_png, suffixes=(".png",), what="plot", option="--png")
+    check_plotting(args.png)
+    return out_json, out_png
+
+
+def calibration_records(args, with_features: bool = True):
+    """(bundle, splits, progress, records) of the commands that fit on a bundle's calibration split
+    and write the bundle back (search, train-policy): `--out` (or BUNDLE itself) checked first."""
+    from ..splits import UnlabelledSplits
+    if args.out:
+        check_out(args.out)
+    bundle = load(args.bundle)
+    check_out(args.out or args.bundle, suffixes=())  # written back over BUNDLE without --out
+    splits = splits_for(bundle, args)
+    progress = TerminalProgress()
+    unlabelled = isinstance(splits, UnlabelledSplits)
+    records = record(bundle.model, splits.calibration, progress, with_features=with_features,
+                     teacher_labels=unlabelled)
+    return bundle, splits, progress, records
 
 
 def save_bundle_or_keep(bundle, out: str) -> None:

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from . import args as num
-from .common import (TerminalProgress, bundle_and_data, check_out, check_plotting, checked_unlabelled, load, pct,
-                     print_skipped, record, save_bundle_or_keep, splits_for, write_outputs)
+from .common import (TerminalProgress, bundle_and_data, calibration_records, checked_unlabelled, load, pct,
+                     print_skipped, report_outputs, save_bundle_or_keep, splits_for, write_outputs)
 
 
 def add_evaluate(sub) -> None:
@@ -31,11 +31,7 @@ def cmd_evaluate(args) -> int:
     from ..evaluate import evaluation_report, plot_report, record_outputs
     from ..cost import profile_latency
     from ..files import write_json
-    out_json = args.json or f"{Path(args.bundle or 'default').stem}-evaluation.json"
-    out_png = args.png or str(Path(out_json).with_suffix(".png"))
-    check_out(out_json, suffixes=(".json",), what="report", option="--json")
-    check_out(out_png, suffixes=(".png",), what="plot", option="--png")
-    check_plotting(args.png)
+    out_json, out_png = report_outputs(args, f"{Path(args.bundle or 'default').stem}-evaluation.json")
     bundle = load(args.bundle)
     model = bundle.model
     if args.unlabelled:
@@ -104,15 +100,7 @@ def add_search(sub) -> None:
 def cmd_search(args) -> int:
     from ..bench_report import front_table
     from ..fronts import search_bundle
-    from ..splits import UnlabelledSplits
-    if args.out:
-        check_out(args.out)
-    bundle = load(args.bundle)
-    check_out(args.out or args.bundle, suffixes=())  # written back over BUNDLE without --out
-    splits = splits_for(bundle, args)
-    progress = TerminalProgress()
-    unlabelled = isinstance(splits, UnlabelledSplits)
-    records = record(bundle.model, splits.calibration, progress, with_features=False, teacher_labels=unlabelled)
+    bundle, splits, progress, records = calibration_records(args, with_features=False)
     searched, rep = search_bundle(bundle, records, max_loss=args.max_loss / 100, budget=args.budget,
                                   measure=args.measure, split=splits.describe())
     full, flops = rep["full_accuracy"], rep["full_flops"]
@@ -169,11 +157,7 @@ def cmd_bench(args) -> int:
     from .. import bench_report
     from ..bench import run_benchmark
     from ..files import write_json
-    out_json = args.json or f"{Path(args.bundle).stem}-bench.json"
-    out_png = args.png or str(Path(out_json).with_suffix(".png"))
-    check_out(out_json, suffixes=(".json",), what="report", option="--json")
-    check_out(out_png, suffixes=(".png",), what="plot", option="--png")
-    check_plotting(args.png)
+    out_json, out_png = report_outputs(args, f"{Path(args.bundle).stem}-bench.json")
     bundle = load(args.bundle)
     if args.threads:
         torch.set_num_threads(args.threads)

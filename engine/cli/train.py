@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 from . import args as num
-from .common import (TerminalProgress, bundle_and_data, check_out, checked_unlabelled, load, pct, pick_device,
-                     print_calibration, print_skipped, print_warning, record, save_bundle_or_keep, splits_for)
+from .common import (TerminalProgress, bundle_and_data, calibration_records, check_out, checked_unlabelled, load, pct,
+                     pick_device,
+                     print_calibration, print_skipped, print_warning, record, save_bundle_or_keep)
 
 
 def add_train_exits(sub) -> None:
@@ -236,14 +237,8 @@ def cmd_train_policy(args) -> int:
     from ..bench_report import front_table
     from ..fronts import train_policy_bundle
     from ..train import get_trainer
-    if args.out:
-        check_out(args.out)
-    bundle = load(args.bundle)
-    check_out(args.out or args.bundle, suffixes=())  # written back over BUNDLE without --out
-    splits = splits_for(bundle, args)
-    progress = TerminalProgress()
+    bundle, splits, progress, records = calibration_records(args)
     unlabelled = isinstance(splits, UnlabelledSplits)
-    records = record(bundle.model, splits.calibration, progress, teacher_labels=unlabelled)
     proto = None
     if get_trainer(args.kind).uses_prototypes:  # class means of TRAINING features, never calibration ones
         if unlabelled:  # no labels to stratify by: an even spread
