@@ -304,3 +304,13 @@ def test_reference_runs_time_the_full_model_live_and_count_nowhere_else(bundle_p
     with pytest.raises(ValueError, match="reference_every"):
         Engine(bundle_path, device="cpu", reference_every=-1)
     assert not Engine(bundle_path, device="cpu", latency_repeats=2).infer(frame).full_ms_live
+
+
+def test_one_stalled_reference_run_does_not_claim_time_saved(bundle_path):
+    """The full model's live reference is the median of its runs: a stall in one of them (the machine
+    busy elsewhere) must not show as time saved."""
+    engine = Engine(bundle_path, device="cpu", latency_repeats=2, reference_every=1)
+    engine._reference_ms.extend([1.0, 1.1, 0.9, 50.0])
+    cost = engine.bundle.cost
+    full_ms, live = engine._full_ms(cost)
+    assert live and full_ms == pytest.approx(1.05)
