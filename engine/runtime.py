@@ -4,7 +4,6 @@ policy, and keep running totals. What it returns (`InferenceResult`) is all the 
 from __future__ import annotations
 
 import os
-import threading
 import time
 import weakref
 from collections import deque
@@ -62,9 +61,9 @@ class InferenceResult:
 class Engine:
     """A loaded bundle ready to classify frames on one device under one active policy.
 
-    Thread-safe for one producer: a worker thread may call `infer` while the GUI thread changes
-    thresholds (never blocked by a running inference), the policy or the device (these wait for
-    the frame in flight).
+    Not thread-safe, on purpose: one thread owns an Engine and makes every call on it, one after the
+    other (in the app, `app.workers.InferenceWorker`: the GUI thread queues threshold, policy and
+    device changes to it). One owner serialises; locks here would only repeat it.
     """
 
     def __init__(self, bundle: Bundle | str | os.PathLike | None = None, device: str = "auto", *,
@@ -97,8 +96,6 @@ class Engine:
         self._reference_every = reference_every
         self._frames_run = 0
         self._reference_ms: deque[float] = deque(maxlen=32)  # the latest live full-model timings
-        self._run_lock = threading.Lock()  # held while the model runs, moves or is profiled
-        self._lock = threading.Lock()  # held briefly to read or swap the policy, cost and totals
         self._device = str(next(self.model.parameters()).device)
         name = bundle.default_policy
         if bundle.policies[name].evaluation_only:  # e.g. an oracle saved for reference: never live
@@ -152,19 +149,16 @@ class Engine:
     @property
     def cost(self) -> CostTable:
         """FLOPs of the model and active policy, with the latency profile measured on this device."""
-        with self._lock:
-            return self._cost
+        return self._cost
 
     @property
     def policy(self) -> Policy:
-        with self._lock:
-            return self._policy
+        return self._policy
 
     @property
     def policy_name(self) -> str | None:
         """The bundle's name for the active policy; None for a policy given as an instance."""
-        with self._lock:
-            return self._policy_name
+        return self._policy_name
 
     @property
     def thresholds(self) -> list[float | None] | None:
@@ -175,8 +169,7 @@ class Engine:
     @property
     def totals(self) -> RunningTotals:
         """A snapshot of the running totals since the engine started or `reset_totals`."""
-        with self._lock:
-            return self._totals.snapshot()
+        return self._totals.snapshot()
 
     # -- changing what runs -----------------------------------------------------------------------
     def set_device(self, name: str) -> None:
@@ -185,35 +178,30 @@ class Engine:
         Raises ValueError for a device this machine does not have.
         """
         device = _resolve_device(name)
-        with self._run_lock:
-            with self._lock:
-                policy, cost, previous = self._policy, self._cost, self._device
-            try:
-                self.model.to(device)
-                policy.to(device)
-                prepared = self._prepare(policy)
-                if prepared.input_shape is not None:  # profiled as it runs: its batch-1 graphs
-                    cost = prepared.profile_latency(cost, repeats=self._repeats, warmup=3)
-                else:
-                    cost = profile_latency(self.model, cost, device=device, repeats=self._repeats, warmup=3,
-                                           threads=None)  # as this process runs frames
-            except BaseException:  # e.g. out of GPU memory: stay where we were
-                self.model.to(previous)
-                policy.to(previous)
-                raise
-            with self._lock:
-                self._device, self._cost, self._prepared = device, cost, prepared
-                self._reference_ms.clear()  # timings of the previous device
+        policy, cost, previous = self._policy, self._cost, self._device
+        try:
+            self.model.to(device)
+            policy.to(device)
+            prepared = self._prepare(policy)
+            if prepared.input_shape is not None:  # profiled as it runs: its batch-1 graphs
+                cost = prepared.profile_latency(cost, repeats=self._repeats, warmup=3)
+            else:
+                cost = profile_latency(self.model, cost, device=device, repeats=self._repeats, warmup=3,
+                                       threads=None)  # as this process runs frames
+        except BaseException:  # e.g. out of GPU memory: stay where we were
+            self.model.to(previous)
+            policy.to(previous)
+            raise
+        self._device, self._cost, self._prepared = device, cost, prepared
+        self._reference_ms.clear()  # timings of the previous device
 
     def model_changed(self) -> None:
         """Prepare the model again after its weights were changed in place (the prepared form runs
         copies of them). A retrained model loaded as a new bundle needs no call: a new Engine
         prepares it; changing the policy or the thresholds also notices changed weights."""
-        with self._run_lock:
-            prepared = self._prepare(self.policy)
-            with self._lock:
-                self._prepared = prepared
-                self._reference_ms.clear()
+        prepared = self._prepare(self.policy)
+        self._prepared = prepared
+        self._reference_ms.clear()
 
     def _prepare(self, policy: Policy) -> PreparedModel:
         """The model's prepared form, its graphs for `policy` and for every exit's head made now
@@ -224,16 +212,14 @@ class Engine:
         return prepared
 
     def _current_prepared(self, policy: Policy) -> None:
-        """Make `policy`'s graphs now, and prepare the model again if its weights changed (the
-        caller holds the run lock)."""
+        """Make `policy`'s graphs now, and prepare the model again if its weights changed."""
         prepared = self._prepared
         if prepared is None:
             return
         if not prepared.is_current():
             prepared = self._prepare(policy)
-            with self._lock:
-                self._prepared = prepared
-                self._reference_ms.clear()
+            self._prepared = prepared
+            self._reference_ms.clear()
         prepared.warm(policy)
 
     def set_policy(self, policy: str | Policy) -> None:
@@ -254,13 +240,11 @@ class Engine:
             raise ValueError(f"the {policy.kind!r} policy needs the labels and is for evaluation only; "
                              "choose another policy")
         policy.active_exits(self.num_exits)  # raises ValueError when it does not fit the exits
-        with self._run_lock:
-            policy.to(self._device).eval()
-            flops = self._policy_flops(policy)
-            self._current_prepared(policy)
-            with self._lock:
-                self._policy, self._policy_name = policy, name
-                self._cost = replace(self._cost, policy_flops=flops)
+        policy.to(self._device).eval()
+        flops = self._policy_flops(policy)
+        self._current_prepared(policy)
+        self._policy, self._policy_name = policy, name
+        self._cost = replace(self._cost, policy_flops=flops)
 
     def _policy_flops(self, policy: Policy) -> list[float]:
         """FLOPs of `policy`'s decision at every exit: what the policy declares (`decision_flops`),
@@ -280,23 +264,20 @@ class Engine:
         """
         if len(thresholds) != self.num_exits:
             raise ValueError(f"give {self.num_exits} thresholds (one per exit), not {len(thresholds)}")
-        with self._lock:  # never held during a run, so the GUI thread does not wait for a frame
-            policy = self._policy
-            if policy.thresholds is None:
-                raise ValueError(f"the active policy ({policy.describe()}) has no thresholds; "
-                                 "choose a threshold policy first")
-            # a new object rather than an edit: a frame in flight keeps the policy it started with
-            edited = policy.with_thresholds(thresholds)
-            self._policy = edited
-            prepared = self._prepared
+        policy = self._policy
+        if policy.thresholds is None:
+            raise ValueError(f"the active policy ({policy.describe()}) has no thresholds; "
+                             "choose a threshold policy first")
+        # a new object rather than an edit: a frame in flight keeps the policy it started with
+        edited = policy.with_thresholds(thresholds)
+        self._policy = edited
+        prepared = self._prepared
         # the graphs stay (a threshold is read on the host); weights changed in place are noticed here
         if prepared is not None and not prepared.is_current():
-            with self._run_lock:
-                self._current_prepared(edited)
+            self._current_prepared(edited)
 
     def reset_totals(self) -> None:
-        with self._lock:
-            self._totals = RunningTotals(self.num_exits, history=0)
+        self._totals = RunningTotals(self.num_exits, history=0)
 
     # -- running ----------------------------------------------------------------------------------
     def preprocess(self, frame: Frame, rgb: bool = False) -> torch.Tensor:
@@ -317,25 +298,23 @@ class Engine:
         return self._run(torch.cat([self.preprocess(f, rgb) for f in frames]))
 
     def _run(self, x: torch.Tensor) -> list[InferenceResult]:
-        with self._run_lock:
-            with self._lock:
-                policy, cost, device, prepared = self._policy, self._cost, self._device, self._prepared
-            x = x.to(device)
-            if prepared is not None:  # graphs a new set of active exits needs are made before the clock starts
-                prepared.warm(policy)
-            _sync(device)
-            start = time.perf_counter()
-            with torch.inference_mode():
-                out = (prepared or self.model).run(x, policy)
-            _sync(device)
-            ms = (time.perf_counter() - start) * 1000.0 / x.shape[0]
-            self._frames_run += 1
-            if self._reference_every and x.shape[0] == 1 and (self._frames_run - 1) % self._reference_every == 0:
-                self._time_full_model(x, device, prepared)
+        policy, cost, device, prepared = self._policy, self._cost, self._device, self._prepared
+        x = x.to(device)
+        if prepared is not None:  # graphs a new set of active exits needs are made before the clock starts
+            prepared.warm(policy)
+        _sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = (prepared or self.model).run(x, policy)
+        _sync(device)
+        ms = (time.perf_counter() - start) * 1000.0 / x.shape[0]
+        self._frames_run += 1
+        if self._reference_every and x.shape[0] == 1 and (self._frames_run - 1) % self._reference_every == 0:
+            self._time_full_model(x, device, prepared)
         return self._results(out, policy, cost, ms)
 
     def _time_full_model(self, x: torch.Tensor, device: str, prepared: PreparedModel | None) -> None:
-        """Run and time the full model on `x` as the staged run runs (the caller holds the run lock)."""
+        """Run and time the full model on `x` as the staged run runs."""
         _sync(device)
         start = time.perf_counter()
         with torch.inference_mode():
@@ -346,8 +325,7 @@ class Engine:
                     x = stage(x)
                 self.model.exits[-1](x)
         _sync(device)
-        with self._lock:
-            self._reference_ms.append((time.perf_counter() - start) * 1000.0)
+        self._reference_ms.append((time.perf_counter() - start) * 1000.0)
 
     def _full_ms(self, cost: CostTable) -> tuple[float, bool]:
         """The full model's ms to compare with: the median of the live reference runs, else the profile.
@@ -356,8 +334,7 @@ class Engine:
         so one stall of the machine (another process, a page fault) in a reference run would weigh
         ten times what it weighs among the live frames and claim time saved that was not (seen: "time
         saved 60 %" next to "FLOPs saved 45 %" while another process loaded the CPU)."""
-        with self._lock:
-            live = sorted(self._reference_ms)
+        live = sorted(self._reference_ms)
         if live:
             mid = len(live) // 2
             return (live[mid] if len(live) % 2 else (live[mid - 1] + live[mid]) / 2), True
@@ -383,9 +360,8 @@ class Engine:
                                     [(names[c], p) for c, p in zip(top_i[i][e], top_p[i][e])],
                                     limits[e] if e < n_exits - 1 else None, e == fired)
                         for e in range(n_exits) if ran[i][e]]
-            with self._lock:
-                self._totals.count(fired, n_exits, flops_at[fired], full_flops, ms, full_ms)
-                totals = self._totals.snapshot()
+            self._totals.count(fired, n_exits, flops_at[fired], full_flops, ms, full_ms)
+            totals = self._totals.snapshot()
             results.append(InferenceResult(
                 exit_index=fired, num_exits=n_exits, class_index=top_i[i][fired][0],
                 label=names[top_i[i][fired][0]], confidence=top_p[i][fired][0], exits=readings,

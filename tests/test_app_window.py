@@ -228,3 +228,30 @@ def test_a_bundle_that_fails_with_no_model_loaded_brings_in_the_built_in_one(qtb
         win.session.load_bundle(str(bad))
     assert win.session.info is not None and win.session.info.path.endswith("default.offramp")
     assert win.banner.isVisible() and "damaged.offramp" in win.banner.text
+
+
+def test_the_inference_worker_is_the_engines_only_caller(qtbot, window, image_folder, monkeypatch):
+    """One owner serialises the engine: while a folder plays and thresholds move on the GUI thread,
+    every call on the Engine is made by one thread, the inference worker's, never the GUI's."""
+    import threading
+
+    from engine.runtime import Engine
+    callers: set[int] = set()
+    for name in ("infer", "set_thresholds", "set_policy"):
+        original = getattr(Engine, name)
+
+        def spy(self, *a, _original=original, **kw):
+            callers.add(threading.get_ident())
+            return _original(self, *a, **kw)
+        monkeypatch.setattr(Engine, name, spy)
+    window.transport.pace.setCurrentIndex(1)
+    window.transport.pace.activated.emit(1)  # full speed
+    window.open_source(str(image_folder))
+    qtbot.waitUntil(lambda: window.session.stats.frames >= 3, timeout=WAIT)
+    for value in (10, 90, 40, 70):
+        window.policy_panel.rows[0].slider.setValue(value)
+        qtbot.wait(20)
+    frames = window.session.stats.frames
+    qtbot.waitUntil(lambda: window.session.stats.frames >= frames + 3, timeout=WAIT)
+    window.session.close_source()
+    assert len(callers) == 1 and threading.get_ident() not in callers
