@@ -95,3 +95,20 @@ def cancel_and_check_untouched(qtbot, panel, session, info, weights: dict, timeo
     assert "cancelled" in panel.stage_label.text() and panel.new_bundle is None
     assert session.info is info and not panel.use_button.isEnabled()
     assert all((v == weights[k]).all() for k, v in info.bundle.model.state_dict().items())
+
+
+@pytest.fixture
+def window(qtbot, tmp_path, bundle_path):
+    """A shown MainWindow with a settings file of its own (tmp_path/settings.ini) and the tiny bundle
+    loaded; closed and deleted through Qt at teardown (qtbot), not by Python's garbage collector."""
+    from PySide6.QtCore import QSettings
+
+    from app.main_window import MainWindow
+    from app.session import Session
+    settings = QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
+    win = MainWindow(Session(device="cpu"), settings=settings)
+    qtbot.addWidget(win)
+    win.show()
+    with qtbot.waitSignal(win.session.model_loaded, timeout=20000):
+        win.session.load_bundle(str(bundle_path))
+    return win

@@ -23,19 +23,11 @@ from app.sources import Frame  # noqa: E402
 from app.stats import RunningTotals  # noqa: E402
 from app.widgets import NORMAL, PRESENTATION  # noqa: E402
 from engine.runtime import ExitReading, InferenceResult, RunningTotals  # noqa: E402
-from qt_helpers import bundle_path, image_folder, no_leaked_threads, write_tiny_bundle  # noqa: E402,F401
+from qt_helpers import bundle_path, image_folder, no_leaked_threads, window, write_tiny_bundle  # noqa: E402,F401
 
 WAIT = 20000
 
 
-@pytest.fixture
-def window(qtbot, tmp_path, bundle_path):
-    win = MainWindow(Session(device="cpu"), settings=QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
-    qtbot.addWidget(win)
-    win.show()
-    with qtbot.waitSignal(win.session.model_loaded, timeout=WAIT):
-        win.session.load_bundle(str(bundle_path))
-    return win
 
 
 def _result(exit_index: int, num_exits: int = 3, ms: float = 1.0, full_ms: float = 2.0, live: bool = True,

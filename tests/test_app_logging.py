@@ -12,25 +12,14 @@ import traceback  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
-from PySide6.QtCore import QSettings  # noqa: E402
 
 from app.__main__ import main, parse_args  # noqa: E402
-from app.main_window import MainWindow  # noqa: E402
-from app.session import Session  # noqa: E402
 from engine.logs import setup_logging  # noqa: E402
-from qt_helpers import bundle_path, image_folder, no_leaked_threads  # noqa: E402,F401
+from qt_helpers import bundle_path, image_folder, no_leaked_threads, window  # noqa: E402,F401
 
 WAIT = 20000  # ms; generous, the machine is shared
 
 
-@pytest.fixture
-def window(qtbot, tmp_path, bundle_path):
-    win = MainWindow(Session(device="cpu"), settings=QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
-    qtbot.addWidget(win)
-    win.show()
-    with qtbot.waitSignal(win.session.model_loaded, timeout=WAIT):
-        win.session.load_bundle(str(bundle_path))
-    return win
 
 
 @pytest.fixture

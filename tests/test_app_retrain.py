@@ -6,24 +6,13 @@ import os
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 import pytest  # noqa: E402
-from PySide6.QtCore import QSettings  # noqa: E402
 
-from app.main_window import MainWindow  # noqa: E402
-from app.session import Session  # noqa: E402
-from qt_helpers import bundle_path, cancel_and_check_untouched, image_folder, no_leaked_threads  # noqa: E402,F401
+from qt_helpers import bundle_path, cancel_and_check_untouched, image_folder, no_leaked_threads, window  # noqa: E402,F401
 from synth import make_image_folder  # noqa: E402
 
 WAIT = 60000
 
 
-@pytest.fixture
-def window(qtbot, tmp_path, bundle_path):
-    win = MainWindow(Session(device="cpu"), settings=QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
-    qtbot.addWidget(win)
-    win.show()
-    with qtbot.waitSignal(win.session.model_loaded, timeout=WAIT):
-        win.session.load_bundle(str(bundle_path))
-    return win
 
 
 def _check(qtbot, panel, folder):

@@ -14,20 +14,11 @@ from PySide6.QtGui import QDropEvent  # noqa: E402
 from app.main_window import MainWindow  # noqa: E402
 from app.menus import model_info_dialog  # noqa: E402
 from app.session import Session  # noqa: E402
-from qt_helpers import bundle_path, image_folder, no_leaked_threads, write_tiny_bundle  # noqa: E402,F401
+from qt_helpers import bundle_path, image_folder, no_leaked_threads, window, write_tiny_bundle  # noqa: E402,F401
 
 WAIT = 20000  # ms; generous, the machine is shared
 
 
-@pytest.fixture
-def window(qtbot, tmp_path, bundle_path):
-    settings = QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
-    win = MainWindow(Session(device="cpu"), settings=settings)
-    qtbot.addWidget(win)  # closed and deleted through Qt at teardown, not by Python's garbage collector
-    win.show()
-    with qtbot.waitSignal(win.session.model_loaded, timeout=WAIT):
-        win.session.load_bundle(str(bundle_path))
-    return win
 
 
 def _still(tmp_path, name="still.png"):
