@@ -56,10 +56,29 @@ class MainWindow(QMainWindow):
         self.setAcceptDrops(True)
         self.resize(1400, 900)
 
+        self._build_central()
+        self._build_docks()
+        self._build_status_bar()
+        self.actions = build_menus(self)
+        self.menus_built = True
+        self.normal_layout = NormalLayout(self)
+
+        self._start_timers()
+        self._subscribe()
+        self.memory = WindowMemory(self, settings) if settings is not None else None
+        if self.memory is not None:
+            self.capture_panel.changed.connect(self.memory.save_panels)
+            self.retrain_panel.changed.connect(self.memory.save_panels)
+            self.memory.restore()
+        if presentation:
+            self.set_presentation(True)
+
+    def _build_central(self) -> None:
+        """The frame, its banners, the transport bar and the exit diagram, top to bottom."""
         self.banner = ErrorBanner()
         self.offer = OfferBanner()
         self.video = VideoView()
-        self.transport = TransportBar(session)
+        self.transport = TransportBar(self.session)
         self.diagram = ExitDiagram()
         central = QWidget()
         layout = QVBoxLayout(central)
@@ -71,11 +90,13 @@ class MainWindow(QMainWindow):
         layout.addWidget(self.diagram, 1)
         self.setCentralWidget(central)
 
+    def _build_docks(self) -> None:
+        """The panels around the frame, each in a dock; the live ones in `live_views`."""
         self.confidence = ConfidencePlot()
         self.compute = ComputePanel()
-        self.policy_panel = PolicyPanel(session)
-        self.retrain_panel = RetrainPanel(session)
-        self.capture_panel = CapturePanel(session, lambda: self.shown_frame)
+        self.policy_panel = PolicyPanel(self.session)
+        self.retrain_panel = RetrainPanel(self.session)
+        self.capture_panel = CapturePanel(self.session, lambda: self.shown_frame)
         self.docks = {
             "confidence": self._dock("confidence", "Confidence per exit", self.confidence, Qt.DockWidgetArea.RightDockWidgetArea),
             "compute": self._dock("compute", "Compute saved", self.compute, Qt.DockWidgetArea.RightDockWidgetArea),
@@ -91,15 +112,17 @@ class MainWindow(QMainWindow):
         self.docks["policy"].raise_()
         self.resizeDocks([self.docks["policy"], self.docks["confidence"]], [380, 420], Qt.Orientation.Horizontal)
 
+    def _build_status_bar(self) -> None:
+        """Model, device and frames per second, always in view."""
         self.model_label = QLabel("no model")
-        self.device_label = QLabel(f"device: {session.device}")
+        self.device_label = QLabel(f"device: {self.session.device}")
         self.fps_label = QLabel("")
         self.fps_label.setMinimumWidth(self.fps_label.fontMetrics().horizontalAdvance("000.0 frames/s"))
         for w in (self.model_label, self.device_label, self.fps_label):
             self.statusBar().addPermanentWidget(w)
-        self.actions = build_menus(self)
-        self.normal_layout = NormalLayout(self)
 
+    def _start_timers(self) -> None:
+        """Redraws at most every RENDER_MS; running figures the throttle left out; the frame rate."""
         self._render_timer = QTimer(self)
         self._render_timer.setInterval(RENDER_MS)
         self._render_timer.setSingleShot(True)
@@ -116,25 +139,20 @@ class MainWindow(QMainWindow):
         self._fps_shown = False
         self._shown = None  # the result on screen
 
-        session.result.connect(self._on_result)
-        session.model_loaded.connect(self._on_model_loaded)
-        session.policy_changed.connect(self._on_policy_changed)
-        session.device_changed.connect(self._on_device_changed)
-        session.error.connect(self.show_error)
-        session.status.connect(self._on_status)
-        session.source_opened.connect(self._on_source_opened)
-        session.source_failed.connect(self._on_source_failed)
-        session.loading.connect(self._on_loading)
-        session.model_loaded.connect(self._on_fallback_loaded)
-        session.load_failed.connect(self._on_load_failed)
+    def _subscribe(self) -> None:
+        """What the session says, and what the panels ask of the window."""
+        self.session.result.connect(self._on_result)
+        self.session.model_loaded.connect(self._on_model_loaded)
+        self.session.policy_changed.connect(self._on_policy_changed)
+        self.session.device_changed.connect(self._on_device_changed)
+        self.session.error.connect(self.show_error)
+        self.session.status.connect(self._on_status)
+        self.session.source_opened.connect(self._on_source_opened)
+        self.session.source_failed.connect(self._on_source_failed)
+        self.session.loading.connect(self._on_loading)
+        self.session.model_loaded.connect(self._on_fallback_loaded)
+        self.session.load_failed.connect(self._on_load_failed)
         self.capture_panel.retrain_requested.connect(self._on_retrain_requested)
-        self.memory = WindowMemory(self, settings) if settings is not None else None
-        if self.memory is not None:
-            self.capture_panel.changed.connect(self.memory.save_panels)
-            self.retrain_panel.changed.connect(self.memory.save_panels)
-            self.memory.restore()
-        if presentation:
-            self.set_presentation(True)
 
     def add_panel(self, name: str, title: str, widget: QWidget,
                   area: Qt.DockWidgetArea = Qt.DockWidgetArea.RightDockWidgetArea) -> QDockWidget:
@@ -144,8 +162,9 @@ class MainWindow(QMainWindow):
         if name in self.docks:
             raise ValueError(f"a panel named {name!r} is already in the window")
         dock = self.docks[name] = self._dock(name, title, widget, area)
-        self.actions.view_menu.addAction(dock.toggleViewAction())
-        if isinstance(widget, LiveView):
+        if getattr(self, "menus_built", False):  # else the menus, built after the docks, list it too
+            self.actions.view_menu.addAction(dock.toggleViewAction())
+        if isinstance(widget, LiveView) and hasattr(self, "live_views"):
             self.live_views = (*self.live_views, widget)
             widget.set_theme(self.theme)
             if self.session.info is not None:

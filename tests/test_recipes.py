@@ -158,3 +158,44 @@ def test_recipe_add_a_panel(qtbot, tmp_path):
     with pytest.raises(ValueError, match="already in the window"):
         window.add_panel("last_exit", "Again", QLabel())
     window.session.close_source()
+
+
+def test_recipe_a_panel_added_while_the_docks_are_built_is_in_the_menu_and_fed(qtbot, tmp_path):
+    """The recipe's own place for the line: the end of `MainWindow._build_docks`."""
+    from PySide6.QtCore import QSettings
+    from PySide6.QtWidgets import QLabel
+
+    from app.main_window import MainWindow
+    from app.session import Session
+
+    class Counter(QLabel):
+        def __init__(self):
+            super().__init__("0")
+            self.models = 0
+
+        def set_model(self, info):
+            self.models += 1
+
+        def show_result(self, result, frame):
+            pass
+
+        def set_theme(self, theme):
+            pass
+
+        def clear(self):
+            pass
+
+    class Window(MainWindow):
+        def _build_docks(self) -> None:
+            super()._build_docks()
+            self.counter = Counter()
+            self.add_panel("counter", "Counter", self.counter)
+
+    window = Window(Session(device="cpu"), settings=QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
+    qtbot.addWidget(window)
+    assert window.docks["counter"].toggleViewAction() in window.actions.view_menu.actions()
+    assert window.counter in window.live_views
+    from qt_helpers import write_tiny_bundle
+    with qtbot.waitSignal(window.session.model_loaded, timeout=20000):
+        window.session.load_bundle(str(write_tiny_bundle(tmp_path / "t.offramp")))
+    assert window.counter.models == 1
