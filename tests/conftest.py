@@ -43,3 +43,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def restore_logging():
+    """Take away the handlers `setup_logging` installs, and the root level, after the test."""
+    import logging
+    root = logging.getLogger()
+    level = root.level
+    yield
+    for handler in [h for h in root.handlers if getattr(h, "offramp", False)]:
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(level)

@@ -22,16 +22,6 @@ WAIT = 20000  # ms; generous, the machine is shared
 
 
 
-@pytest.fixture
-def restore_logging():
-    """Take away the handlers `setup_logging` installs, and the root level, after the test."""
-    root = logging.getLogger()
-    level = root.level
-    yield
-    for handler in [h for h in root.handlers if getattr(h, "offramp", False)]:
-        root.removeHandler(handler)
-        handler.close()
-    root.setLevel(level)
 
 
 def _logged_traceback(caplog, logger: str, text: str) -> str:

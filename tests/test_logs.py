@@ -6,16 +6,7 @@ import pytest
 from engine.cli import main
 
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """Take away the handlers `setup_logging` installs, and the root level, after each test."""
-    root = logging.getLogger()
-    level = root.level
-    yield
-    for handler in [h for h in root.handlers if getattr(h, "offramp", False)]:
-        root.removeHandler(handler)
-        handler.close()
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_logging")  # conftest.py
 
 
 def test_cli_log_level(capsys):

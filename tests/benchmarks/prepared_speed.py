@@ -38,6 +38,7 @@ from engine.bundle import Bundle, default_bundle_path, load_bundle  # noqa: E402
 from engine.cost import measure_costs, with_policy_flops  # noqa: E402
 from engine.model import MultiExitNet  # noqa: E402
 from engine.policies import BolukbasiPolicy, StructurePolicy, ThresholdPolicy  # noqa: E402
+from engine.bench import time_batch1  # noqa: E402
 from engine.prepared import prepare  # noqa: E402
 from engine.speed import exit_overhead  # noqa: E402
 
@@ -50,21 +51,10 @@ def target(name: str, hit: bool, achieved: str) -> None:
 
 
 def interleaved_ms(runs: dict, n: int, *, repeats: int = 1, seed: int = 0) -> dict[str, float]:
-    """Median ms of every run(i) over images 0..n−1 (× repeats), each image through all runs in a shuffled order."""
-    names, times = list(runs), {k: [] for k in runs}
-    rng = random.Random(seed)
-    with torch.inference_mode():
-        for name in names:
-            for i in range(min(3, n)):
-                runs[name](i)
-        for _ in range(repeats):
-            for i in range(n):
-                rng.shuffle(names)
-                for name in names:
-                    start = time.perf_counter()
-                    runs[name](i)
-                    times[name].append((time.perf_counter() - start) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    """Median ms of every run(i) over images 0..n−1 (× repeats), interleaved as `offramp bench` times."""
+    timed = time_batch1({k: (lambda i, run=run: run(i % n)) for k, run in runs.items()}, n * repeats,
+                        warmup=3, seed=seed)
+    return {k: v["median_ms"] for k, v in timed.items()}
 
 
 # -- the checks -------------------------------------------------------------------------------------
