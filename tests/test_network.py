@@ -65,3 +65,23 @@ def test_zero_exit_weights_leave_those_heads_untrained():
     with pytest.raises(ValueError, match="exit_weights"):
         train_network(NetworkConfig(arch="cifar_resnet_small", epochs=1, exit_weights=[1, 1]), images, labels,
                       ["r", "g", "b"], log=lambda s: None)
+
+
+def test_joint_training_distils_from_a_teacher_and_starts_from_a_whole_network():
+    """Phase B of the built-in recipe: a network whose last exit was trained alone is the starting
+    point (its whole state dict) and the teacher; every exit learns labels + the teacher's logits."""
+    from engine.train.network import build_network
+    images, labels = _data()
+    names = ["r", "g", "b"]
+    first = NetworkConfig(arch="cifar_resnet_small", epochs=1, batch_size=32, lr=0.05, exit_weights=[0, 0, 1])
+    teacher, _ = train_network(first, images, labels, names, log=lambda s: None)
+    joint = NetworkConfig(arch="cifar_resnet_small", epochs=4, batch_size=32, lr=0.05, distill=0.5, seed=1)
+    start = build_network(joint, names, teacher.state_dict())
+    for (k, a), b in zip(start.state_dict().items(), teacher.state_dict().values()):
+        assert torch.equal(a, b), k  # the whole network, early heads included, is where it starts
+    model, history = train_network(joint, images, labels, names, init=teacher.state_dict(), teacher=teacher,
+                                   log=lambda s: None, val=(images, labels))
+    assert min(history[-1]["val_accuracy"]) > 0.6
+    assert not any(p.requires_grad for p in teacher.parameters())  # the teacher itself is never trained
+    with pytest.raises(ValueError, match="no teacher"):
+        train_network(joint, images, labels, names, log=lambda s: None)

@@ -44,6 +44,9 @@ class NetworkConfig:
     exit_weights: list[float] = field(default_factory=list)  # loss weight per exit ([] = all 1)
     pad: int = 4  # random-crop padding in pixels
     seed: int = 0
+    arch_kwargs: dict = field(default_factory=dict)  # e.g. {"stages_per_group": 3} for cifar_resnet56a
+    distill: float = 0.0  # weight of distillation from a teacher's logits in every exit's loss (0..1)
+    distill_temperature: float = 3.0
 
 
 def decode_dataset(dataset, size: int, *, progress: ProgressFn | None = None, cancel: CancelFlag | None = None):
@@ -72,12 +75,17 @@ def decode_dataset(dataset, size: int, *, progress: ProgressFn | None = None, ca
 
 def build_network(cfg: NetworkConfig, class_names: list[str],
                   init: dict[str, torch.Tensor] | None = None) -> MultiExitNet:
-    """`cfg.arch` with exits after every stage; its backbone (classifier included: it becomes the last
-    exit) starts from the state dict `init` when given."""
-    backbone = build_backbone(cfg.arch, num_classes=len(class_names))
-    if init is not None:
+    """`cfg.arch` with exits after every stage, starting from the state dict `init` when given: a
+    backbone's (classifier included: it becomes the last exit) or a whole network's of this config
+    (keys `backbone.*` and `exits.*`, e.g. an earlier run that trained the last exit only)."""
+    backbone = build_backbone(cfg.arch, num_classes=len(class_names), **cfg.arch_kwargs)
+    whole = init is not None and any(k.startswith("exits.") for k in init)
+    if init is not None and not whole:
         backbone.load_state_dict(init)
-    return MultiExitNet.attach(backbone, class_names=class_names, head=cfg.head)
+    model = MultiExitNet.attach(backbone, class_names=class_names, head=cfg.head)
+    if whole:
+        model.load_state_dict(init)
+    return model
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -121,6 +129,17 @@ def read_checkpoint(path: str | Path, cfg: NetworkConfig, device: str = "cpu") -
     return {**state, "epoch": epoch, "history": history}
 
 
+def _exit_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, cfg: NetworkConfig) -> torch.Tensor:
+    """One exit's training loss: label cross-entropy, mixed with distillation when `target` (the
+    teacher's log-probabilities at the distillation temperature) is given."""
+    ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+    if target is None:
+        return ce
+    t = cfg.distill_temperature
+    kl = F.kl_div(F.log_softmax(logits / t, 1), target, reduction="batchmean", log_target=True)
+    return (1 - cfg.distill) * ce + cfg.distill * t * t * kl
+
+
 @torch.no_grad()
 def accuracy_per_exit(model: MultiExitNet, images: torch.Tensor, labels: torch.Tensor, device: str,
                       batch_size: int = 500) -> list[float]:
@@ -138,8 +157,14 @@ def accuracy_per_exit(model: MultiExitNet, images: torch.Tensor, labels: torch.T
 def train_network(cfg: NetworkConfig, images: torch.Tensor, labels: torch.Tensor, class_names: list[str], *,
                   device: str = "cpu", checkpoint: str | Path | None = None, val: tuple | None = None,
                   progress: ProgressFn | None = None, cancel: CancelFlag | None = None,
-                  init: dict[str, torch.Tensor] | None = None, log=print) -> tuple[MultiExitNet, list[dict]]:
-    """Train backbone and all exits jointly (sum of per-exit cross-entropies) with SGD + one-cycle.
+                  init: dict[str, torch.Tensor] | None = None, teacher: torch.nn.Module | None = None,
+                  log=print) -> tuple[MultiExitNet, list[dict]]:
+    """Train backbone and all exits jointly (weighted sum of per-exit losses) with SGD + one-cycle.
+
+    Each exit's loss is cross-entropy, or with `teacher` (a frozen network whose forward gives logits
+    over the same classes, e.g. the fine-tuned network before exits were trained into it) and
+    `cfg.distill` = d > 0: (1 - d) * cross-entropy + d * T² * KL(teacher ‖ exit) at T =
+    `cfg.distill_temperature` (Hinton et al. 2015), computed on the same augmented batch.
 
     `images` uint8 (N, 3, H, W) and `labels` (N,). With `checkpoint`, the run resumes from that file
     if it exists (same config required) and rewrites it atomically after every epoch. `init`, a state
@@ -162,6 +187,14 @@ def train_network(cfg: NetworkConfig, images: torch.Tensor, labels: torch.Tensor
                           lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
                                                 pct_start=0.25, div_factor=10, final_div_factor=100)
+    if cfg.distill > 0 and teacher is None:
+        raise ValueError(f"distill is {cfg.distill} but no teacher network was given to learn from")
+    if not 0.0 <= cfg.distill <= 1.0:
+        raise ValueError(f"distill is a weight in [0, 1], got {cfg.distill}")
+    if teacher is not None and cfg.distill > 0:
+        teacher = teacher.to(device).eval().requires_grad_(False)
+    else:
+        teacher = None
     weights = cfg.exit_weights or [1.0] * model.num_exits
     if len(weights) != model.num_exits:
         raise ValueError(f"exit_weights has {len(weights)} entries but {cfg.arch} has {model.num_exits} exits")
@@ -196,9 +229,12 @@ def train_network(cfg: NetworkConfig, images: torch.Tensor, labels: torch.Tensor
                 x = x.contiguous(memory_format=torch.channels_last)
             y = labels_dev[idx]
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
+                target = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        target = F.log_softmax(teacher(x).float() / cfg.distill_temperature, 1)
                 outs = model.forward_all(x)
-                loss = sum(w * F.cross_entropy(o.float(), y, label_smoothing=cfg.label_smoothing)
-                           for w, o in zip(weights, outs)) / sum(weights)
+                loss = sum(w * _exit_loss(o.float(), y, target, cfg) for w, o in zip(weights, outs) if w) / sum(weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
