@@ -69,7 +69,7 @@ def score_on(records: Records, cost: CostTable, policies: Sequence[Policy]) -> l
     out = []
     for policy in policies:
         ev = evaluate_policy(records, policy, with_policy_flops(cost, policy))
-        out.append({"accuracy": ev["accuracy"], "flops": ev["mean_flops"], "saved": ev["saved"],
+        out.append({"accuracy": ev["accuracy"], "loss_se": ev["loss_se"], "flops": ev["mean_flops"], "saved": ev["saved"],
                     "exit_fractions": ev["exit_fractions"], "policy": ev["policy"]})
     return out
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .budget import within_budget
 from .cost import CostTable
 from .model import MultiExitNet
 from .policies import OraclePolicy, Policy, ThresholdPolicy, confidence, simulate
@@ -124,12 +125,22 @@ def _summary(exits: torch.Tensor, correct: torch.Tensor, cost: CostTable, active
     curve point and evaluate_policy of its policy give identical numbers."""
     picked = correct[torch.arange(exits.numel()), exits]
     flops = torch.tensor(cost.cumulative_flops(active), dtype=torch.float64)[exits].mean().item()
-    out = {"accuracy": picked.double().mean().item(), "flops": flops, "saved": 1.0 - flops / cost.full_flops}
+    out = {"accuracy": picked.double().mean().item(), "flops": flops, "saved": 1.0 - flops / cost.full_flops,
+           "loss_se": loss_standard_error(picked, correct[:, -1])}
     if cost.has_latency:
         ms = torch.tensor(cost.cumulative_ms(active), dtype=torch.float64)[exits].mean().item()
         out["ms"] = ms
         out["speedup"] = cost.full_ms / ms if ms > 0 else math.inf
     return out
+
+
+def loss_standard_error(picked: torch.Tensor, full: torch.Tensor) -> float:
+    """Standard error of the accuracy lost against the full model, from the paired per-sample
+    differences (full right − policy right, each −1, 0 or 1) on the same N samples: it shrinks with
+    N and with how rarely the two disagree. 0 for N < 2."""
+    d = full.double() - picked.double()
+    n = d.numel()
+    return math.sqrt(max(d.var().item(), 0.0) / n) if n >= 2 else 0.0
 
 
 def evaluate_policy(records: Records, policy: Policy, cost: CostTable) -> dict:
@@ -150,7 +161,7 @@ def evaluate_policy(records: Records, policy: Policy, cost: CostTable) -> dict:
     took = correct[torch.arange(exits.numel()), exits]
     exit_acc = [took[exits == e].double().mean().item() if counts[e] else None for e in range(num_exits)]
     out = {"policy": policy.to_json(), "num_samples": records.num_samples, "accuracy": s["accuracy"],
-           "mean_flops": s["flops"], "full_flops": cost.full_flops, "saved": s["saved"],
+           "loss_se": s["loss_se"], "mean_flops": s["flops"], "full_flops": cost.full_flops, "saved": s["saved"],
            "flops_speedup": cost.full_flops / s["flops"] if s["flops"] > 0 else math.inf}
     if "ms" in s:
         out.update(mean_ms=s["ms"], full_ms=cost.full_ms, speedup=s["speedup"])
@@ -234,29 +245,34 @@ def pareto(points: Sequence[dict], *, x: str = "flops", y: str = "accuracy") -> 
     return front
 
 
+# One-sided 95 % normal bound: a point promised within `max_loss` on the data it was chosen on must
+# keep that promise on new data, so its measured loss plus this many standard errors must fit.
+MARGIN_Z = 1.645
+
+
 def pick_point(front: Sequence[dict], *, max_loss: float | None = None, full_accuracy: float | None = None,
-               budget: float | None = None) -> dict:
+               budget: float | None = None, margin_z: float = MARGIN_Z) -> dict:
     """An operating point of a front (cheapest first, as `pareto` returns it).
 
-    max_loss: the cheapest point whose accuracy >= full_accuracy − max_loss (full_accuracy
-    defaults to the front's best; when no point qualifies, the most accurate one).
-    budget in 0..1: the most accurate point whose flops lie within that fraction of the way
-    from the cheapest point's flops to the dearest's. Give exactly one; ValueError otherwise.
+    max_loss: the cheapest point whose accuracy, lowered by `margin_z` standard errors of its loss
+    (the point's "loss_se", when it has one: the margin for the size of the fitting data), is
+    >= full_accuracy − max_loss (full_accuracy defaults to the front's best; when no point
+    qualifies, the most accurate one). margin_z=0 compares the measured accuracy alone.
+    budget (0 < budget <= 1, a fraction of the full model's FLOPs, read from each point's
+    "saved"): the most accurate point within it, none: the cheapest (`engine.budget.within_budget`).
+    Give exactly one; ValueError otherwise, or for a budget outside (0, 1].
     The index of the result is `front.index(point)`.
     """
     if not front:
         raise ValueError("the front is empty: there is no operating point to pick")
     if (max_loss is None) == (budget is None):
-        raise ValueError("give exactly one of max_loss (accuracy you may lose) or budget (0..1 along the front)")
+        raise ValueError("give exactly one of max_loss (accuracy you may lose) or budget (a fraction of the full "
+                         "model's FLOPs)")
     if max_loss is not None:
         ref = max(p["accuracy"] for p in front) if full_accuracy is None else full_accuracy
-        ok = [p for p in front if p["accuracy"] >= ref - max_loss]
+        ok = [p for p in front if p["accuracy"] - margin_z * p.get("loss_se", 0.0) >= ref - max_loss - 1e-12]
         return min(ok, key=lambda p: p["flops"]) if ok else max(front, key=lambda p: p["accuracy"])
-    if not 0.0 <= budget <= 1.0:
-        raise ValueError(f"budget {budget} is outside 0..1")
-    lo, hi = min(p["flops"] for p in front), max(p["flops"] for p in front)
-    limit = lo + budget * (hi - lo) + 1e-9 * max(abs(hi), 1.0)
-    return max((p for p in front if p["flops"] <= limit), key=lambda p: (p["accuracy"], -p["flops"]))
+    return front[within_budget(front, budget)[0]]
 
 
 def operating_front(records: Records, cost: CostTable, measure: str = "max_prob",

@@ -371,3 +371,36 @@ def test_nice_ticks_are_round():
     assert ticks[0] <= 12 and ticks[-1] >= 71 and all(t % 10 == 0 for t in ticks) and decimals == 0
     ticks, decimals = nice_ticks(0.999, 1.0)
     assert decimals == 4 and 4 <= len(ticks) <= 8
+
+
+def test_loss_standard_error_is_the_paired_difference_s_standard_error():
+    from engine.evaluate import loss_standard_error
+    full = torch.tensor([1, 1, 1, 1, 0, 1, 1, 0], dtype=torch.bool)
+    picked = torch.tensor([1, 0, 1, 1, 1, 0, 1, 0], dtype=torch.bool)
+    d = torch.tensor([0., 1, 0, 0, -1, 1, 0, 0], dtype=torch.float64)
+    assert abs(loss_standard_error(picked, full) - (d.var() / 8).sqrt().item()) < 1e-12
+    assert loss_standard_error(full, full) == 0.0  # never disagreeing: no doubt about the loss
+    assert loss_standard_error(picked[:1], full[:1]) == 0.0
+
+
+def test_pick_point_keeps_a_margin_for_the_size_of_the_fitting_data():
+    """A point that looks within the target only by luck on few samples is not chosen: its measured
+    loss plus 1.645 standard errors must fit (a one-sided 95 % bound)."""
+    from engine.evaluate import pick_point
+    front = [{"flops": 1.0, "accuracy": 0.896, "loss_se": 0.004},  # 0.4 point lost, ± 0.4
+             {"flops": 2.0, "accuracy": 0.899, "loss_se": 0.001},  # 0.1 point lost, ± 0.1
+             {"flops": 3.0, "accuracy": 0.900, "loss_se": 0.0}]
+    assert pick_point(front, max_loss=0.005, full_accuracy=0.9)["flops"] == 2.0
+    assert pick_point(front, max_loss=0.005, full_accuracy=0.9, margin_z=0)["flops"] == 1.0
+    legacy = [{k: v for k, v in p.items() if k != "loss_se"} for p in front]  # fronts stored before the margin
+    assert pick_point(legacy, max_loss=0.005, full_accuracy=0.9)["flops"] == 1.0
+
+
+def test_every_front_point_carries_its_loss_standard_error():
+    from engine.evaluate import evaluate_policy, full_model_point, full_model_policy, operating_front
+    records, cost = _random_records(), _random_cost()
+    front = operating_front(records, cost)
+    assert all(p["loss_se"] >= 0 for p in front)
+    assert full_model_point(records, cost)["loss_se"] == 0.0  # the full model against itself
+    assert evaluate_policy(records, full_model_policy(records.num_exits), cost)["loss_se"] == 0.0
+    assert any(p["loss_se"] > 0 for p in front[:-1])

@@ -16,7 +16,8 @@ import pytest
 from engine.bundle import RESOURCES_PACKAGE, SUFFIX, default_bundle_path, resource_path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ["default" + SUFFIX, "offramp.svg", "offramp.png"]
+# the built-in model derives from BSD-2-Clause weights whose licence must travel with it
+SHIPPED = ["default" + SUFFIX, "offramp.svg", "offramp.png", "LICENSE-akamaster-resnet-cifar10.txt"]
 
 
 @pytest.fixture(scope="module")

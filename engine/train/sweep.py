@@ -53,7 +53,7 @@ def lambda_sweep(train: Callable[[float], Policy], records: Records, cost: CostT
         for fields, policy in (variants(trained) if variants is not None else [({}, trained)]):
             ev = evaluate_policy(records, policy, with_policy_flops(cost, policy))
             point = {"lambda": float(lam), **fields, "policy": policy.to_json(), "accuracy": ev["accuracy"],
-                     "flops": ev["mean_flops"], "saved": ev["saved"]}
+                     "loss_se": ev["loss_se"], "flops": ev["mean_flops"], "saved": ev["saved"]}
             if "mean_ms" in ev:
                 point.update(ms=ev["mean_ms"], speedup=ev["speedup"])
             pairs.append((point, policy))
