@@ -85,3 +85,37 @@ def test_joint_training_distils_from_a_teacher_and_starts_from_a_whole_network()
     assert not any(p.requires_grad for p in teacher.parameters())  # the teacher itself is never trained
     with pytest.raises(ValueError, match="no teacher"):
         train_network(joint, images, labels, names, log=lambda s: None)
+
+
+def test_a_frozen_backbone_keeps_its_weights_and_statistics_while_early_exits_learn():
+    """The frozen-backbone comparison of the built-in recipe (DyCE's setting): only early heads change."""
+    images, labels = _data()
+    names = ["r", "g", "b"]
+    first = NetworkConfig(arch="cifar_resnet_small", epochs=1, batch_size=32, lr=0.05, exit_weights=[0, 0, 1])
+    base, _ = train_network(first, images, labels, names, log=lambda s: None)
+    frozen = NetworkConfig(arch="cifar_resnet_small", epochs=2, batch_size=32, lr=0.05, freeze_backbone=True)
+    model, _ = train_network(frozen, images, labels, names, init=base.state_dict(), log=lambda s: None)
+    before, after = base.state_dict(), model.state_dict()
+    fixed = [k for k in before if k.startswith("backbone.") or k.startswith(f"exits.{model.num_exits - 1}.")]
+    assert fixed and all(torch.equal(before[k], after[k]) for k in fixed)  # BatchNorm buffers included
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("exits.0."))
+    with pytest.raises(ValueError, match="positive exit weight"):
+        train_network(NetworkConfig(arch="cifar_resnet_small", epochs=1, freeze_backbone=True, exit_weights=[0, 0, 1]),
+                      images, labels, names, init=base.state_dict(), log=lambda s: None)
+
+
+def test_a_checkpoint_written_before_a_setting_existed_still_resumes(tmp_path):
+    """A setting added later (e.g. freeze_backbone) had its default when the checkpoint was written."""
+    import json
+    from engine.train.network import read_checkpoint
+    images, labels = _data()
+    cfg = NetworkConfig(arch="cifar_resnet_small", epochs=1, batch_size=32)
+    ckpt = tmp_path / "old.ckpt"
+    train_network(cfg, images, labels, ["r", "g", "b"], checkpoint=ckpt, log=lambda s: None)
+    state = torch.load(ckpt, weights_only=True)
+    config = json.loads(state["config"])
+    del config["freeze_backbone"]
+    torch.save({**state, "config": json.dumps(config)}, ckpt)
+    assert read_checkpoint(ckpt, cfg)["epoch"] == 1
+    with pytest.raises(ValueError, match="another configuration"):
+        read_checkpoint(ckpt, NetworkConfig(arch="cifar_resnet_small", epochs=1, batch_size=32, freeze_backbone=True))

@@ -47,6 +47,7 @@ class NetworkConfig:
     arch_kwargs: dict = field(default_factory=dict)  # e.g. {"stages_per_group": 3} for cifar_resnet56a
     distill: float = 0.0  # weight of distillation from a teacher's logits in every exit's loss (0..1)
     distill_temperature: float = 3.0
+    freeze_backbone: bool = False  # train the early exits only, on a frozen backbone (and last exit), as DyCE does
 
 
 def decode_dataset(dataset, size: int, *, progress: ProgressFn | None = None, cancel: CancelFlag | None = None):
@@ -122,6 +123,8 @@ def read_checkpoint(path: str | Path, cfg: NetworkConfig, device: str = "cpu") -
         raise ValueError(f"checkpoint {path} is not an Offramp training checkpoint ({type(err).__name__}); {fix}") from None
     if not parts_ok or not isinstance(history, list) or isinstance(epoch, bool) or not isinstance(epoch, int):
         raise ValueError(f"checkpoint {path} is not an Offramp training checkpoint (malformed state); {fix}")
+    if isinstance(config, dict):  # a setting added since the checkpoint was written had its default then
+        config = {**asdict(NetworkConfig()), **config}
     if config != asdict(cfg):
         raise ValueError(f"checkpoint {path} was made with another configuration; delete it or use the same options")
     if not 0 <= epoch <= cfg.epochs:
@@ -200,6 +203,12 @@ def train_network(cfg: NetworkConfig, images: torch.Tensor, labels: torch.Tensor
         raise ValueError(f"exit_weights has {len(weights)} entries but {cfg.arch} has {model.num_exits} exits")
     for head, w in zip(model.exits, weights):
         head.requires_grad_(w != 0)  # a head with no loss is not trained (nor decayed): exits come later
+    if cfg.freeze_backbone:  # the backbone's own classifier, the last exit, is part of what stays fixed
+        model.backbone.requires_grad_(False)
+        model.exits[-1].requires_grad_(False)
+        weights = [*weights[:-1], 0.0]
+        if not any(weights):
+            raise ValueError("with a frozen backbone only the early exits learn; give them a positive exit weight")
     history: list[dict] = []
     start_epoch = 0
     ckpt = Path(checkpoint) if checkpoint else None
@@ -220,6 +229,9 @@ def train_network(cfg: NetworkConfig, images: torch.Tensor, labels: torch.Tensor
     use_amp = device == "cuda"
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
+        if cfg.freeze_backbone:  # frozen means its BatchNorm statistics too
+            model.backbone.eval()
+            model.exits[-1].eval()
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
         order = torch.randperm(len(images), generator=gen).to(device)
         for step in range(steps_per_epoch):

@@ -11,7 +11,10 @@ Phases (the calibration split, `--val-fraction` of the train split, is never tra
      A's network (distillation), which keeps the last exit's accuracy;
   C  calibrate and search on the calibration split, write the bundle (`default.offramp`);
   D  the report every built-in model ends with (tests/benchmarks/policies_and_report.sh): DyCE
-     search, Bolukbasi and structure policies, `evaluate` and `bench` on the test split.
+     search, Bolukbasi and structure policies, `evaluate` and `bench` on the test split;
+  F  the comparison: the same exit heads trained on phase A's network kept FROZEN (as DyCE does),
+     same data, epochs and distillation, calibrated the same way (`frozen.offramp`), and
+     `offramp evaluate` of it on the test split (`frozen-evaluation.json`).
 Ship it with `cp OUT/default.offramp resources/default.offramp`.
 """
 from __future__ import annotations
@@ -22,7 +25,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,7 +48,7 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def configs(args) -> tuple[NetworkConfig, NetworkConfig]:
+def configs(args) -> tuple[NetworkConfig, NetworkConfig, NetworkConfig]:
     arch_kwargs = {"stages_per_group": args.stages_per_group}
     n_exits = 3 * args.stages_per_group
     a = NetworkConfig(arch="cifar_resnet56a", head=args.head, epochs=args.epochs_a, batch_size=128, lr=args.lr_a,
@@ -54,7 +57,8 @@ def configs(args) -> tuple[NetworkConfig, NetworkConfig]:
     b = NetworkConfig(arch="cifar_resnet56a", head=args.head, epochs=args.epochs_b, batch_size=128, lr=args.lr_b,
                       weight_decay=5e-4, label_smoothing=0.1, exit_weights=[],
                       arch_kwargs=arch_kwargs, distill=args.distill, distill_temperature=3.0, seed=1)
-    return a, b
+    f = replace(b, epochs=args.epochs_f, freeze_backbone=True, seed=2)
+    return a, b, f
 
 
 def save_state(model, path: Path, extra: dict) -> None:
@@ -79,13 +83,14 @@ def main() -> int:
     p.add_argument("--epochs-b", type=int, default=7)
     p.add_argument("--lr-b", type=float, default=0.05)
     p.add_argument("--distill", type=float, default=0.5)
+    p.add_argument("--epochs-f", type=int, default=3, help="epochs of the frozen-backbone comparison (0: skip it)")
     p.add_argument("--skip-report", action="store_true", help="stop after the bundle (phase C)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    cfg_a, cfg_b = configs(args)
+    cfg_a, cfg_b, cfg_f = configs(args)
     bundle_path = out / "default.offramp"
     t_start = time.perf_counter()
 
@@ -131,7 +136,7 @@ def main() -> int:
         log(f"phase B done: {b_path}")
 
     if not bundle_path.exists():
-        bundle_path = phase_c(args, out, cfg_a, cfg_b, classes, splits, device)
+        bundle_path = phase_c(args, out, cfg_b, classes, splits, device, "b", bundle_path)
     else:
         log(f"phase C done: {bundle_path}")
     if args.skip_report:
@@ -141,19 +146,32 @@ def main() -> int:
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         subprocess.run([str(ROOT / "tests/benchmarks/policies_and_report.sh"), str(bundle_path), args.data, str(out)],
                        check=True, env=env)
+    frozen = out / "frozen.offramp"
+    if args.epochs_f > 0 and not (out / "frozen-evaluation.json").exists():
+        f_path = out / "phase_f.pt"
+        if not f_path.exists():
+            log(f"phase F: the same exits on phase A's network kept frozen, {cfg_f.epochs} epochs")
+            x, y = train_data()
+            model_f, hist = train_network(cfg_f, x, y, classes, device=device, checkpoint=out / "phase_f.ckpt",
+                                          init=model_a.state_dict(), teacher=model_a, log=log)
+            save_state(model_f, f_path, {"config": asdict(cfg_f), "history": hist})
+        if not frozen.exists():
+            phase_c(args, out, cfg_f, classes, splits, device, "f", frozen)
+        subprocess.run([str(Path(sys.executable).parent / "offramp"), "evaluate", str(frozen), "--data", args.data,
+                        "--json", str(out / "frozen-evaluation.json")], check=True)
     log(f"all done in {time.perf_counter() - t_start:.0f} s; ship it with: cp {bundle_path} resources/default.offramp")
     return 0
 
 
-def phase_c(args, out: Path, cfg_a, cfg_b, classes, splits, device) -> Path:
-    """Calibrate the jointly trained network on the calibration split, search the thresholds, and
-    write the bundle with where its weights come from."""
+def phase_c(args, out: Path, cfg, classes, splits, device, phase: str, path: Path) -> Path:
+    """Calibrate the network trained in `phase` ("b": jointly, "f": frozen) on the calibration split,
+    search the thresholds, and write the bundle `path` with where its weights come from."""
     from engine.bundle import save_bundle
     from engine.train.retrain import fit_exits
-    model = build_network(cfg_b, classes, read_state(out / "phase_b.pt")).eval()
+    model = build_network(cfg, classes, read_state(out / f"phase_{phase}.pt")).eval()
     info = {name: json.loads(torch.load(out / f"phase_{name}.pt", map_location="cpu", weights_only=True)["info"])
-            for name in ("a", "b")}
-    meta = {"name": "default",
+            for name in ("a", phase)}
+    meta = {"name": path.stem,
             "description": "ResNet-56 (option-A shortcuts) from the published CIFAR-10 weights of "
                            "akamaster/pytorch_resnet_cifar10 (BSD-2-Clause, see " + LICENCE + "), fine-tuned on "
                            "the JPEG train split with early exits trained into it",
@@ -161,11 +179,10 @@ def phase_c(args, out: Path, cfg_a, cfg_b, classes, splits, device) -> Path:
                         "file": LICENCE, "spdx": "BSD-2-Clause"},
             "training": {"recipe": "tests/benchmarks/resnet56_default.py", "command": " ".join(sys.argv),
                          "init": {"file": Path(args.init).name, "sha256": sha256_of(args.init)},
-                         "phase_a": info["a"], "phase_b": info["b"]},
+                         "phase_a": info["a"], f"phase_{phase}": info[phase]},
             "split": {"val_fraction": args.val_fraction, "seed": 0}}
-    log("phase C: calibrate and search on the calibration split")
+    log(f"calibrate and search {path.name} on the calibration split")
     bundle, rep = fit_exits(model, splits.train, splits.validation, epochs=0, device=device, meta=meta)
-    path = out / "default.offramp"
     save_bundle(bundle, path)
     acc = rep["accuracy_per_exit"]
     log("calibration accuracy per exit: " + " ".join(f"E{e}:{a:.2%}" for e, a in enumerate(acc)))
