@@ -6,6 +6,9 @@ shown, the last result in flight is drawn, and then, in one go on the GUI thread
 arrive in between), the figures are read and the window is grabbed. The JSON is strict: a value
 that is not a finite number is written as null.
 
+The JSON's frame figures are the session's running totals (`RunningTotals.to_json`): FLOPs and
+time saved, mean_ms and the p50_ms / p95_ms / p99_ms of the per-frame inference time.
+
 GUI-thread lateness is measured with a 10 ms timer: how much later than due each tick came is
 how long the GUI thread was busy or blocked.
 """
@@ -99,7 +102,10 @@ class ScriptedRun(QObject):
     def _on_result(self, result, frame) -> None:
         if result is None or self.finished:
             return
-        self.shown += 1
+        frames = self.session.stats.frames  # counted before the result was sent
+        if frames == self.shown:
+            return  # the last frame run again after a setting changed (e.g. at load): no new frame
+        self.shown = frames
         if self.shown == MEMORY_AT_FRAME:
             self.rss_mb_at = resident_mb()
         if self.shown == 1:

@@ -11,7 +11,8 @@ from typing import Any, Callable
 from PySide6.QtCore import QObject, QThread, Signal
 
 from .sources import SourceError, SourceSpec
-from .state import ModelInfo, PolicyState, RunningTotals
+from .state import ModelInfo, PolicyState
+from .stats import shown_totals
 from .workers import CaptureWorker, FrameSlot, FrameWriter, InferenceWorker, TaskWorker, start_worker, stop_worker
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class Session(QObject):
         self.device = device
         self.info: ModelInfo | None = None
         self.policy: PolicyState | None = None
-        self.stats = RunningTotals()  # over the frames shown: a re-run replaces its frame
+        self.stats = shown_totals()  # over the frames shown (a re-run replaces its frame), with latency percentiles
         self.spec: SourceSpec | None = None
         self.paused = False
         self.pace: float | None = None  # seconds per frame for files; None = the source's own
@@ -128,6 +129,15 @@ class Session(QObject):
         except IndexError as e:
             self.error.emit(str(e))
             return
+        self._apply_policy()
+
+    def choose_budget(self, fraction: float) -> None:
+        """The most accurate point of the front the budget walks within `fraction` of the full model's
+        FLOPs (none fits: the cheapest), made active (`PolicyState.choose_budget`). Raises ValueError
+        for a fraction outside (0, 1]; does nothing without a front."""
+        if self.policy is None or not self.policy.front:
+            return
+        self.policy.choose_budget(fraction)
         self._apply_policy()
 
     def reset_policy(self) -> None:

@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from engine.budget import check_budget, cost_fraction, fits, within_budget
+
 from .stats import LatenessMeter, RunningTotals
 
-__all__ = ["LatenessMeter", "ModelInfo", "PolicyState", "RunningTotals", "curve_xy", "format_flops", "front_label",
-           "own_front", "percent", "signed_percent"]
+__all__ = ["LatenessMeter", "ModelInfo", "PolicyState", "RunningTotals", "budget_text", "curve_xy", "format_flops",
+           "front_label", "own_front", "percent", "signed_percent"]
 
 # A learned policy's settings that change its trade-off without new weights: a point of its front
 # that differs from the bundle's policy in these alone can run on the weights the bundle holds.
@@ -142,7 +144,8 @@ class PolicyState:
 
     `current` is the active policy as JSON (what the engine runs); `name` the bundle policy it
     started from (the one the policy combo shows); `edited` whether the sliders or the budget moved
-    it away from that policy; `point` its index on `front`, the front the budget slider walks.
+    it away from that policy; `point` its index on `front`, the front the budget slider walks;
+    `budget` the compute budget as a fraction of the full model's FLOPs (`choose_budget` sets it).
 
     Each policy walks its own front: a learned policy the points of its λ sweep the bundle can run
     (`ModelInfo.policy_fronts`), a threshold policy the bundle's front. A policy with no front of
@@ -204,6 +207,7 @@ class PolicyState:
         self.name, self.current, self.edited = name, dict(self.info.policies[name]), False
         owner, _, index = self.front_of(name)
         self.point = index if owner == name else None
+        self.asked_budget: float | None = None
         return self.current
 
     def set_threshold(self, exit_index: int, value: float | None) -> list[float | None]:
@@ -214,6 +218,7 @@ class PolicyState:
         ts[exit_index] = None if value is None else min(1.0, max(0.0, float(value)))
         self.current = {**self.current, "thresholds": ts}
         self.edited = True
+        self.asked_budget = None
         return ts
 
     def choose_point(self, index: int) -> dict:
@@ -226,7 +231,39 @@ class PolicyState:
             self.choose(owner)
         self.current, self.point = dict(points[index]["policy"]), index
         self.edited = index != own or self.current != self.info.policies[self.name]
+        self.asked_budget = None
         return self.current
+
+    # -- the compute budget: a fraction of the full model's FLOPs -----------------------------------
+    def choose_budget(self, fraction: float) -> dict:
+        """Take the most accurate point of the front the budget walks whose cost is within `fraction`
+        of the full model's FLOPs (none fits: the cheapest; `budget_met` says which); returns its
+        policy JSON. Raises ValueError for a fraction outside (0, 1], IndexError without a front."""
+        fraction = check_budget(fraction)
+        points = self.front
+        if not points:
+            raise IndexError(f"the {self.name} policy has no front to fit a budget of {fraction:g} in")
+        index, _ = within_budget(points, fraction)
+        self.choose_point(index)
+        self.asked_budget = fraction
+        return self.current
+
+    @property
+    def point_cost(self) -> float | None:
+        """The cost of the front point in use as a fraction of the full model's FLOPs (None: none)."""
+        return None if self.point is None else cost_fraction(self.front[self.point])
+
+    @property
+    def budget(self) -> float | None:
+        """The compute budget (a fraction of the full model's FLOPs): the one `choose_budget` was
+        given, else the cost of the front point in use; None off the front."""
+        return self.asked_budget if self.asked_budget is not None else self.point_cost
+
+    @property
+    def budget_met(self) -> bool | None:
+        """Whether the front point in use costs no more than `budget` (None off the front)."""
+        cost = self.point_cost
+        return None if cost is None else fits(cost, self.budget)
 
     def reset(self) -> dict:
         """Back to the bundle's default policy and operating point."""
@@ -256,6 +293,11 @@ class PolicyState:
             self.reset()
             raise ValueError(f"the remembered policy {memory!r} does not fit this bundle") from None
         return self.current
+
+
+def budget_text(fraction: float) -> str:
+    """0.6 -> '≤ 60 % of full compute' (rounded up, so the '≤' holds: 0.573 -> '≤ 58 %')."""
+    return f"≤ {math.ceil(100 * fraction - 1e-9):d} % of full compute"
 
 
 def front_label(point: dict) -> str:

@@ -1,6 +1,7 @@
 """How the window kept up, in plain Python (no Qt): how late the GUI thread's timer ran
 (`LatenessMeter`). The running figures over the frames shown are `engine.totals.RunningTotals`,
-the one accumulator the engine uses too (re-exported here and in `app.state`).
+the one accumulator the engine uses too (re-exported here and in `app.state`); `shown_totals()`
+makes the window's, which also keeps each frame's inference time for its p50/p95/p99 latency.
 """
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ import time
 
 from engine.totals import RunningTotals
 
-__all__ = ["LatenessMeter", "RunningTotals"]
+__all__ = ["LATENCY_FRAMES", "LatenessMeter", "RunningTotals", "shown_totals"]
+
+LATENCY_FRAMES = 10_000  # the latest frames whose inference times the latency percentiles read
+
+
+def shown_totals() -> RunningTotals:
+    """The running figures of the frames the window shows: RunningTotals keeping the latest
+    LATENCY_FRAMES per-frame inference times, so `to_json()` holds p50_ms, p95_ms and p99_ms."""
+    return RunningTotals(latency_frames=LATENCY_FRAMES)
 
 
 class LatenessMeter:

@@ -33,6 +33,7 @@ from .progress import CancelFlag, ProgressFn, report
 from .records import Records
 from .speed import Runner, exit_overhead, plain_runner, prepared_form, staged_runner
 from .splits import Splits, stratified_subset
+from .totals import LATENCY_KEYS, percentiles_ms
 from .train import get_trainer, list_trainers
 from .train.bolukbasi import bolukbasi_front
 
@@ -163,7 +164,8 @@ def time_batch1(runners: dict[str, Runner], n_images: int, *, warmup: int = 5, s
                 progress: ProgressFn | None = None, cancel: CancelFlag | None = None) -> dict[str, dict]:
     """Measured batch-1 CPU wall-clock of every runner on images 0..n_images−1, interleaved: each
     image goes through every runner once, in an order shuffled per image, so load from other
-    processes and clock changes hit all runners alike. Returns name -> {mean_ms, median_ms, images}."""
+    processes and clock changes hit all runners alike. Returns name -> {mean_ms, median_ms, p50_ms,
+    p95_ms, p99_ms (numpy.percentile of the per-image times), images}."""
     names = list(runners)
     rng = random.Random(seed)
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -178,8 +180,8 @@ def time_batch1(runners: dict[str, Runner], n_images: int, *, warmup: int = 5, s
                 runners[name](i)
                 times[name].append((time.perf_counter() - start) * 1e3)
             report(progress, cancel, "timing batch 1", i + 1, n_images)
-    return {n: {"mean_ms": statistics.fmean(t), "median_ms": statistics.median(t), "images": len(t)}
-            for n, t in times.items() if t}
+    return {n: {"mean_ms": statistics.fmean(t), "median_ms": statistics.median(t), **percentiles_ms(t),
+                "images": len(t)} for n, t in times.items() if t}
 
 
 def oracle_at(records: Records, cost: CostTable, accuracy: float) -> dict:
@@ -229,14 +231,15 @@ def _time_methods(methods: list[Method], model: MultiExitNet, images: torch.Tens
     full_ms = times["full#0"]["mean_ms"]
     for key, point in where.items():
         t = times[key]
-        point.update(ms=t["mean_ms"], median_ms=t["median_ms"], speedup=full_ms / t["mean_ms"],
-                     flops_speedup=1.0 / max(1.0 - point["saved"], 1e-12))
+        point.update(ms=t["mean_ms"], median_ms=t["median_ms"], **{k: t[k] for k in LATENCY_KEYS},
+                     speedup=full_ms / t["mean_ms"], flops_speedup=1.0 / max(1.0 - point["saved"], 1e-12))
     return {"images": int(images.shape[0]), "threads": torch.get_num_threads(), "device": "cpu", "batch_size": 1,
             "runtime": prepared_form(model).runtime if runtime == "prepared" else "torch eager (plain modules)",
             "full_ms": full_ms, "full_median_ms": times["full#0"]["median_ms"],
+            **{f"full_{k}": times["full#0"][k] for k in LATENCY_KEYS},
             "full_staged_ms": times["full#staged"]["mean_ms"], "full_eager_ms": times["full#eager"]["mean_ms"],
             "how": "every timed configuration runs each image once, in a per-image shuffled order, in one process; "
-                   "ms is the mean over the images; speed-up = full-model ms / ms, the full model run by the same "
+                   "ms is the mean over the images, p50/p95/p99 their percentiles; speed-up = full-model ms / ms, the full model run by the same "
                    "runtime; FLOPs speed-up = full-model FLOPs / mean FLOPs"}
 
 

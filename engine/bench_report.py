@@ -168,6 +168,25 @@ def table(rep: dict) -> list[str]:
     return lines
 
 
+def latency_lines(rep: dict) -> list[str]:
+    """Per method, the batch-1 time per image at the point the table reads within 0.5 point of the
+    full model: the mean and the p50 / p95 / p99 of the recorded per-image times, in ms."""
+    head = f"{'method':<26}{'mean':>8}{'p50':>8}{'p95':>8}{'p99':>8}"
+    lines = ["batch-1 latency per image (ms) at ≤ 0.5 point below the full model:", head]
+    for name, m in rep["methods"].items():
+        p = m["at_loss"][KEY]
+        label = (name + (_exit_name(p) if p is not None and m["family"] == "truncation" else ""))[:25]
+        if p is None or p.get("ms") is None:
+            lines.append(f"{label:<26}{'not reached' if p is None else 'not timed'}")
+            continue
+        lines.append(f"{label:<26}{p['ms']:>8.2f}" + "".join(_ms(p.get(k)) for k in ("p50_ms", "p95_ms", "p99_ms")))
+    return lines
+
+
+def _ms(value: float | None) -> str:
+    return f"{'-':>8}" if value is None else f"{value:>8.2f}"
+
+
 def overhead_lines(rep: dict) -> list[str]:
     """Per policy kind, the µs an active exit that does not fire adds beyond its FLOPs, per exit."""
     lines = []

@@ -5,8 +5,8 @@ A front is a list of points (policy JSON, accuracy, mean flops, saved), cheapest
 beaten by another; every family fits one across the accuracy / cost trade-off: DyCE per-exit
 configurations here, and each family registered in `engine.train` (a shared threshold swept,
 Bolukbasi classifiers and structure networks over λ, ...) by its trainer. A user's target (the
-cheapest point within some accuracy loss of the last exit, or a budget along the front) picks the
-point a bundle keeps.
+cheapest point within some accuracy loss of the last exit, or the most accurate within a compute
+budget: a fraction of the full model's FLOPs, `engine.budget`) picks the point a bundle keeps.
 """
 from __future__ import annotations
 
@@ -15,13 +15,14 @@ import time
 from dataclasses import replace
 from typing import Sequence
 
+from .budget import budget_check, check_budget, within_budget
 from .bundle import Bundle
 from .cost import CostTable, measure_costs
-from .evaluate import accuracy_per_exit, pick_point
+from .evaluate import accuracy_per_exit, evaluate_policy, pick_point
 from .policies import Policy, ThresholdPolicy
 from .progress import CancelFlag, ProgressFn
 from .records import Records
-from .search import choose, search_front
+from .search import search_front
 from .train import get_trainer, list_trainers
 
 
@@ -68,42 +69,64 @@ def fit_front(kind: str, records: Records, cost: CostTable, *, lambdas: Sequence
 
 
 def target_index(points: Sequence[dict], full_accuracy: float, *, max_loss: float | None = None,
-                  budget: float | None = None) -> int:
+                  budget: float | None = None, full_flops: float | None = None) -> int:
     """Index of the point a user's target picks: the cheapest within `max_loss` of `full_accuracy`
-    (none: the most accurate), or `budget` (0..1) along the front."""
+    (none: the most accurate), or the most accurate within `budget`, a fraction of `full_flops`
+    (none fits: the cheapest; `engine.budget.within_budget`)."""
     if budget is not None:
-        return points.index(choose(points, budget=budget))
+        return within_budget(points, budget, full_flops)[0]
     return points.index(pick_point(points, max_loss=max_loss, full_accuracy=full_accuracy))
 
 
 def search_bundle(bundle: Bundle, records: Records, *, max_loss: float = 0.005, budget: float | None = None,
-                  measure: str = "max_prob", split: dict | None = None) -> tuple[Bundle, dict]:
+                  measure: str = "max_prob", split: dict | None = None,
+                  test_records: Records | None = None) -> tuple[Bundle, dict]:
     """DyCE search on calibration `records`: a copy of `bundle` whose meta["front"] is the circular
     search's front (what the app's budget slider walks), meta["default_point"] the chosen point
-    (the cheapest within `max_loss` of the last exit, or `budget` along the front) and whose default
-    policy "threshold" is that configuration. meta["search"] keeps the one-pass and shared-threshold
-    fronts for comparison. Returns (bundle, summary). Raises ValueError for empty records."""
+    (the cheapest within `max_loss` of the last exit, or, with `budget`, the most accurate whose
+    mean FLOPs are within that fraction of the full model's) and whose default policy "threshold"
+    is that configuration. meta["search"] keeps the one-pass and shared-threshold fronts for
+    comparison, and meta["search"]["budget"] the chosen configuration's figures against the budget
+    (`budget_report`) on calibration and on `test_records` (a split the choice never saw).
+    Returns (bundle, summary). Raises ValueError for empty records or a budget outside (0, 1]."""
+    if budget is not None:
+        budget = check_budget(budget)
     t0 = time.perf_counter()
     cost = model_cost(bundle)
     fronts = {m: search_front(records, cost, m, measure=measure) for m in ("circular", "one_pass", "shared")}
     full = accuracy_per_exit(records)[-1]
-    index = target_index(fronts["circular"], full, max_loss=max_loss, budget=budget)
+    target = {"max_loss": None if budget is not None else max_loss, "budget": budget, "full_flops": cost.full_flops}
+    index = target_index(fronts["circular"], full, **target)
     point = fronts["circular"][index]
-    at_target = {m: f[target_index(f, full, max_loss=max_loss, budget=budget)] for m, f in fronts.items()}
+    at_target = {m: f[target_index(f, full, **target)] for m, f in fronts.items()}
+    policy = ThresholdPolicy(point["policy"]["thresholds"], point["policy"]["measure"])
+    checked = budget_report(point, policy, cost, budget, test_records)
     meta = copy.deepcopy(bundle.meta)
     meta.update(front=fronts["circular"], default_point=index)
     meta.setdefault("evaluation", {})["default_point"] = point
     meta["search"] = {"method": "DyCE circular search from one-pass, with budget-constrained refinement",
                       "measure": measure, "split": split or {}, "samples": records.num_samples,
-                      "full_accuracy": full, "target": {"max_loss": None if budget is not None else max_loss,
-                                                        "budget": budget},
-                      "chosen": point, "one_pass_front": fronts["one_pass"], "shared_front": fronts["shared"],
-                      "seconds": round(time.perf_counter() - t0, 2)}
-    policy = ThresholdPolicy(point["policy"]["thresholds"], point["policy"]["measure"])
+                      "full_accuracy": full, "target": {"max_loss": target["max_loss"], "budget": budget},
+                      "budget": checked, "chosen": point, "one_pass_front": fronts["one_pass"],
+                      "shared_front": fronts["shared"], "seconds": round(time.perf_counter() - t0, 2)}
     searched = replace(bundle, policies={**bundle.policies, "threshold": policy}, default_policy="threshold",
                        meta=meta)
     return searched, {"front": fronts["circular"], "index": index, "full_accuracy": full, "at_target": at_target,
-                      "full_flops": cost.full_flops}
+                      "full_flops": cost.full_flops, "budget": checked}
+
+
+def budget_report(point: dict, policy: ThresholdPolicy, cost: CostTable, budget: float | None,
+                  test_records: Records | None = None) -> dict:
+    """The chosen configuration against `budget` (None: no budget was given): {budget,
+    calibration, test}, each split's `engine.budget.budget_check` (accuracy, flops, fraction of
+    the full model's FLOPs, budget_met); test is None without `test_records` (or when empty)."""
+    test = None
+    if test_records is not None and test_records.num_samples:
+        ev = evaluate_policy(test_records, policy, cost)
+        test = {**budget_check(ev["accuracy"], ev["mean_flops"], cost.full_flops, budget),
+                "samples": test_records.num_samples}
+    return {"budget": budget, "calibration": budget_check(point["accuracy"], point["flops"], cost.full_flops, budget),
+            "test": test}
 
 
 def train_policy_bundle(bundle: Bundle, kind: str, records: Records, *, name: str | None = None,

@@ -28,6 +28,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from .budget import TOLERANCE, cost_fraction, within_budget
 from .cost import CostTable
 from .evaluate import (_check_cost, _correct, _exit_confidence, _summary, default_thresholds, full_model_point,
                        operating_front, pareto, pick_point, threshold_curve)
@@ -319,18 +320,21 @@ def _tagged(point: dict, method: str, lam: float | None) -> dict:
 
 # -- choosing -------------------------------------------------------------------------------------
 def choose(front: Sequence[dict], *, max_flops: float | None = None, min_accuracy: float | None = None,
-           budget: float | None = None) -> dict:
+           budget: float | None = None, full_flops: float | None = None) -> dict:
     """One point of a front (cheapest first), by exactly one target:
     max_flops: the most accurate point with mean flops <= max_flops (none: the cheapest point);
     min_accuracy (0..1): the cheapest point at least that accurate (none: the most accurate);
-    budget (0..1): as `engine.evaluate.pick_point` — 0 the cheapest point, 1 the dearest.
-    Raises ValueError for an empty front or not exactly one target."""
+    budget (0 < budget <= 1): the most accurate point whose mean flops are within that fraction of
+    the full model's (`full_flops`; default: read from each point's "saved"), none: the cheapest
+    (`engine.budget.within_budget`, which also says whether it fits).
+    Raises ValueError for an empty front, a budget outside (0, 1] or not exactly one target."""
     if sum(x is not None for x in (max_flops, min_accuracy, budget)) != 1:
-        raise ValueError("give exactly one target: max_flops (mean FLOPs), min_accuracy (0..1) or budget (0..1)")
+        raise ValueError("give exactly one target: max_flops (mean FLOPs), min_accuracy (0..1) or budget "
+                         "(a fraction of the full model's FLOPs)")
     if not front:
         raise ValueError("the front is empty: there is no configuration to choose")
     if budget is not None:
-        return pick_point(front, budget=budget)
+        return front[within_budget(front, budget, full_flops)[0]]
     if min_accuracy is not None:
         return pick_point(front, max_loss=0.0, full_accuracy=min_accuracy)
     ok = [p for p in front if p["flops"] <= max_flops]
@@ -355,6 +359,7 @@ class ConfigurationTable:
                          for p in points]
         self.flops = [float(p["flops"]) for p in points]  # ascending
         self.accuracy = [float(p["accuracy"]) for p in points]  # ascending too: it is a front
+        self.fractions = [cost_fraction(p) for p in points]  # of the full model's FLOPs, ascending
 
     @classmethod
     def search(cls, records: Records, cost: CostTable, **kw) -> "ConfigurationTable":
@@ -368,14 +373,15 @@ class ConfigurationTable:
         return self.policies[i]
 
     def index_at_budget(self, budget: float) -> int:
-        """Index of the point `pick_point(front, budget=budget)` picks (budget clamped to 0..1)."""
-        b = min(max(float(budget), 0.0), 1.0) if math.isfinite(budget) else 0.0
-        lo, hi = self.flops[0], self.flops[-1]
-        limit = lo + b * (hi - lo) + 1e-9 * max(abs(hi), 1.0)
-        return max(bisect.bisect_right(self.flops, limit) - 1, 0)
+        """Index of the point `choose(front, budget=budget)` picks: the most accurate within
+        `budget` (a fraction of the full model's FLOPs), else the cheapest. Never raises: a budget
+        that is not a number gets the cheapest point."""
+        if not math.isfinite(budget):
+            return 0
+        return max(bisect.bisect_right(self.fractions, budget + TOLERANCE) - 1, 0)
 
     def at_budget(self, budget: float) -> ThresholdPolicy:
-        """The configuration at `budget` along the front: 0 the cheapest, 1 the most accurate."""
+        """The configuration `index_at_budget(budget)` names (a lookup: no new object)."""
         return self.policies[self.index_at_budget(budget)]
 
     def within_flops(self, max_flops: float) -> ThresholdPolicy:

@@ -1,5 +1,6 @@
 """Running totals over the frames run or shown (`RunningTotals`): FLOPs and milliseconds used
-against the full model's, the exit histogram, the saving per frame and cumulative, frames/s.
+against the full model's, the exit histogram, the saving per frame and cumulative, frames/s, and
+(when asked to keep them) the p50/p95/p99 of the per-frame inference times.
 
 One accumulator for the engine (`Engine.totals`, a snapshot in every `InferenceResult`) and the
 app (what the window has shown). Plain Python: no torch, no Qt, so the app's pure modules use it.
@@ -16,22 +17,38 @@ import time
 from collections import deque
 from typing import Any
 
+import numpy as np
+
 FPS_FRAMES = 64  # frames/s is measured over at most the last this many frames …
 FPS_WINDOW_S = 5.0  # … that arrived within this many seconds of the newest one
 FPS_MIN_INTERVALS = 3  # fewer frames than this + 1 are no stream: no rate is shown
 FPS_MIN_SPAN_S = 0.5  # nor are frames that all came within this long (a burst, not a rate)
 FPS_STALE_S = 2.0  # no frame for this long: the stream stopped, and so did the rate
+PERCENTILES = (50, 95, 99)  # of a per-frame (per-image) time: reported as p50_ms, p95_ms, p99_ms
+LATENCY_KEYS = tuple(f"p{q}_ms" for q in PERCENTILES)
+
+
+def percentiles_ms(times_ms) -> dict[str, float | None]:
+    """{"p50_ms", "p95_ms", "p99_ms"} of recorded per-frame times in ms (numpy.percentile, linear
+    interpolation between the recorded values); None each when there are none."""
+    values = np.fromiter(times_ms, dtype=np.float64)
+    if values.size == 0:
+        return dict.fromkeys(LATENCY_KEYS)
+    return {k: float(v) for k, v in zip(LATENCY_KEYS, np.percentile(values, PERCENTILES))}
 
 
 class RunningTotals:
     """Running figures over the frames counted since it was made (or the last `reset`).
 
     `history`: how many per-frame savings `saved_history` and `cumulative_history` keep (0: none).
+    `latency_frames`: how many of the latest per-frame inference times `frame_ms` keeps for the
+    latency percentiles (0: none, and the percentiles are None).
     """
 
-    def __init__(self, num_exits: int = 0, history: int = 300):
+    def __init__(self, num_exits: int = 0, history: int = 300, latency_frames: int = 0):
         self.num_exits = num_exits
         self.history = history
+        self.latency_frames = latency_frames
         self.reset()
 
     def reset(self, num_exits: int | None = None) -> None:
@@ -43,6 +60,7 @@ class RunningTotals:
         self.exit_counts = [0] * self.num_exits  # histogram: frames per exit
         self.saved_history: deque[float] = deque(maxlen=self.history)  # per frame, FLOPs saved in %
         self.cumulative_history: deque[float] = deque(maxlen=self.history)
+        self.frame_ms: deque[float] = deque(maxlen=self.latency_frames)  # per frame, inference ms
         self._times: deque[float] = deque(maxlen=FPS_FRAMES)
         self.first_time: float | None = None
         self.last_time: float | None = None
@@ -65,6 +83,8 @@ class RunningTotals:
             if self.saved_history:  # empty when no history is kept
                 self.saved_history.pop()
                 self.cumulative_history.pop()
+            if self.frame_ms:
+                self.frame_ms.pop()
         else:
             now = time.perf_counter() if now is None else now
             self.frames += 1
@@ -81,6 +101,7 @@ class RunningTotals:
         self.exit_counts[exit_index] += 1
         self.saved_history.append(100 * (1.0 - flops / full_flops if full_flops else 0.0))
         self.cumulative_history.append(100 * self.saved)
+        self.frame_ms.append(ms)
         self._counted = (exit_index, flops, full_flops, ms, full_ms)
 
     def _take_back(self, exit_index: int, flops: float, full_flops: float, ms: float, full_ms: float) -> None:
@@ -96,6 +117,7 @@ class RunningTotals:
         out.exit_counts = list(self.exit_counts)
         out.saved_history = copy.copy(self.saved_history)
         out.cumulative_history = copy.copy(self.cumulative_history)
+        out.frame_ms = copy.copy(self.frame_ms)
         out._times = copy.copy(self._times)
         return out
 
@@ -138,6 +160,7 @@ class RunningTotals:
         return {"frames": self.frames, "exit_histogram": list(self.exit_counts),
                 "saved_flops": self.saved, "saved_ms": self.saved_ms,
                 "mean_ms": self.ms / self.frames if self.frames else None,
+                **percentiles_ms(self.frame_ms), "latency_frames": len(self.frame_ms),
                 "full_ms": self.full_ms / self.frames if self.frames else None,
                 "fps": self.overall_fps}
 

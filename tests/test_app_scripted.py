@@ -28,6 +28,8 @@ def test_scripted_run_writes_screenshot_and_stats(qapp, tmp_path, bundle_path, i
     for key in ("saved_flops", "saved_ms", "fps", "gui_lateness_max_ms", "mean_ms", "dropped_frames"):
         assert isinstance(data[key], (int, float)), key
     assert data["fps"] > 0 and data["presentation"] is True and data["device"] == "cpu"
+    # per-frame inference latency: percentiles of the recorded times of the frames shown
+    assert data["latency_frames"] == data["frames"] and 0 < data["p50_ms"] <= data["p95_ms"] <= data["p99_ms"]
     assert data["runtime"].startswith("torch")  # which runtime the time figures were measured on
 
 

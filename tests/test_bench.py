@@ -136,6 +136,7 @@ def test_time_batch1_interleaves_every_runner_per_image():
     orders = {tuple(n for n, i in timed if i == k) for k in range(12)}
     assert all(sorted(o) == list("abcd") for o in orders) and len(orders) > 1  # each once, order shuffled
     assert set(times) == set("abcd") and all(t["mean_ms"] > 0 and t["images"] == 12 for t in times.values())
+    assert all(0 < t["p50_ms"] <= t["p95_ms"] <= t["p99_ms"] for t in times.values())  # from the 12 recorded times
 
 
 def test_plain_and_staged_runners_compute_what_the_model_does(tiny_model):
@@ -179,9 +180,14 @@ def test_search_round_trips_with_the_chosen_default(bundle, synthetic_folder, ca
 def test_search_by_budget_writes_in_place(bundle, synthetic_folder, tmp_path):
     copy = tmp_path / "copy.offramp"
     shutil.copy(bundle, copy)
-    assert main(["search", str(copy), "--data", str(synthetic_folder), "--budget", "0"]) == 0
+    assert main(["search", str(copy), "--data", str(synthetic_folder), "--budget", "0.6"]) == 0
     m = read_manifest(copy)
-    assert m["meta"]["default_point"] == 0 and m["meta"]["search"]["target"]["budget"] == 0
+    search, front, k = m["meta"]["search"], m["meta"]["front"], m["meta"]["default_point"]
+    assert search["target"]["budget"] == 0.6 and search["budget"]["budget"] == 0.6
+    fitting = [p for p in front if 1 - p["saved"] <= 0.6 + 1e-9]
+    assert front[k] == (max(fitting, key=lambda p: p["accuracy"]) if fitting else front[0])
+    assert search["budget"]["calibration"]["budget_met"] == bool(fitting)
+    assert search["budget"]["test"]["samples"] > 0  # checked on the test split the search never saw
     assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left nothing behind
 
 
@@ -283,6 +289,7 @@ def test_bench_measures_positive_speedups_and_reads_both_targets(bench_report):
             assert p["ms"] > 0 and math.isfinite(p["speedup"]) and p["speedup"] > 0, (name, key)
             assert p["speedup"] == pytest.approx(t["full_ms"] / p["ms"])
             assert p["flops_speedup"] == pytest.approx(1.0 / (1.0 - p["saved"]))
+            assert 0 < p["p50_ms"] <= p["p95_ms"] <= p["p99_ms"], (name, key)
             timed += 1
     assert timed >= 10
     # timed as the app runs (engine.prepared), with the plain modules' full model beside it
@@ -313,6 +320,7 @@ def test_bench_with_bundle_policies_only_prints_the_table(bundle, synthetic_fold
     for name in rep["methods"]:
         assert name.split(",")[0] in text
     assert "goals" in text and ("HIT" in text or "MISS" in text) and "chosen on the calibration split" in text
+    assert "p50" in text and "p95" in text and "p99" in text
     assert (tmp_path / "b.png").exists()
 
 

@@ -178,11 +178,13 @@ def test_pick_point():
     assert pick_point(front, max_loss=0.015) is front[2]
     assert pick_point(front, max_loss=0.1, full_accuracy=0.9) is front[1]
     assert pick_point(front, max_loss=0.0, full_accuracy=0.99) is front[3]  # none qualifies: the best
-    assert pick_point(front, budget=0.0) is front[0]
+    # budget: a fraction of the full model's FLOPs (50 here), read from each point's "saved"
+    front = [{**p, "saved": 1 - p["flops"] / 50.0} for p in front]
     assert pick_point(front, budget=1.0) is front[3]
-    assert pick_point(front, budget=0.5) is front[2]  # 10 + 0.5 * 40 = 30 flops allowed
-    assert pick_point(front, budget=0.49) is front[1]
-    for bad in ({}, {"max_loss": 0.1, "budget": 0.5}, {"budget": 1.5}):
+    assert pick_point(front, budget=0.6) is front[2]  # 30 flops allowed
+    assert pick_point(front, budget=0.59) is front[1]
+    assert pick_point(front, budget=0.1) is front[0]  # none fits: the cheapest
+    for bad in ({}, {"max_loss": 0.1, "budget": 0.5}, {"budget": 1.5}, {"budget": 0.0}):
         with pytest.raises(ValueError):
             pick_point(front, **bad)
     with pytest.raises(ValueError):

@@ -232,11 +232,15 @@ def test_choose_by_each_target():
     assert choose(FRONT, max_flops=1.0) is FRONT[0]  # nothing fits: the cheapest
     assert choose(FRONT, min_accuracy=0.85) is FRONT[2]
     assert choose(FRONT, min_accuracy=0.99) is FRONT[3]  # nothing reaches it: the most accurate
-    assert choose(FRONT, budget=0.0) is FRONT[0] and choose(FRONT, budget=1.0) is FRONT[3]
-    assert choose(FRONT, budget=0.5) is FRONT[1]  # 55 flops allowed
+    # budget: a fraction of the full model's FLOPs (cost 1 − saved: 0.1, 0.4, 0.7, 1.0)
+    assert choose(FRONT, budget=1.0) is FRONT[3] and choose(FRONT, budget=0.7) is FRONT[2]  # at the budget fits
+    assert choose(FRONT, budget=0.5) is FRONT[1] and choose(FRONT, budget=0.05) is FRONT[0]  # none fits: cheapest
+    assert choose(FRONT, budget=0.5, full_flops=50.0) is FRONT[0]  # 25 FLOPs: only the 10-FLOP point fits
     for bad in ({}, {"max_flops": 1.0, "budget": 0.5}):
         with pytest.raises(ValueError, match="exactly one target"):
             choose(FRONT, **bad)
+    with pytest.raises(ValueError, match="budget 0"):
+        choose(FRONT, budget=0.0)
     with pytest.raises(ValueError, match="empty"):
         choose([], budget=0.5)
 
@@ -244,9 +248,9 @@ def test_choose_by_each_target():
 def test_configuration_table_lookup_matches_pick_point():
     table = ConfigurationTable(FRONT)
     assert len(table) == 4 and all(isinstance(p, ThresholdPolicy) for p in table.policies)
-    for i in range(101):
+    for i in range(1, 101):
         b = i / 100
-        assert table.index_at_budget(b) == FRONT.index(pick_point(FRONT, budget=b))
+        assert table.index_at_budget(b) == FRONT.index(pick_point(FRONT, budget=b)) == FRONT.index(choose(FRONT, budget=b))
         assert table.at_budget(b) is table.policies[table.index_at_budget(b)]  # a lookup, no new object
     assert table.at_budget(-1.0) is table[0] and table.at_budget(2.0) is table[3]
     assert table.at_budget(0.5).thresholds == [0.8, None, 1.0]
@@ -260,9 +264,10 @@ def test_configuration_table_from_a_search_runs_the_same_numbers():
     front = search_front(records, cost)
     table = ConfigurationTable.search(records, cost)
     assert [p.to_json() for p in table.policies] == [p["policy"] for p in front]
-    for b in (0.0, 0.3, 0.7, 1.0):
+    for b in (0.05, 0.3, 0.7, 1.0):
         ev = evaluate_policy(records, table.at_budget(b), cost)
         assert ev["mean_flops"] == pick_point(front, budget=b)["flops"]
+        assert ev["mean_flops"] <= b * cost.full_flops or table.index_at_budget(b) == 0
 
 
 # -- speed --------------------------------------------------------------------------------------

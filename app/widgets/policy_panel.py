@@ -3,7 +3,9 @@ the Pareto front with a budget slider, reset to the bundle's default, save the c
 
 The budget slider walks the active policy's own front (a learned policy's λ sweep, where the bundle
 can run it); a policy without one walks the bundle's front, and moving it switches the combo to
-the policy that front belongs to, so the combo always names what runs."""
+the policy that front belongs to, so the combo always names what runs. Its label reads the budget
+as a fraction of the full model's compute ("≤ 60 % of full compute"); `budget_fraction()` and
+`set_budget_fraction(0.6)` read and set it so."""
 from __future__ import annotations
 
 import functools
@@ -14,9 +16,11 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGridLayout, QGroupBox, QHBoxLayout,
                                QLabel, QPushButton, QSlider, QVBoxLayout, QWidget)
 
+from engine.budget import check_budget
+
 from .. import tasks
 from ..session import Session
-from ..state import ModelInfo, PolicyState, front_label
+from ..state import ModelInfo, PolicyState, budget_text, front_label
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +162,10 @@ class PolicyPanel(QWidget):
                                       f"to the {owner} policy")
         elif state.point is not None:
             where = "" if on_front else " (then edited)"
-            self.budget_label.setText(f"point {state.point + 1} of {len(front)}{where}: " + front_label(front[state.point]))
+            fit = (f"{budget_text(state.budget)} · " if state.budget_met else
+                   f"nothing fits {budget_text(state.budget)}: the cheapest · ")
+            self.budget_label.setText(f"{fit}point {state.point + 1} of {len(front)}{where}: "
+                                      + front_label(front[state.point]))
         else:
             self.budget_label.setText("not on the front: move the budget to choose a point")
 
@@ -180,6 +187,20 @@ class PolicyPanel(QWidget):
 
     def _on_budget_moved(self, index: int) -> None:
         self.session.choose_point(index)
+
+    # -- the budget as a fraction of the full model's compute -----------------------------------------
+    def budget_fraction(self) -> float | None:
+        """The budget as a fraction of the full model's FLOPs: the one set with `set_budget_fraction`,
+        else the cost of the front point the slider is on; None off the front or with no model."""
+        policy = self.session.policy
+        return None if policy is None else policy.budget
+
+    def set_budget_fraction(self, fraction: float) -> None:
+        """Move the budget to the most accurate front point within `fraction` of the full model's FLOPs
+        (none fits: the cheapest, and the label says so). Raises ValueError for a fraction outside
+        (0, 1]; does nothing when there is no front to walk."""
+        check_budget(fraction)
+        self.session.choose_budget(fraction)
 
     def _on_reset(self) -> None:
         self.session.reset_policy()

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from . import args as num
-from .common import (TerminalProgress, bundle_and_data, calibration_records, checked_unlabelled, load, pct,
-                     print_skipped, report_outputs, save_bundle_or_keep, splits_for, write_outputs)
+from .common import (TerminalProgress, bundle_and_data, calibration_records, check_out, checked_unlabelled, load, pct,
+                     print_skipped, record, report_outputs, save_bundle_or_keep, splits_for, write_outputs)
 
 
 def add_evaluate(sub) -> None:
@@ -89,33 +89,83 @@ def add_search(sub) -> None:
     target.add_argument("--max-loss", type=num.points, default=0.5, metavar="POINTS",
                         help="default configuration: the cheapest within this many accuracy points of the last exit "
                              "on the calibration split (default: 0.5)")
-    target.add_argument("--budget", type=num.unit, metavar="B", help="default configuration: this far along the front "
-                        "instead, 0 = the cheapest point, 1 = the most accurate")
+    target.add_argument("--budget", type=num.fraction, metavar="F", help="default configuration: the most accurate "
+                        "whose mean FLOPs (exit heads that ran included) are at most this fraction of the full "
+                        "model's (0 < F <= 1, e.g. 0.6), checked on calibration and on the test split")
     s.add_argument("--measure", default="max_prob", choices=["max_prob", "entropy", "margin"],
                    help="the confidence every threshold is compared with (default: max_prob)")
     s.add_argument("--out", help="write the searched bundle here instead of over BUNDLE (.offramp)")
+    s.add_argument("--json", help="also write a report here: the target, the chosen configuration's accuracy, FLOPs "
+                   "fraction and budget_met on calibration and on test, and the front")
     s.set_defaults(fn=cmd_search)
 
 
 def cmd_search(args) -> int:
     from ..bench_report import front_table
+    from ..files import write_json
     from ..fronts import search_bundle
+    if args.json:
+        check_out(args.json, suffixes=(".json",), what="report", option="--json")
     bundle, splits, progress, records = calibration_records(args, with_features=False)
+    test = _test_records(bundle, splits, progress)
     searched, rep = search_bundle(bundle, records, max_loss=args.max_loss / 100, budget=args.budget,
-                                  measure=args.measure, split=splits.describe())
+                                  measure=args.measure, split=splits.describe(), test_records=test)
     full, flops = rep["full_accuracy"], rep["full_flops"]
     print(f"DyCE front on {records.num_samples} calibration images ({len(rep['front'])} configurations; "
           f"last exit {pct(full)}); * = the default configuration:")
     print("\n".join(front_table(rep["front"], rep["index"], flops, full)))
-    target = f"budget {args.budget:g}" if args.budget is not None else f"≤ {args.max_loss:g}-point loss"
+    target = (f"≤ {pct(args.budget)} of the full model's FLOPs" if args.budget is not None
+              else f"≤ {args.max_loss:g}-point loss")
     for method, label in (("circular", "DyCE circular"), ("one_pass", "DyCE one-pass"), ("shared", "shared threshold")):
         p = rep["at_target"][method]
         print(f"{label + ':':<18} {pct(p['accuracy'])} accuracy, {pct(1 - p['flops'] / flops)} of FLOPs saved "
               f"at {target}")
+    print("\n".join(budget_lines(rep["budget"])))
     out = args.out or args.bundle
     save_bundle_or_keep(searched, out)
     print(f"saved {out} (default policy 'threshold' = point {rep['index']}; its front drives the app's budget slider)")
+    if args.json:
+        write_outputs([(lambda p: write_json(p, _search_report(args, rep, records.num_samples)), args.json, "report")])
+        print(f"wrote {args.json}")
     return 0
+
+
+def _test_records(bundle, splits, progress):
+    """Every exit's outputs on the test split, or None where there is none (unlabelled data)."""
+    test = getattr(splits, "test", None)
+    if test is None or len(test) == 0:
+        return None
+    return record(bundle.model, test, progress, with_features=False)
+
+
+def budget_lines(checked: dict) -> list[str]:
+    """What `offramp search` says of the chosen configuration on calibration and test, against the budget."""
+    budget = checked["budget"]
+    cal = checked["calibration"]
+    lines = []
+    if budget is not None and not cal["budget_met"]:
+        lines.append(f"no configuration fits a budget of {pct(budget)} of the full model's FLOPs on the calibration "
+                     f"split: kept the cheapest, at {pct(cal['fraction'])} (budget_met false)")
+    for split, c in (("calibration", cal), ("test", checked["test"])):
+        if c is None:
+            lines.append(f"{split + ':':<13} no labelled test split here: the choice cannot be checked on unseen images")
+            continue
+        met = "" if budget is None else f", budget {pct(budget)} {'met' if c['budget_met'] else 'NOT met'}"
+        seen = f" ({c['samples']} images the choice never saw)" if split == "test" else " (the choice was made here)"
+        lines.append(f"{split + ':':<13} {pct(c['accuracy'])} accuracy at {pct(c['fraction'])} of the full model's "
+                     f"FLOPs{met}{seen}")
+    return lines
+
+
+def _search_report(args, rep: dict, samples: int) -> dict:
+    """The --json report of `offramp search`."""
+    checked, chosen = rep["budget"], rep["front"][rep["index"]]
+    return {"bundle": str(args.bundle), "data": str(args.data or args.unlabelled), "out": str(args.out or args.bundle),
+            "command": "offramp " + " ".join(sys.argv[1:]), "calibration_samples": samples,
+            "target": {"max_loss": None if args.budget is not None else args.max_loss / 100, "budget": args.budget},
+            "full_accuracy": rep["full_accuracy"], "full_flops": rep["full_flops"],
+            "budget": checked["budget"], "calibration": checked["calibration"], "test": checked["test"],
+            "chosen": {"index": rep["index"], **chosen}, "front": rep["front"]}
 
 
 def add_bench(sub) -> None:
@@ -175,6 +225,7 @@ def cmd_bench(args) -> int:
     rep["goals"] = bench_report.assess_goals(rep)
     rep["notes"] = bench_report.notes(rep)
     print("\n".join(bench_report.table(rep)))
+    print("\n".join(bench_report.latency_lines(rep)))
     print("chosen on the calibration split (cheapest within 0.5 point there), as it does on the test split:")
     print("\n".join(bench_report.choice_lines(rep)))
     if rep["timing"].get("exit_overhead"):
@@ -197,10 +248,15 @@ A configuration says which exits are active and the threshold of each. The searc
 exit's answer once, then sweeps the accuracy/compute trade-off (one-pass search, then circular
 search: the single best change until none helps) and keeps the Pareto front. The bundle gets the
 front (the app's budget slider walks it) and, as its default policy "threshold", the cheapest
-configuration within --max-loss points of the last exit (or the one at --budget).
+configuration within --max-loss points of the last exit, or, with --budget F, the most accurate
+whose mean FLOPs (every exit head that ran included) are at most F times the full model's. The
+chosen configuration's accuracy and FLOPs fraction (and whether it met the budget) are printed for
+the calibration split, where it was chosen, and for the test split, which the choice never saw;
+when no configuration fits the budget, the cheapest is kept and budget_met is false.
 
-example:
+examples:
   offramp search model.offramp --data cifar10-jpg.zip --out model-searched.offramp
+  offramp search model.offramp --data cifar10-jpg.zip --budget 0.6 --json budget.json
 """
 
 
@@ -211,7 +267,8 @@ networks; one shared threshold; the DyCE front; Bolukbasi and structure policy f
 the bundle's own policies; the oracle (the bound). Thresholds, fronts and policies are fitted on
 the calibration split only. Mean FLOPs count every exit head that ran and did not fire and every
 policy decision. Batch-1 wall-clock is measured on this CPU for the full model and each method's
-table points, interleaved in one process, so speed-up = full-model ms / method ms.
+table points, interleaved in one process, so speed-up = full-model ms / method ms; each timed
+point also reports the p50 / p95 / p99 of its per-image times.
 
 Prints, per method, accuracy, FLOPs saved and measured speed-up at the cheapest point within 0.5
 and within 1.0 accuracy points of the full model, then the goals (hit or miss). Writes a JSON
