@@ -9,6 +9,8 @@
     offramp train-policy BUNDLE --data DIR --kind K   a learned exit policy (threshold, bolukbasi, structure)
     offramp bench BUNDLE --data DIR            every method on a held-out split: FLOPs, measured speed-up
     offramp export [BUNDLE] --out DIR          ONNX graphs per stage, exit and decision + a manifest
+    offramp corrupt --data DIR --out DIR       corrupted copies of the test split (noise, blur, contrast, JPEG)
+    offramp shift BUNDLE --data D --corrupted DIR   threshold vs structure policy on them, at equal FLOPs
     offramp list-backbones                     the registered backbones
 
 Data splits (search, train-policy, bench): "calibration" is the part of the data the exits were
@@ -26,17 +28,19 @@ import sys
 from ..logs import LEVELS, setup_logging
 from ..progress import Cancelled
 from . import args as num
+from .corrupt import add_corrupt
 from .evaluate import add_bench, add_evaluate, add_search
 from .export import add_export
 from .info import add_info
 from .run import add_list_backbones, add_run
+from .shift import add_shift
 from .train import add_train_backbone, add_train_exits, add_train_policy
 
 log = logging.getLogger("offramp")
 
 # the commands in the order `offramp --help` lists them; each module adds its own options
-COMMANDS = (add_list_backbones, add_info, add_run, add_train_exits, add_train_backbone, add_evaluate, add_search,
-            add_train_policy, add_export, add_bench)
+COMMANDS = (add_list_backbones, add_info, add_run, add_train_exits, add_train_backbone, add_evaluate,
+            add_search, add_train_policy, add_export, add_bench, add_corrupt, add_shift)
 
 
 def build_parser() -> argparse.ArgumentParser:
