@@ -291,6 +291,8 @@ def _build_modules(manifest: dict, path: Path) -> tuple[MultiExitNet, dict[str, 
         backbone = build_backbone(name, weights=None, **kwargs)
     except ValueError as e:
         raise BundleError(f"{path} needs backbone {name[:80]!r} that cannot be built here: {_one_line(e)}") from None
+    except NotImplementedError:  # it cannot be built on the meta device: `_build` builds it for real
+        raise
     except (TypeError, RuntimeError) as e:
         raise BundleError(f"{path} builds backbone {name[:80]!r} with arguments {_one_line(kwargs, 120)} it does "
                           f"not take ({_one_line(e)})") from None

@@ -26,7 +26,7 @@ from .bundle import Bundle
 from .cost import CostTable, count_decision_flops, measure_costs, profile_latency, with_policy_flops
 from .evaluate import _length, as_loader, drop_skipped, evaluate_policy
 from .model import MultiExitNet
-from .policies import Evidence, Policy
+from .policies import Evidence, Policy, pooled_features
 from .records import Records
 from .progress import CancelFlag, ProgressFn, report
 
@@ -90,7 +90,7 @@ class Cascade(nn.Module):
         for stage in model.backbone.stages:
             x = stage(x)  # (B, C, h, w)
         logits = model.exits[-1](x) / model.temperature[-1]
-        return logits, (x.mean(dim=(2, 3)) if x.dim() == 4 else x)
+        return logits, pooled_features(x)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every model's calibrated logits, a list of (B, K)."""

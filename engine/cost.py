@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .policies import Evidence
+from .policies import Evidence, pooled_features
 
 if TYPE_CHECKING:
     from .model import MultiExitNet
@@ -172,7 +172,7 @@ def measure_policy_flops(policy: "Policy", model: "MultiExitNet", taps: Sequence
         tap = taps[head.spec.stage]
         logits.append(head(tap) / model.temperature[e])  # calibrated, as run() gives the policy
         run.append(e)
-        features = tap.mean(dim=(2, 3)) if tap.dim() == 4 else tap  # (1, channels)
+        features = pooled_features(tap)  # (1, channels)
         flops.append(count_decision_flops(policy, e, n, logits, run, features))
     return flops
 

@@ -33,25 +33,55 @@ class ExitSpec:
 
 
 class ExitHead(nn.Module):
-    def __init__(self, spec: ExitSpec, pre: nn.Module, post: nn.Module):
+    """`pre_is_pooled`: `pre` gives the tap's pooled features (engine.policies.pooled_features), so a
+    feature cache stores them once; false for a head that reads the class token."""
+
+    def __init__(self, spec: ExitSpec, pre: nn.Module, post: nn.Module, pre_is_pooled: bool = True):
         super().__init__()
         self.spec = spec
         self.pre = pre
         self.post = post
+        self.pre_is_pooled = pre_is_pooled
 
-    def forward(self, x):  # (batch, channels, h, w) -> (batch, num_classes)
+    def forward(self, x):  # (batch, channels, h, w), (batch, tokens, channels) or (batch, channels) -> (batch, K)
         return self.post(self.pre(x))
+
+
+class TokenPool(nn.Module):
+    """(batch, tokens, channels) -> (batch, channels): the class token (the first) or the mean of all."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        assert how in ("cls", "mean"), how
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0] if self.how == "cls" else x.mean(dim=1)
 
 
 def _pool() -> nn.Module:
     return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
 
 
+def _linear_exit(tap: Tap, stage: int, num_classes: int) -> ExitHead:
+    """Pool + Linear on a map, class token or mean + LayerNorm + Linear on tokens (a transformer's
+    tokens before its last blocks are not normalised), Linear on a vector."""
+    spec = ExitSpec(stage, "linear", tap.channels, num_classes)
+    linear = nn.Linear(tap.channels, num_classes)
+    if tap.layout == "tokens":
+        return ExitHead(spec, TokenPool(tap.pool), nn.Sequential(nn.LayerNorm(tap.channels), linear),
+                        pre_is_pooled=tap.pool == "mean")
+    return ExitHead(spec, _pool() if tap.layout == "map" else nn.Identity(), linear)
+
+
 def make_exit(tap: Tap, stage: int, kind: str, num_classes: int, hidden: int | None = None) -> ExitHead:
-    """A new exit head of `kind` for `tap`. Raises ValueError for an unknown kind."""
+    """A new exit head of `kind` for `tap`. Raises ValueError for an unknown kind, or a conv head
+    on a tap that is not a feature map."""
     if kind == "linear":
-        spec = ExitSpec(stage, kind, tap.channels, num_classes)
-        return ExitHead(spec, _pool(), nn.Linear(tap.channels, num_classes))
+        return _linear_exit(tap, stage, num_classes)
+    if kind == "conv" and tap.layout != "map":
+        raise ValueError(f"a conv exit head reads a feature map, but {tap.name!r} gives {tap.layout}; "
+                         "use linear exit heads there")
     if kind == "conv":
         h = hidden or min(max(tap.channels, 32), 256)
         spec = ExitSpec(stage, kind, tap.channels, num_classes, h)

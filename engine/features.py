@@ -18,6 +18,7 @@ from torch.utils.data import Dataset, Subset
 from .data.folders import SKIPPED, make_loader
 from .files import json_text, write_atomic
 from .model import MultiExitNet
+from .policies import pooled_features
 from .preprocess import eval_transform
 from .progress import CancelFlag, ProgressFn, report
 
@@ -192,18 +193,20 @@ def cache_features(model: MultiExitNet, dataset: Dataset, *, batch_size: int = 1
         report(progress, cancel, "caching features", 0, n)
         for x, y in make_loader(dataset, batch_size, shuffle=False, workers=workers):
             b = x.shape[0]
-            for e, tap in _taps(model, x.to(device)):  # tap: (batch, channels, h, w)
+            for e, tap in _taps(model, x.to(device)):  # tap: (batch, channels, h, w) or tokens or a vector
                 head = model.exits[e]
                 pre = head.pre(tap)
                 if len(inputs) <= e:  # first batch: now the shapes are known
                     dtype = torch.float16 if head.spec.kind == "conv" else torch.float32
                     inputs.append(torch.empty((n, *pre.shape[1:]), dtype=dtype))
-                    features.append(inputs[e] if pre.dim() == 2 else torch.empty(n, tap.shape[1]))
+                    # a pooling head caches the pooled features themselves; a class-token head does not
+                    shared = pre.dim() == 2 and head.pre_is_pooled
+                    features.append(inputs[e] if shared else torch.empty(n, pooled_features(tap).shape[1]))
                     if e == model.num_exits - 1:
                         _check_memory(inputs, features)
                 inputs[e][done:done + b] = pre.cpu()
                 if features[e] is not inputs[e]:
-                    features[e][done:done + b] = (tap.mean(dim=(2, 3)) if tap.dim() == 4 else tap).cpu()
+                    features[e][done:done + b] = pooled_features(tap).cpu()
                 if e == model.num_exits - 1:
                     teacher[done:done + b] = head.post(pre).float().cpu()
             labels[done:done + b] = torch.as_tensor(y)

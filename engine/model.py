@@ -13,7 +13,7 @@ from torch import nn
 
 from .backbones import StagedBackbone
 from .exits import ExitHead, ExitSpec, make_exit, original_exit
-from .policies import Evidence
+from .policies import Evidence, pooled_features
 
 if TYPE_CHECKING:
     from .policies import Policy
@@ -58,7 +58,8 @@ class MultiExitNet(nn.Module):
     @classmethod
     def attach(cls, backbone: StagedBackbone, *, class_names: Sequence[str], exit_stages: Sequence[int] | None = None,
                head: str = "linear", hidden: int | None = None, keep_classifier: bool = True) -> "MultiExitNet":
-        """Put new exit heads of kind `head` after `exit_stages` (default: every stage).
+        """Put new exit heads of kind `head` after `exit_stages` (default: every stage); linear ones
+        where a stage gives tokens or a vector, not a feature map.
 
         The last exit is the backbone's own classifier when it exists, predicts the same number of
         classes and `keep_classifier` is true; otherwise a new head of `head` kind.
@@ -73,8 +74,8 @@ class MultiExitNet(nn.Module):
             tap = backbone.taps[s]
             if s == n - 1 and keep_classifier and backbone.classifier is not None and _out_features(backbone.classifier) == k:
                 heads.append(original_exit(backbone.classifier, tap, s, k))
-            else:
-                heads.append(make_exit(tap, s, head, k, hidden))
+            else:  # conv heads read maps: tokens and vectors get linear ones
+                heads.append(make_exit(tap, s, head if tap.layout == "map" else "linear", k, hidden))
         backbone.classifier = None  # now owned by the last exit
         return cls(backbone, heads, class_names)
 
@@ -127,7 +128,7 @@ class MultiExitNet(nn.Module):
                 out = self.exits[e](x)
                 logits.append(out / self.temperature[e] if calibrated else out)
                 if with_features:
-                    feats.append(x.mean(dim=(2, 3)) if x.dim() == 4 else x)
+                    feats.append(pooled_features(x))
                 e += 1
                 if e == self.num_exits:
                     break

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 import threading
 import time
@@ -45,6 +46,7 @@ from .exits import ExitHead
 from .model import MultiExitNet, StagedOutput
 from .policies import Evidence, Policy
 
+log = logging.getLogger(__name__)
 _TRACE_LOCK = threading.Lock()  # oneDNN fusion is a process-wide switch, on only while graphs are made
 
 
@@ -104,7 +106,9 @@ class _Segment(nn.Module):
             out.append(self.head(tap))
         # one image: the pooled sum as a vector, (channels,); every operation here costs several
         # microseconds whatever its size, so there are as few as the decision allows
-        if tap.dim() != 4:
+        if tap.dim() == 3:  # tokens (1, n, channels): the sum over the tokens
+            total = tap.sum(dim=(0, 1))
+        elif tap.dim() != 4:
             total = tap.flatten()
         elif tap.is_contiguous(memory_format=torch.channels_last) and not tap.is_contiguous():
             total = tap.permute(0, 2, 3, 1).reshape(-1, tap.shape[1]).sum(0)  # rows of channels: a column sum
@@ -140,6 +144,7 @@ def _graph(module: nn.Module, example: tuple[torch.Tensor, ...], fuse: bool) -> 
     module.eval()
     with torch.no_grad():
         want = module(*example)
+    failure = None
     for fused in ((True, False) if fuse else (False,)):
         try:
             with _onednn_fusion(fused), warnings.catch_warnings():
@@ -151,8 +156,11 @@ def _graph(module: nn.Module, example: tuple[torch.Tensor, ...], fuse: bool) -> 
                         got = graph.forward(*example)
             if _close(got, want):
                 return graph.forward, "TorchScript + oneDNN Graph" if fused else "TorchScript"
-        except Exception:  # noqa: BLE001 - e.g. a fusion this torch cannot do: try the next way
-            pass
+            failure = "its TorchScript graph computes other values"
+        except Exception as err:  # noqa: BLE001 - e.g. a fusion this torch cannot do: try the next way
+            failure = " ".join(str(err).split())[:200]
+    # a generic graph (a model cut by torch.fx, engine.backbones.cut) may not trace: eager is slower, never wrong
+    log.info("a part of the model runs eagerly: TorchScript could not make it a graph (%s)", failure)
     return module.forward, "eager"
 
 
@@ -203,7 +211,8 @@ class PreparedModel:
             for s, stage in enumerate(self._graph_stages):
                 self._inputs.append(x)
                 x = stage(x.contiguous(memory_format=torch.channels_last) if cl and x.dim() == 4 else x)
-                self._spatial.append(math.prod(x.shape[2:]) if x.dim() == 4 else 1)
+                # how many positions the pooled features average: h·w of a map, the tokens of a sequence
+                self._spatial.append(math.prod(x.shape[2:]) if x.dim() == 4 else x.shape[1] if x.dim() == 3 else 1)
         self._heads = []  # per exit: (rows (K, C), bias (K,)) of a linear head, or None
         for e, head in enumerate(self.model.exits):
             linear, t = _linear_head(head), float(self.model.temperature[e])

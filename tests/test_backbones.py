@@ -55,10 +55,11 @@ def offline_hub(tmp_path, monkeypatch):
 
 
 # -- registry -------------------------------------------------------------------------------------
-def test_registry_lists_both_families():
+def test_registry_lists_every_family():
     assert list_backbones("torchvision") == sorted(TORCHVISION)
     assert "cifar_resnet_small" in list_backbones("cifar")
-    assert list_backbones() == sorted(TORCHVISION + list_backbones("cifar"))
+    assert list_backbones("any") == ["cut"]  # any model cut at named layers: tests/test_any_model.py
+    assert list_backbones() == sorted(TORCHVISION + list_backbones("cifar") + ["cut"])
 
 
 def test_registry_refuses_a_duplicate_name():
@@ -77,7 +78,7 @@ def test_unknown_weights_name_lists_the_choices():
 
 
 # -- declarations against reality ------------------------------------------------------------------
-@pytest.mark.parametrize("name", list_backbones())
+@pytest.mark.parametrize("name", [n for n in list_backbones() if backbone_family(n) != "any"])
 @torch.no_grad()
 def test_declared_taps_match_real_shapes(name):
     backbone = skeleton(name)

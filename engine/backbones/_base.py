@@ -6,14 +6,25 @@ from typing import Callable
 
 from torch import nn
 
+LAYOUTS = ("map", "tokens", "vector")
+
 
 @dataclass(frozen=True)
 class Tap:
-    """Where an exit can attach: the output of one stage."""
+    """Where an exit can attach: the output of one stage, and how an exit head reads it.
+
+    `layout` "map": (batch, channels, h, w); "tokens": (batch, tokens, channels), read through the
+    class token (`pool` "cls") or the mean of the tokens (`pool` "mean"); "vector": (batch, channels).
+    """
 
     name: str  # module name in the original model, e.g. "layer3"
     channels: int
-    stride: int  # total reduction relative to the input image
+    stride: int  # total reduction relative to the input image; 0 when the tap is not a map
+    layout: str = "map"
+    pool: str = "mean"  # tokens only: "cls" or "mean"
+
+    def __post_init__(self):
+        assert self.layout in LAYOUTS and self.pool in ("cls", "mean"), f"bad tap {self}"
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@
     offramp corrupt --data DIR --out DIR       corrupted copies of the test split (noise, blur, contrast, JPEG)
     offramp shift BUNDLE --data D --corrupted DIR   threshold vs structure policy on them, at equal FLOPs
     offramp list-backbones                     the registered backbones
+    offramp layers SPEC                        where any torchvision, timm: or module: model can be cut
 
 Data splits (search, train-policy, bench): "calibration" is the part of the data the exits were
 not trained on (for the CIFAR-10 zip: the validation part of its train split, as train-exits and
@@ -32,6 +33,7 @@ from .corrupt import add_corrupt
 from .evaluate import add_bench, add_evaluate, add_search
 from .export import add_export
 from .info import add_info
+from .layers import add_layers
 from .run import add_list_backbones, add_run
 from .shift import add_shift
 from .train import add_train_backbone, add_train_exits, add_train_policy
@@ -39,7 +41,7 @@ from .train import add_train_backbone, add_train_exits, add_train_policy
 log = logging.getLogger("offramp")
 
 # the commands in the order `offramp --help` lists them; each module adds its own options
-COMMANDS = (add_list_backbones, add_info, add_run, add_train_exits, add_train_backbone, add_evaluate,
+COMMANDS = (add_list_backbones, add_layers, add_info, add_run, add_train_exits, add_train_backbone, add_evaluate,
             add_search, add_train_policy, add_export, add_bench, add_corrupt, add_shift)
 
 

@@ -24,7 +24,15 @@ def add_train_exits(sub) -> None:
     src = s.add_mutually_exclusive_group()
     src.add_argument("--backbone", help="registered backbone name (see list-backbones)")
     src.add_argument("--from", dest="from_bundle", metavar="BUNDLE", help="keep this bundle's trained backbone, put new exits on it")
-    s.add_argument("--weights", help="pretrained torchvision weights, e.g. DEFAULT (needs them cached or a network)")
+    src.add_argument("--model", metavar="SPEC", help="any model, cut after the layers --taps names: a torchvision "
+                     "name, timm:NAME or module:pkg.mod:factory (see `offramp layers SPEC`)")
+    s.add_argument("--taps", metavar="NAME,NAME,...", type=_layer_names,
+                   help="with --model: the layers to put exits after; the model's own classifier is the last exit")
+    s.add_argument("--input-size", type=num.integer(8, 4096), metavar="PIXELS",
+                   help="with --model: side of the square input image (default: what the model expects)")
+    s.add_argument("--token-pool", choices=["cls", "mean"], help="with --model: exits on tokens read the class "
+                   "token or the mean of the tokens (default: cls when the model has a class token)")
+    s.add_argument("--weights", help="pretrained weights, e.g. DEFAULT (needs them cached or a network)")
     s.add_argument("--head", default="linear", choices=["linear", "conv"], help="exit head design (default: linear)")
     s.add_argument("--exits", type=num.number_list(num.integer(), what="stage indices"),
                    help="comma-separated stage indices to put exits after (default: every stage)")
@@ -40,6 +48,27 @@ def add_train_exits(sub) -> None:
     s.set_defaults(fn=cmd_train_exits)
 
 
+def _layer_names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of layer names, e.g. layer1,layer2")
+    return names
+
+
+def _new_backbone(args):
+    """The backbone --backbone names, or --model cut after --taps; with --weights."""
+    from ..backbones import build_backbone
+    if args.model is None:
+        if args.taps or args.input_size or args.token_pool:
+            raise ValueError("--taps, --input-size and --token-pool go with --model SPEC")
+        return build_backbone(args.backbone, weights=args.weights)
+    if not args.taps:
+        raise ValueError(f"--model {args.model} needs --taps NAME,NAME,...: the layers to put exits after "
+                         f"(`offramp layers {args.model}` lists them)")
+    return build_backbone("cut", model=args.model, taps=args.taps, weights=args.weights, input_size=args.input_size,
+                          token_pool=args.token_pool)
+
+
 def _train_val_sets(data: str, preset, val_fraction: float):
     """(train set, validation set, class names) from a class folder (checked first: bad files are
     listed and skipped) or from the train split of the CIFAR-10 layout (zip or folder)."""
@@ -49,7 +78,6 @@ def _train_val_sets(data: str, preset, val_fraction: float):
 
 
 def cmd_train_exits(args) -> int:
-    from ..backbones import build_backbone
     from ..model import MultiExitNet
     from ..train.retrain import fit_exits
     import torch
@@ -58,14 +86,15 @@ def cmd_train_exits(args) -> int:
     progress = TerminalProgress()
     stages = args.exits or None
     base = load(args.from_bundle) if args.from_bundle else None
-    if base is None and not args.backbone:
-        raise SystemExit("offramp train-exits: give --backbone NAME (see `offramp list-backbones`) or --from BUNDLE")
+    if base is None and not args.backbone and not args.model:
+        raise SystemExit("offramp train-exits: give --backbone NAME (see `offramp list-backbones`), --model SPEC "
+                         "--taps NAME,... or --from BUNDLE")
     meta = {"name": Path(args.out).stem, "source": {"command": "offramp " + " ".join(sys.argv[1:]),
                                                     "data": args.data or args.unlabelled},
             "split": {"val_fraction": args.val_fraction, "seed": 0}}
     if args.unlabelled:
         return _distil_exits(args, base, stages, meta, progress)
-    backbone = base.model.backbone if base is not None else build_backbone(args.backbone, weights=args.weights)
+    backbone = base.model.backbone if base is not None else _new_backbone(args)
     train_set, val_set, classes = _train_val_sets(args.data, backbone.preset, args.val_fraction)
     keep = backbone.classifier is not None and args.weights is not None
     model = MultiExitNet.attach(backbone, class_names=classes, exit_stages=stages or (base.model.exit_stages if base else None),
@@ -85,7 +114,7 @@ def cmd_train_exits(args) -> int:
 
 def _distil_exits(args, base, stages, meta, progress) -> int:
     """train-exits --unlabelled: early exits learn the last exit's answers on unlabelled images."""
-    from ..backbones import build_backbone
+    from ..backbones.generic import categories
     from ..model import MultiExitNet
     from ..preprocess import eval_transform
     from ..splits import unlabelled_parts
@@ -96,9 +125,10 @@ def _distil_exits(args, base, stages, meta, progress) -> int:
         if args.weights is None:
             raise ValueError("distilling needs a trained last exit to learn from; give --weights DEFAULT (the "
                              "pretrained torchvision classifier) or --from BUNDLE")
-        from ..backbones.torchvision_models import torchvision_categories
-        backbone = build_backbone(args.backbone, weights=args.weights)
-        model = MultiExitNet.attach(backbone, class_names=torchvision_categories(args.backbone, args.weights),
+        backbone = _new_backbone(args)
+        spec = args.model or args.backbone  # a registered torchvision name is a model SPEC too
+        k = backbone.spec["kwargs"].get("num_classes", 1000)
+        model = MultiExitNet.attach(backbone, class_names=categories(spec, args.weights, k),
                                     exit_stages=stages, head=args.head, keep_classifier=True)
     split, check = checked_unlabelled(args.unlabelled, progress)
     images, train_idx, val_idx = unlabelled_parts(args.unlabelled, split, val_fraction=args.val_fraction, report=check,
@@ -287,4 +317,5 @@ TRAIN_EXITS_EPILOG = """examples:
   offramp train-exits --backbone resnet18 --weights DEFAULT --data my_classes/ --out r18.offramp
   offramp train-exits --backbone resnet50 --weights DEFAULT --unlabelled photos/ --out r50.offramp
   offramp train-exits --from resources/default.offramp --head conv --data cifar10-jpg.zip --out b.offramp
+  offramp train-exits --model timm:vit_tiny_patch16_224 --taps blocks.3,blocks.7 --data my_classes/ --out vit.offramp
 """

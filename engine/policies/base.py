@@ -20,6 +20,16 @@ _POLICIES: dict[str, type["Policy"]] = {}
 ROW_CLASSES = 64
 
 
+def pooled_features(tap: torch.Tensor) -> torch.Tensor:
+    """A tap's globally pooled features, (batch, channels): the mean over the positions of a map
+    (batch, channels, h, w) or over the tokens (batch, tokens, channels); a vector as it is."""
+    if tap.dim() == 4:
+        return tap.mean(dim=(2, 3))
+    if tap.dim() == 3:
+        return tap.mean(dim=1)
+    return tap.flatten(1)
+
+
 class Evidence:
     """What a policy sees at one exit, for the samples still running.
 
@@ -45,8 +55,7 @@ class Evidence:
     @property
     def features(self) -> torch.Tensor:
         if self._features is None:
-            t = self._tap
-            self._features = t.mean(dim=(2, 3)) if t.dim() == 4 else t.flatten(1)
+            self._features = pooled_features(self._tap)
         return self._features
 
     @property
