@@ -197,3 +197,20 @@ def test_exits_and_stages_are_numbered_alike_in_the_cli_and_the_app(window, bund
     _deliver(window.session, _result(2), _frame(0))
     window.render_now()
     assert window.video.caption.startswith("exit E2 of 3")  # `offramp run` says "at exit E2 of 3"
+
+
+def test_compute_panel_shows_the_latency_tail_of_the_frames_it_counts(qtbot):
+    """p50 / p95 / p99 of the kept per-frame times, next to the rate: an early exit makes the tail matter."""
+    from app.widgets.compute_panel import ComputePanel
+    panel = ComputePanel()
+    qtbot.addWidget(panel)
+    stats = RunningTotals(3, latency_frames=100)
+    for i, ms in enumerate([1.0] * 90 + [9.0] * 10):  # one frame in ten pays for the whole network
+        stats.add(_result(0 if ms == 1.0 else 2, ms=ms), now=10.0 + 0.05 * i)
+    panel.update_stats(stats, fps=20.0)
+    text = panel.fps_label.text()
+    assert "p50 / p95 / p99 1.00 / 9.00 / 9.00 ms" in text, text
+    one = RunningTotals(3, latency_frames=100)
+    one.add(_result(0), now=10.0)
+    panel.update_stats(one)
+    assert "p50" not in panel.fps_label.text()  # a single frame has no tail to show

@@ -13,6 +13,8 @@ import pyqtgraph as pg
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QGridLayout, QLabel, QSizePolicy, QVBoxLayout, QWidget
 
+from engine.totals import percentiles_ms
+
 from ..state import ModelInfo, RunningTotals, format_flops, signed_percent
 from .theme import NORMAL, Theme
 
@@ -171,7 +173,8 @@ class ComputePanel(QWidget):
             self.total_label.setText(f"All {stats.frames} frames: FLOPs saved {signed_percent(stats.saved, 1)}{full}")
             # which runtime the milliseconds are of, in its short form ("torch TorchScript + oneDNN Graph")
             runtime = (getattr(stats.last, "runtime", "") or "").split(",")[0] if stats.last is not None else ""
-            self.fps_label.setText(" · ".join(p for p in (rate[:-3], f"timed on {runtime}" if runtime else "") if p))
+            self.fps_label.setText(" · ".join(p for p in (rate[:-3], f"timed on {runtime}" if runtime else "",
+                                                          _latency_text(stats)) if p))
         for label in (self.total_label, self.fps_label):
             label.setToolTip(label.text())
         n = len(stats.saved_history)
@@ -183,3 +186,13 @@ class ComputePanel(QWidget):
         shares = [100 * c / max(1, stats.frames) for c in counts]
         self.hist.setOpts(x=list(range(len(counts))), height=shares, width=0.6,
                           brushes=[self.theme.color("fired" if e == fired else "stage") for e in range(len(counts))])
+
+
+def _latency_text(stats: RunningTotals) -> str:
+    """"p50 / p95 / p99 …" of the per-frame inference times the totals keep (the tail an early exit
+    makes matter: the mean can look good while p99 is the full model's time); "" with fewer than
+    two frames kept."""
+    if len(stats.frame_ms) < 2:
+        return ""
+    p = percentiles_ms(stats.frame_ms)
+    return f"p50 / p95 / p99 {p['p50_ms']:.2f} / {p['p95_ms']:.2f} / {p['p99_ms']:.2f} ms"
