@@ -173,8 +173,8 @@ class ComputePanel(QWidget):
             self.total_label.setText(f"All {stats.frames} frames: FLOPs saved {signed_percent(stats.saved, 1)}{full}")
             # which runtime the milliseconds are of, in its short form ("torch TorchScript + oneDNN Graph")
             runtime = (getattr(stats.last, "runtime", "") or "").split(",")[0] if stats.last is not None else ""
-            self.fps_label.setText(" · ".join(p for p in (rate[:-3], f"timed on {runtime}" if runtime else "",
-                                                          _latency_text(stats)) if p))
+            line = " · ".join(p for p in (rate[:-3], f"timed on {runtime}" if runtime else "") if p)
+            self.fps_label.setText("\n".join(p for p in (line, _latency_text(stats)) if p))  # its own line: never cut
         for label in (self.total_label, self.fps_label):
             label.setToolTip(label.text())
         n = len(stats.saved_history)
