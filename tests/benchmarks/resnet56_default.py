@@ -66,8 +66,10 @@ def save_state(model, path: Path, extra: dict) -> None:
         torch.save({"model": model.state_dict(), "info": json_text(extra)}, tmp)
 
 
-def read_state(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+def read_phase(path: Path) -> tuple[dict, dict]:
+    """(state dict, info) of a finished phase's file: tensors and JSON only (weights_only)."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    return saved["model"], json.loads(saved["info"])
 
 
 def main() -> int:
@@ -123,7 +125,7 @@ def main() -> int:
         save_state(model_a, a_path, {"config": asdict(cfg_a), "history": history["a"]})
     else:
         log(f"phase A done: {a_path}")
-    model_a = build_network(cfg_a, classes, read_state(a_path))
+    model_a = build_network(cfg_a, classes, read_phase(a_path)[0])
 
     if not b_path.exists():
         log(f"phase B: joint fine-tuning of backbone and {model_a.num_exits} exits, {cfg_b.epochs} epochs to lr "
@@ -168,9 +170,9 @@ def phase_c(args, out: Path, cfg, classes, splits, device, phase: str, path: Pat
     search the thresholds, and write the bundle `path` with where its weights come from."""
     from engine.bundle import save_bundle
     from engine.train.retrain import fit_exits
-    model = build_network(cfg, classes, read_state(out / f"phase_{phase}.pt")).eval()
-    info = {name: json.loads(torch.load(out / f"phase_{name}.pt", map_location="cpu", weights_only=True)["info"])
-            for name in ("a", phase)}
+    state, info_phase = read_phase(out / f"phase_{phase}.pt")
+    model = build_network(cfg, classes, state).eval()
+    info = {"a": read_phase(out / "phase_a.pt")[1], phase: info_phase}
     meta = {"name": path.stem,
             "description": "ResNet-56 (option-A shortcuts) from the published CIFAR-10 weights of "
                            "akamaster/pytorch_resnet_cifar10 (BSD-2-Clause, see " + LICENCE + "), fine-tuned on "
