@@ -29,7 +29,7 @@ MAX_IMAGE_SIDE = 4096  # preset crop and resize: every frame is resized to this
 MAX_COST_ENTRIES = 4096
 SMALL_TENSOR = 1 << 16  # elements: tensors up to this size are made for real while a model is built
 CHECKSUM_KEY = "tensors_sha256"
-HEAD_KINDS = ("linear", "conv", "original")
+HEAD_KINDS = ("linear", "conv", "deep", "original")
 
 
 class BundleError(ValueError):

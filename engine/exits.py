@@ -11,7 +11,8 @@ from torch import nn
 
 from .backbones import Tap
 
-HEAD_KINDS = ("linear", "conv", "original")
+HEAD_KINDS = ("linear", "conv", "deep", "original")
+MAP_HEADS = ("conv", "deep")  # heads that read (and a feature cache stores) the whole feature map
 
 
 @dataclass(frozen=True)
@@ -19,10 +20,10 @@ class ExitSpec:
     """What rebuilds one exit head: where it sits and how it is made."""
 
     stage: int  # index of the stage whose output (tap) the head reads
-    kind: str  # "linear" (pool + linear), "conv" (DyCE-style conv + pool + MLP), "original"
+    kind: str  # "linear" (pool + linear), "conv" (DyCE-style conv + pool + MLP), "deep" (strided convs), "original"
     channels: int
     num_classes: int
-    hidden: int = 0  # width of the conv head; 0 for others
+    hidden: int = 0  # width of a conv head, the last width of a deep one; 0 for others
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -79,7 +80,7 @@ def make_exit(tap: Tap, stage: int, kind: str, num_classes: int, hidden: int | N
     on a tap that is not a feature map."""
     if kind == "linear":
         return _linear_exit(tap, stage, num_classes)
-    if kind == "conv" and tap.layout != "map":
+    if kind in MAP_HEADS and tap.layout != "map":
         raise ValueError(f"a conv exit head reads a feature map, but {tap.name!r} gives {tap.layout}; "
                          "use linear exit heads there")
     if kind == "conv":
@@ -89,7 +90,25 @@ def make_exit(tap: Tap, stage: int, kind: str, num_classes: int, hidden: int | N
             nn.Conv2d(tap.channels, h, 3, stride=2 if tap.stride < 8 else 1, padding=1, bias=False),
             nn.BatchNorm2d(h), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(1),
             nn.Linear(h, h), nn.ReLU(inplace=True), nn.Linear(h, num_classes)))
-    raise ValueError(f"unknown exit head kind {kind!r}; choose 'linear' or 'conv'")
+    if kind == "deep":
+        return _deep_exit(tap, stage, num_classes, hidden or tap.channels)
+    raise ValueError(f"unknown exit head kind {kind!r}; choose 'linear', 'conv' or 'deep'")
+
+
+def _deep_exit(tap: Tap, stage: int, num_classes: int, width: int) -> ExitHead:
+    """A small tail of the network in miniature, for early taps whose features are still local:
+    3×3 convolutions (+ BN + ReLU) of stride 2 that double the channels while doubling stays within
+    `width` (a tap at the last stage's width gets one convolution of stride 1), then pool + Linear.
+    E.g. on a CIFAR ResNet-56 with width 64: 16 → 32 → 64 channels after the first stage (1.9 % of
+    the network's FLOPs), 32 → 64 after the second, 64 → 64 after the third."""
+    layers, c = [], tap.channels
+    while c * 2 <= width:
+        layers += [nn.Conv2d(c, c * 2, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c * 2), nn.ReLU(inplace=True)]
+        c *= 2
+    if not layers:
+        layers = [nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+    spec = ExitSpec(stage, "deep", tap.channels, num_classes, width)
+    return ExitHead(spec, nn.Identity(), nn.Sequential(*layers, *_pool(), nn.Linear(c, num_classes)))
 
 
 def original_exit(classifier: nn.Module, tap: Tap, stage: int, num_classes: int) -> ExitHead:
@@ -112,7 +131,7 @@ def split_pool(classifier: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 def head_input_shape(spec: ExitSpec, tap_hw: tuple[int, int]) -> tuple[int, ...]:
     """Shape of one sample's cached `pre` output for this head, given the tap's spatial size."""
-    if spec.kind == "conv":
+    if spec.kind in MAP_HEADS:
         return (spec.channels, *tap_hw)
     return (spec.channels,)
 

@@ -16,6 +16,7 @@ from safetensors.torch import save as save_tensors
 from torch.utils.data import Dataset, Subset
 
 from .data.folders import SKIPPED, make_loader
+from .exits import MAP_HEADS
 from .files import json_text, write_atomic
 from .model import MultiExitNet
 from .policies import pooled_features
@@ -197,7 +198,7 @@ def cache_features(model: MultiExitNet, dataset: Dataset, *, batch_size: int = 1
                 head = model.exits[e]
                 pre = head.pre(tap)
                 if len(inputs) <= e:  # first batch: now the shapes are known
-                    dtype = torch.float16 if head.spec.kind == "conv" else torch.float32
+                    dtype = torch.float16 if head.spec.kind in MAP_HEADS else torch.float32
                     inputs.append(torch.empty((n, *pre.shape[1:]), dtype=dtype))
                     # a pooling head caches the pooled features themselves; a class-token head does not
                     shared = pre.dim() == 2 and head.pre_is_pooled

@@ -69,6 +69,8 @@ class MultiExitNet(nn.Module):
         if chosen[-1] != n - 1:
             chosen.append(n - 1)
         k = len(class_names)
+        if head == "deep" and hidden is None:  # deep heads widen up to the last stage's width
+            hidden = max(t.channels for t in backbone.taps if t.layout == "map")
         heads = []
         for s in chosen:
             tap = backbone.taps[s]

@@ -48,6 +48,8 @@ class NetworkConfig:
     distill: float = 0.0  # weight of distillation from a teacher's logits in every exit's loss (0..1)
     distill_temperature: float = 3.0
     freeze_backbone: bool = False  # train the early exits only, on a frozen backbone (and last exit), as DyCE does
+    head_lr_scale: float = 1.0  # early exit heads learn at lr × this (the loss is a mean over exits: each head
+    #                             gets 1/num_exits of the gradient the backbone gets)
 
 
 def decode_dataset(dataset, size: int, *, progress: ProgressFn | None = None, cancel: CancelFlag | None = None):
@@ -87,6 +89,14 @@ def build_network(cfg: NetworkConfig, class_names: list[str],
     if whole:
         model.load_state_dict(init)
     return model
+
+
+def with_new_exits(cfg: NetworkConfig, class_names: list[str], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A whole-network state dict for `cfg`: the backbone and last exit of `state` (a whole network
+    whose early exits may be of another kind), and `cfg`'s early exit heads freshly made."""
+    fresh = build_network(cfg, class_names).state_dict()
+    last = f"exits.{max(int(k.split('.')[1]) for k in fresh if k.startswith('exits.'))}."
+    return {**fresh, **{k: v for k, v in state.items() if k.startswith(("backbone.", last))}}
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -183,13 +193,16 @@ def train_network(cfg: NetworkConfig, images: torch.Tensor, labels: torch.Tensor
         model = model.to(memory_format=torch.channels_last)
     preset = model.backbone.preset
     steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
-    decay, no_decay = [], []
+    early = {id(p) for head in model.exits[:-1] for p in head.parameters()} if cfg.head_lr_scale != 1 else set()
+    groups = {}  # (decayed, early head) -> parameters; decayed first, as checkpoints of the 2-group days have it
     for p in model.parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0}],
-                          lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
-                                                pct_start=0.25, div_factor=10, final_div_factor=100)
+        groups.setdefault((p.ndim > 1, id(p) in early), []).append(p)
+    groups = sorted(groups.items(), key=lambda g: (not g[0][0], g[0][1]))
+    opt = torch.optim.SGD([{"params": ps, "weight_decay": cfg.weight_decay if decayed else 0.0}
+                           for (decayed, _), ps in groups], lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=[cfg.lr * (cfg.head_lr_scale if head else 1.0) for (_, head), _ in groups],
+        total_steps=cfg.epochs * steps_per_epoch, pct_start=0.25, div_factor=10, final_div_factor=100)
     if cfg.distill > 0 and teacher is None:
         raise ValueError(f"distill is {cfg.distill} but no teacher network was given to learn from")
     if not 0.0 <= cfg.distill <= 1.0:

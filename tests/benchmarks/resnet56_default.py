@@ -38,7 +38,8 @@ from engine.backbones.published import load_published, sha256_of  # noqa: E402
 from engine.files import json_text, replacing  # noqa: E402
 from engine.preprocess import eval_transform  # noqa: E402
 from engine.splits import open_splits  # noqa: E402
-from engine.train.network import NetworkConfig, build_network, decode_dataset, train_network  # noqa: E402
+from engine.train.network import (NetworkConfig, build_network, decode_dataset, train_network,  # noqa: E402
+                                  with_new_exits)
 
 PUBLISHED_SHA256 = "4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367"
 LICENCE = "LICENSE-akamaster-resnet-cifar10.txt"
@@ -56,7 +57,8 @@ def configs(args) -> tuple[NetworkConfig, NetworkConfig, NetworkConfig]:
                       arch_kwargs=arch_kwargs, seed=0)
     b = NetworkConfig(arch="cifar_resnet56a", head=args.head, epochs=args.epochs_b, batch_size=128, lr=args.lr_b,
                       weight_decay=5e-4, label_smoothing=0.1, exit_weights=[],
-                      arch_kwargs=arch_kwargs, distill=args.distill, distill_temperature=3.0, seed=1)
+                      arch_kwargs=arch_kwargs, distill=args.distill, distill_temperature=3.0, seed=1,
+                      head_lr_scale=args.head_lr_scale)
     f = replace(b, epochs=args.epochs_f, freeze_backbone=True, seed=2)
     return a, b, f
 
@@ -79,7 +81,10 @@ def main() -> int:
     p.add_argument("--out", default="runs/resnet56")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--stages-per-group", type=int, default=3, help="exits after every 9/N blocks of each group")
-    p.add_argument("--head", default="conv", choices=["linear", "conv"])
+    p.add_argument("--head", default="deep", choices=["linear", "conv", "deep"],
+                   help="early exit heads (measured: tests/benchmarks/exit_heads_ablation.py)")
+    p.add_argument("--head-lr-scale", type=float, default=9.0,
+                   help="early heads learn at this × the backbone's lr (the loss is the mean over the exits)")
     p.add_argument("--epochs-a", type=int, default=3)
     p.add_argument("--lr-a", type=float, default=0.04)
     p.add_argument("--epochs-b", type=int, default=7)
@@ -125,14 +130,15 @@ def main() -> int:
         save_state(model_a, a_path, {"config": asdict(cfg_a), "history": history["a"]})
     else:
         log(f"phase A done: {a_path}")
-    model_a = build_network(cfg_a, classes, read_phase(a_path)[0])
+    state_a, info_a = read_phase(a_path)  # phase A may have run with other (untrained) early heads
+    model_a = build_network(NetworkConfig(**info_a["config"]), classes, state_a)
 
     if not b_path.exists():
         log(f"phase B: joint fine-tuning of backbone and {model_a.num_exits} exits, {cfg_b.epochs} epochs to lr "
             f"{cfg_b.lr}, distillation {cfg_b.distill} from phase A")
         x, y = train_data()
         model_b, history["b"] = train_network(cfg_b, x, y, classes, device=device, checkpoint=out / "phase_b.ckpt",
-                                              init=model_a.state_dict(), teacher=model_a, log=log)
+                                              init=with_new_exits(cfg_b, classes, state_a), teacher=model_a, log=log)
         save_state(model_b, b_path, {"config": asdict(cfg_b), "history": history["b"]})
     else:
         log(f"phase B done: {b_path}")
@@ -155,7 +161,7 @@ def main() -> int:
             log(f"phase F: the same exits on phase A's network kept frozen, {cfg_f.epochs} epochs")
             x, y = train_data()
             model_f, hist = train_network(cfg_f, x, y, classes, device=device, checkpoint=out / "phase_f.ckpt",
-                                          init=model_a.state_dict(), teacher=model_a, log=log)
+                                          init=with_new_exits(cfg_f, classes, state_a), teacher=model_a, log=log)
             save_state(model_f, f_path, {"config": asdict(cfg_f), "history": hist})
         if not frozen.exists():
             phase_c(args, out, cfg_f, classes, splits, device, "f", frozen)
