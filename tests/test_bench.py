@@ -332,3 +332,14 @@ def test_bench_refuses_a_static_bundle_of_other_classes(bundle, synthetic_folder
     assert main(["bench", str(bundle), "--data", str(synthetic_folder), "--static", str(small),
                  "--learned", "bundle", "--timing-images", "2", "--json", str(tmp_path / "r.json")]) == 2
     assert "same classes" in capsys.readouterr().err and not (tmp_path / "r.json").exists()
+
+
+def test_the_promise_goal_reads_the_worst_calibration_choice_on_test():
+    from engine.bench_report import promise_goal
+    rep = {"methods": {"a": {"calibration_choice": {"loss": 0.004}}, "b": {"calibration_choice": {"loss": 0.006}},
+                       "full": {"calibration_choice": None}}}
+    goal = promise_goal(rep)
+    assert goal["method"] == "b" and goal["hit"] is False and "+0.60" in goal["achieved"]
+    rep["methods"]["b"]["calibration_choice"]["loss"] = 0.005
+    assert promise_goal(rep)["hit"] is True
+    assert promise_goal({"methods": {}})["hit"] is None

@@ -183,3 +183,105 @@ def test_one_frame_path_matches_the_batched_one():
                 p.mul_(-1)
             ev1 = Evidence(0, 4, [logits[0][:1]], [0], torch.zeros(1, 3))
             assert torch.equal(policy.decide(ev1), policy.exit_now(0, evidence_features([logits[0][:1]], 4)))
+
+
+# -- a threshold is a special case; the cross-fitted front ----------------------------------------
+@pytest.mark.parametrize("measure", ["max_prob", "margin", "entropy"])
+def test_from_thresholds_decides_as_the_threshold_policy(measure):
+    records = easy_hard_records(n=300, seed=6, noise=1.0)
+    for thresholds in ([0.7, 0.5, 1.0], [None, 0.6, 1.0], [0.9, None, 1.0], [None, None, 1.0]):
+        threshold = ThresholdPolicy(thresholds, measure)
+        learned = BolukbasiPolicy.from_thresholds(thresholds, measure, K, top_k=3)
+        assert learned.active_exits(3) == threshold.active_exits(3) and learned.origin == "threshold"
+        assert torch.equal(simulate(learned, records.logits), simulate(threshold, records.logits))
+        assert learned.decision_flops() == [0.0 if t is None else 2.0 * learned.width for t in thresholds[:-1]] + [0.0]
+        # the manifest keeps the mask: the same decisions after a round trip
+        again = policy_from_json(learned.to_json(), num_exits=3, num_classes=K)
+        again.load_state_dict(learned.state_dict())
+        assert again.active == learned.active and torch.equal(simulate(again, records.logits),
+                                                                simulate(learned, records.logits))
+    with pytest.raises(ValueError, match="measure"):
+        BolukbasiPolicy.from_thresholds([0.5, 0.5, 1.0], "variance", K)
+
+
+def test_the_fast_rows_decide_as_decide_with_exits_left_out():
+    from engine.policies import Evidence
+    from engine.policies.bolukbasi import BolukbasiRows
+    records = easy_hard_records(n=64, seed=7, noise=1.0)
+    policy = train_bolukbasi(records, COST, 0.1, epochs=20, active=[False, True])
+    assert policy.active_exits(3) == [False, True, True] and policy.decision_flops()[0] == 0.0
+    rows = BolukbasiRows(policy)
+    for i in range(64):
+        decide = rows.start()  # exit 0 is not evaluated: the rows never see it
+        row = records.logits[i, 1].tolist()
+        ev = Evidence(1, 3, [records.logits[i:i + 1, 1]], [1], torch.zeros(1, 0))
+        assert decide(1, row, None, 0.0, None) == bool(policy.decide(ev)[0])
+
+
+def test_training_with_an_exit_left_out_never_uses_it():
+    train, held_out = easy_hard_records(seed=0), easy_hard_records(seed=1)
+    policy = train_bolukbasi(train, COST, 0.05, active=[False, True])
+    ev = score(held_out, policy)
+    assert ev["exit_counts"][0] == 0 and ev["exit_counts"][1] > 0
+    # nothing is paid for exit 0's head: cheaper than the same exits with it evaluated
+    assert with_policy_flops(COST, policy).cumulative_flops(policy.active_exits(3))[1] < \
+        with_policy_flops(COST, policy).cumulative_flops()[1]
+
+
+def test_out_of_fold_decides_each_sample_by_candidates_not_fitted_on_it():
+    from engine.train.sweep import fold_of, out_of_fold
+    records = easy_hard_records(n=120, seed=8)
+    fold = fold_of(records.labels, 4, seed=0)
+    counts = torch.bincount(fold, minlength=4)
+    assert counts.max() - counts.min() <= K  # dealt out class by class
+    fitted_on = []
+
+    def candidates(fit: Records):
+        fitted_on.append(set(map(tuple, fit.logits[:, 0].tolist())))
+        yield "always", ThresholdPolicy([0.0, 0.0, 1.0])
+        if len(fitted_on) > 1:  # a key some fold does not produce is left out
+            yield "partial", ThresholdPolicy([0.0, 0.0, 1.0])
+
+    exits = out_of_fold(candidates, records, 4)
+    assert list(exits) == ["always"] and torch.equal(exits["always"], torch.zeros(120, dtype=torch.long))
+    for k, seen in enumerate(fitted_on):  # each fit saw exactly the other folds
+        held = {tuple(r) for r in records.logits[fold == k, 0].tolist()}
+        assert not held & seen and len(seen) == int((fold != k).sum())
+
+
+def test_guarded_front_keeps_a_learned_point_only_where_it_clearly_wins():
+    from engine.train.sweep import guarded_front
+    n = 1000
+    right = torch.zeros(n, dtype=torch.bool)
+    ref = [({"flops": 1.0, "accuracy": 0.5}, right.clone()), ({"flops": 3.0, "accuracy": 0.7}, right.clone())]
+    ref[0][1][:500] = True
+    ref[1][1][:700] = True
+    clear = right.clone()
+    clear[:750] = True  # +0.15 over the reference line at flops 2 (0.6): far beyond noise
+    barely = ref[0][1].clone()
+    barely[500:605] = True  # +0.005 at flops 2, differing on 105 samples: within one standard error
+    cheap = right.clone()
+    cheap[:100] = True  # cheaper than any reference point: nothing to compare with
+    front = guarded_front(ref, [({"flops": 2.0, "accuracy": 0.75}, clear), ({"flops": 0.5, "accuracy": 0.1}, cheap)])
+    assert [(p["flops"], p["accuracy"]) for p in front] == [(0.5, 0.1), (1.0, 0.5), (2.0, 0.75)]  # (3, 0.7) beaten
+    assert guarded_front(ref, [({"flops": 2.0, "accuracy": 0.605}, barely)], margin_z=1.0) == [p for p, _ in ref]
+    assert len(guarded_front(ref, [({"flops": 2.0, "accuracy": 0.605}, barely)], margin_z=0.0)) == 3
+
+
+def test_crossfit_front_is_never_worse_than_the_threshold_on_new_data():
+    from engine.train.bolukbasi import crossfit_front
+    train, held_out = easy_hard_records(n=600, seed=0, noise=1.0), easy_hard_records(n=2000, seed=1, noise=1.0)
+    points, policies = crossfit_front(train, COST, [0.05, 0.3, 1.0], offsets=(-0.5, 0.0, 0.5), dyce_lambdas=(0.1, 0.5),
+                                      folds=3, epochs=30)
+    assert [p["flops"] for p in points] == sorted(p["flops"] for p in points)
+    assert [p["policy"] for p in points] == [q.to_json() for q in policies]
+    for p, q in zip(points, policies):  # DyCE configurations are thresholds too, per exit
+        assert isinstance(q, BolukbasiPolicy) and q.origin == ("learned" if p["origin"] == "learned" else "threshold")
+    assert {p["origin"] for p in points} <= {"threshold", "dyce", "learned"} and "in_sample" in points[0]
+    # on new data, at every cost the threshold curve (swept on that data itself) reaches, the front
+    # is within noise of it: where learning did not clearly win the front holds the thresholds
+    from engine.bench_report import shortfall
+    tested = [score(held_out, q) for q in policies]
+    thresholds = [{"flops": t["flops"], "accuracy": t["accuracy"]} for t in threshold_curve(held_out, COST)]
+    gap = shortfall([{"flops": t["mean_flops"], "accuracy": t["accuracy"]} for t in tested], thresholds)
+    assert gap is not None and gap <= 0.01, gap

@@ -144,3 +144,14 @@ def test_shift_bad_input_gives_one_line(tmp_path, capsys):
     (tmp_path / "empty" / "contrast-1" / "test").mkdir(parents=True)
     assert main(["shift", str(bundle), "--data", str(data), "--corrupted", str(tmp_path / "empty")]) == 2
     assert "has no policy 'structure'" in capsys.readouterr().err
+
+
+def test_shift_goal_is_hit_only_when_every_corrupted_set_is_won():
+    from engine.bench_report import goal_lines, shift_goal
+    rep = {"summary": {"structure": {"wins": 7, "sets": 8, "mean_loss_gap": -0.002}}}
+    goal = shift_goal(rep)
+    assert goal["hit"] is False and "7 of 8" in goal["achieved"] and "-0.20 points" in goal["achieved"]
+    rep["summary"]["structure"]["wins"] = 8
+    assert shift_goal(rep)["hit"] is True
+    assert shift_goal({"summary": {}})["hit"] is None
+    assert goal_lines([shift_goal(rep)])[0].startswith("[HIT ] under shift")

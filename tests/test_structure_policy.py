@@ -247,3 +247,52 @@ def test_one_frame_path_matches_the_batched_one(proj_dim):
                                                       test.features[e][i:i + 1])) for i in range(100)])
         close = (h - policy.tau).abs() < 1e-5  # float32 rounding may tip a probability sitting on tau
         assert torch.equal(together[~close], alone[~close]) and 20 < int(alone.sum()) < 80
+
+
+# -- a threshold is a special case ----------------------------------------------------------------
+@pytest.mark.parametrize("measure", ["max_prob", "entropy", "margin"])
+def test_from_thresholds_decides_as_the_threshold_policy(measure):
+    records = random_records(400, seed=3)
+    for thresholds in ([0.6, 0.4, 1.0], [None, 0.3, 1.0], [0.2, None, 1.0]):
+        policy = StructurePolicy.from_thresholds(thresholds, measure, [6, 10, 12], 5)
+        policy.set_prototypes(records.features, records.labels).eval()
+        assert policy.info["origin"] == "threshold" and "fixed threshold" in policy.describe()
+        got = simulate(policy, records.logits, records.features)
+        want = simulate(ThresholdPolicy(thresholds, measure), records.logits)
+        assert (got != want).sum() <= 1, measure  # equal but for a float rounding tie at most
+    with pytest.raises(ValueError, match="measure"):
+        StructurePolicy.from_thresholds([0.5, 0.5, 1.0], "sim_top1", [6, 10, 12], 5)
+
+
+def test_training_from_a_threshold_keeps_it_unless_an_epoch_beats_it_on_held_out_data():
+    from engine.train.structure import threshold_start
+    records, _ = structured_records(400, seed=5)
+    start = threshold_start(records, COST, 0.05)
+    assert start.info["origin"] == "threshold"
+    # lr 0: no epoch changes anything, so the start (epoch 0) is kept
+    kept = train_structure_policy(records, COST, 0.05, init=start, epochs=3, lr=0.0)
+    assert kept.info["best_epoch"] == 0 and kept.info["init"] == "threshold"
+    start.set_prototypes(records.features, records.labels)
+    assert torch.equal(structure_exits(kept, records), structure_exits(start.eval(), records))
+    # here the structure at exit 0 tells who may leave, which no threshold can: training improves on it
+    moved = train_structure_policy(records, COST, 0.05, init=start, epochs=40)
+    objective = {name: evaluate_policy(records, p, COST) for name, p in (("start", start), ("moved", moved))}
+    assert moved.info["best_epoch"] > 0
+    assert objective["moved"]["accuracy"] - 0.05 * objective["moved"]["mean_flops"] / COST.full_flops > \
+        objective["start"]["accuracy"] - 0.05 * objective["start"]["mean_flops"] / COST.full_flops
+
+
+def test_the_trainer_keeps_fixed_thresholds_where_training_does_not_clearly_beat_them():
+    from engine.train.registry import get_trainer
+    records, _ = structured_records(600, seed=7)
+    trainer = get_trainer("structure")
+    points, policies = trainer.front(records, COST, lambdas=[0.05, 0.3], epochs=5)
+    assert [p["flops"] for p in points] == sorted(p["flops"] for p in points)
+    assert [p["policy"] for p in points] == [q.to_json() for q in policies]
+    assert all(isinstance(q, StructurePolicy) for q in policies)
+    origins = {p["origin"] for p in points}
+    assert "threshold" in origins and origins <= {"threshold", "learned"}
+    _, select = trainer.split(records)
+    for p, q in zip(points, policies):  # every point is its policy's score on the part it was chosen on
+        ev = evaluate_policy(select, q, with_policy_flops(COST, q))
+        assert ev["accuracy"] == pytest.approx(p["accuracy"]) and ev["mean_flops"] == pytest.approx(p["flops"])

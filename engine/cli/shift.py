@@ -139,6 +139,9 @@ def shift_lines(rep: dict) -> list[str]:
     for n, s in rep["summary"].items():
         lines.append(f"{n}: loses less than the threshold at equal FLOPs on {s['wins']} of {s['sets']} corrupted sets; "
                      f"mean loss gap {100 * s['mean_loss_gap']:+.2f} points (negative: holds up better)")
+    from ..bench_report import goal_lines, shift_goal
+    lines.append("goal (issue 15):")
+    lines += goal_lines([shift_goal(rep, n) for n in learned])
     return lines
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from .base import ROW_CLASSES, Evidence, Policy, linear_stack, one_frame, register_policy, softmax_row
 
 LOSSES = ("error", "ce")  # what the training compares (engine.train.bolukbasi); kept in the manifest
+ORIGINS = ("learned", "threshold")  # how a policy's classifiers were set (see BolukbasiPolicy.from_thresholds)
 _EXTRA = ("entropy", "margin", "max_logodds", "agree_prev", "prev_max_prob", "prev_prob_of_top", "agree_frac")
 
 
@@ -115,6 +116,10 @@ def evidence_row(row: Sequence[float], top_k: int, classes: Sequence[int],
     return f, (e, s), cls
 
 
+# confidence measure -> (its column among the extra evidence columns, 0 for the top-1 probability; sign)
+_MEASURE_COLUMN = {"max_prob": (0, 1.0), "entropy": (1, -1.0), "margin": (2, 1.0)}
+
+
 # -- the policy -----------------------------------------------------------------------------------
 def _make_classifier(width: int, hidden: int) -> nn.Module:
     if hidden > 0:
@@ -125,12 +130,16 @@ def _make_classifier(width: int, hidden: int) -> nn.Module:
 @register_policy
 class BolukbasiPolicy(Policy):
     """One small binary classifier per early exit on `evidence_features`; a sample exits where
-    score + offset > 0 (sigmoid(score) > 0.5 for offset 0). Every exit is evaluated."""
+    score + offset >= 0 (sigmoid(score) >= 0.5 for offset 0). `active` says which early exits are
+    evaluated at all (default: every one; an inactive exit's head never runs and it decides
+    nothing), so every DyCE configuration, and with it every fixed threshold, is a special case:
+    `from_thresholds` builds it exactly."""
 
     kind = "bolukbasi"
 
     def __init__(self, num_exits: int, num_classes: int, *, top_k: int = 5, hidden: int = 0, offset: float = 0.0,
-                 lam: float | None = None, loss: str = "error"):
+                 lam: float | None = None, loss: str = "error", active: Sequence[bool] | None = None,
+                 origin: str = "learned"):
         super().__init__()
         if num_exits < 2:
             raise ValueError(f"a Bolukbasi policy needs at least 2 exits, not {num_exits}")
@@ -143,52 +152,89 @@ class BolukbasiPolicy(Policy):
         self.num_exits, self.num_classes = int(num_exits), int(num_classes)
         self.top_k, self.hidden, self.offset = int(top_k), int(hidden), float(offset)
         self.lam, self.loss = (None if lam is None else float(lam)), loss
+        if active is not None and len(active) not in (num_exits - 1, num_exits):
+            raise ValueError(f"active must say for each of the {num_exits - 1} early exits whether it runs, "
+                             f"got {list(active)}")
+        self.active = [True] * (num_exits - 1) if active is None else [bool(a) for a in list(active)[:num_exits - 1]]
+        if origin not in ORIGINS:
+            raise ValueError(f"unknown origin {origin!r}; choose one of {', '.join(ORIGINS)}")
+        self.origin = origin  # "learned", or "threshold": a fixed threshold written as this policy (from_thresholds)
         self.width = evidence_width(self.num_classes, self.top_k)
         self.classifiers = nn.ModuleList(_make_classifier(self.width, self.hidden) for _ in range(num_exits - 1))
+
+    @classmethod
+    def from_thresholds(cls, thresholds: Sequence[float | None], measure: str, num_classes: int, *,
+                        top_k: int = 5) -> "BolukbasiPolicy":
+        """The threshold configuration `thresholds` (one per exit, None = inactive; a
+        `ThresholdPolicy`'s) on confidence `measure` as a linear Bolukbasi policy: at each active
+        exit the score is the evidence column of that measure minus the threshold (1 − the
+        normalised entropy for "entropy"), so it exits where `ThresholdPolicy` does (for max_prob
+        and margin the float32 arithmetic is the same; entropy may differ at a rounding tie).
+        Raises ValueError for an unknown measure."""
+        if measure not in _MEASURE_COLUMN:
+            raise ValueError(f"unknown confidence measure {measure!r}; choose one of {', '.join(_MEASURE_COLUMN)}")
+        num_exits = len(thresholds)
+        policy = cls(num_exits, num_classes, top_k=top_k, active=[t is not None for t in thresholds[:-1]],
+                     origin="threshold")
+        k = min(policy.top_k, num_classes)
+        column, sign = _MEASURE_COLUMN[measure]
+        with torch.no_grad():
+            for e, t in enumerate(thresholds[:-1]):
+                net = policy.classifiers[e]
+                net.weight.zero_()
+                net.bias.zero_()
+                if t is None:
+                    continue
+                net.weight[0, column if column == 0 else k + column - 1] = sign
+                # entropy: 1 − H >= t  <=>  −H + (1 − t) >= 0
+                net.bias.fill_(-float(np.float32(t)) if sign > 0 else 1.0 - float(t))
+        return policy
 
     def active_exits(self, num_exits: int) -> list[bool]:
         if num_exits != self.num_exits:
             raise ValueError(f"this Bolukbasi policy was built for {self.num_exits} exits, the model has {num_exits}")
-        return [True] * num_exits
+        return [*self.active, True]
 
     def exit_now(self, exit_index: int, x: torch.Tensor) -> torch.Tensor:
         """(batch,) bool from evidence vectors x (batch, width) at early exit `exit_index`."""
         net = self.classifiers[exit_index]
         weight = next(net.parameters())
         score = net(x.to(weight.device, weight.dtype)).squeeze(-1)  # (batch,)
-        return score + self.offset > 0
+        return score + self.offset >= 0
 
     def decide(self, evidence: Evidence) -> torch.Tensor:
         e = evidence.exit_index
         if e >= self.num_exits - 1:  # run() never asks at the last exit; it always answers
             return torch.ones(evidence.current.shape[0], dtype=torch.bool, device=evidence.current.device)
+        if not self.active[e]:  # run() never evaluates it; asked anyway, it lets everything go on
+            return torch.zeros(evidence.current.shape[0], dtype=torch.bool, device=evidence.current.device)
         if one_frame(evidence):
             rows = [l[0].float().numpy() for l in evidence.logits]
             net = self.classifiers[e]
             layers = [m for m in net.modules() if isinstance(m, nn.Linear)]
             score = linear_stack(layers, self, f"classifier{e}", evidence_features_one(rows, self.top_k))
-            return torch.tensor([bool(score[0] + self.offset > 0)])
+            return torch.tensor([bool(score[0] + self.offset >= 0)])
         return self.exit_now(e, evidence_features(evidence.logits, self.top_k)).to(evidence.current.device)
 
     def state_key(self) -> tuple:
-        return (self.offset, *super().state_key())
+        return (self.offset, tuple(self.active), *super().state_key())
 
     def row_decider(self, num_classes: int, spatial: Sequence[int]) -> "BolukbasiRows | None":
         return BolukbasiRows(self) if num_classes <= ROW_CLASSES else None
 
     def decision_flops(self) -> list[float]:
         """FLOPs of one decision at every exit, from the layer sizes (a multiply-add counts 2, as
-        engine.cost counts them); 0 at the last exit."""
+        engine.cost counts them); 0 at the last exit and at inactive ones."""
         if self.hidden > 0:
             per = 2.0 * self.width * self.hidden + 2.0 * self.hidden
         else:
             per = 2.0 * self.width
-        return [per] * (self.num_exits - 1) + [0.0]
+        return [per if a else 0.0 for a in self.active] + [0.0]
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "num_exits": self.num_exits, "num_classes": self.num_classes,
                 "top_k": self.top_k, "hidden": self.hidden, "width": self.width, "offset": self.offset,
-                "lambda": self.lam, "loss": self.loss}
+                "lambda": self.lam, "loss": self.loss, "active": self.active, "origin": self.origin}
 
     @classmethod
     def from_json(cls, d: dict, *, num_exits: int, num_classes: int) -> "BolukbasiPolicy":
@@ -200,7 +246,8 @@ class BolukbasiPolicy(Policy):
             raise ValueError(f"the Bolukbasi policy was trained for {d['num_classes']} classes, "
                              f"the model has {num_classes}")
         p = cls(num_exits, num_classes, top_k=int(d.get("top_k", 5)), hidden=int(d.get("hidden", 0)),
-                offset=float(d.get("offset", 0.0)), lam=d.get("lambda"), loss=d.get("loss", "error"))
+                offset=float(d.get("offset", 0.0)), lam=d.get("lambda"), loss=d.get("loss", "error"),
+                active=d.get("active"), origin=d.get("origin", "learned"))
         if "width" in d and int(d["width"]) != p.width:
             raise ValueError(f"the Bolukbasi policy's evidence width {d['width']} does not match {p.width} "
                              f"({num_classes} classes, top_k {p.top_k})")
@@ -209,7 +256,10 @@ class BolukbasiPolicy(Policy):
     def describe(self) -> str:
         net = f"MLP({self.hidden})" if self.hidden else "linear"
         lam = "" if self.lam is None else f", λ={self.lam:g}"
-        return f"Bolukbasi learned policy ({net}{lam})"
+        off = "" if all(self.active) else ", exits " + "".join("x" if a else "-" for a in self.active) + "+"
+        if self.origin == "threshold":
+            return f"Bolukbasi policy at a fixed-threshold configuration ({net}{off})"
+        return f"Bolukbasi learned policy ({net}{lam}{off})"
 
 
 class BolukbasiRows:
@@ -236,10 +286,10 @@ class BolukbasiRows:
             classes.append(cls)
             linear = self.linear[e]
             if linear is not None:
-                return sum(map(operator.mul, linear[0], f)) + linear[1] + self.offset > 0
+                return sum(map(operator.mul, linear[0], f)) + linear[1] + self.offset >= 0
             h = np.asarray(f)
             for i, (weight, bias) in enumerate(self.layers[e]):
                 h = weight @ h + bias
                 h = np.maximum(h, 0.0) if i < len(self.layers[e]) - 1 else h
-            return float(h[0]) + self.offset > 0
+            return float(h[0]) + self.offset >= 0
         return decide

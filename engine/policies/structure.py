@@ -172,6 +172,41 @@ class StructurePolicy(Policy):
         self.project = nn.ModuleList(nn.Linear(c, self.proj_dim) for c in early) if self.proj_dim else None
         self.trunk = nn.Sequential(nn.Linear(self.input_width, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 1))
 
+    @classmethod
+    def from_thresholds(cls, thresholds: Sequence[float | None], measure: str, feature_widths: Sequence[int],
+                        num_classes: int, *, sharpness: float = 50.0, seed: int = 0,
+                        **kw) -> "StructurePolicy":
+        """The fixed threshold configuration `thresholds` (one per exit, None: that exit never fires;
+        every exit is still evaluated) on confidence `measure` ("max_prob", "entropy" or "margin",
+        all among the structure measures) as a structure policy: the trunk's first hidden unit is
+        the measure plus (1 − the exit's threshold), read off the exit's one-hot (−2 for None, which
+        keeps it at 0), the output `sharpness` × (unit − 1), tau 0.5; so it halts where the measure
+        reaches the threshold (up to float rounding at a tie). The other hidden units keep their
+        seeded initial weights and get output weight 0: they change nothing until training moves
+        them, so training can start here (`engine.train.structure`). Prototypes are not set
+        (`set_prototypes`). Raises ValueError for an unknown measure or a length mismatch."""
+        if measure not in ("max_prob", "entropy", "margin"):
+            raise ValueError(f"unknown confidence measure {measure!r}; choose max_prob, entropy or margin")
+        if len(thresholds) != len(feature_widths):
+            raise ValueError(f"{len(thresholds)} thresholds for {len(feature_widths)} exits")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            policy = cls(feature_widths, num_classes, tau=0.5, **kw)
+        policy.info.update(origin="threshold", measure=measure, thresholds=[None if t is None else float(t)
+                                                                             for t in thresholds])
+        d, m = policy.proj_dim, len(MEASURES)
+        first, last = policy.trunk[0], policy.trunk[2]
+        with torch.no_grad():
+            first.weight[0].zero_()
+            first.bias[0] = 0.0
+            first.weight[0, d + MEASURES.index(measure)] = 1.0
+            for e, t in enumerate(thresholds[:-1]):
+                first.weight[0, d + m + e] = -2.0 if t is None else 1.0 - float(t)
+            last.weight.zero_()
+            last.weight[0, 0] = float(sharpness)
+            last.bias.fill_(-float(sharpness))
+        return policy
+
     @property
     def tau(self) -> float:
         return self._tau
@@ -323,8 +358,11 @@ class StructurePolicy(Policy):
                    info=d.get("info"))
 
     def describe(self) -> str:
+        if self.info.get("origin") == "threshold":
+            return f"structure network at a fixed threshold on {self.info.get('measure')}"
         lam = self.info.get("lambda")
-        return f"structure network (tau {self.tau:.2f}" + (f", λ {lam:g})" if lam is not None else ")")
+        start = ", from a threshold" if self.info.get("init") == "threshold" else ""
+        return f"structure network (tau {self.tau:.2f}" + (f", λ {lam:g}" if lam is not None else "") + f"{start})"
 
 
 class StructureRows:

@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from ..cost import CostTable, with_policy_flops
-from ..policies import Policy
+from ..evaluate import _correct, full_model_point, operating_front, pareto, threshold_curve
+from ..policies import MEASURES, Policy, simulate
 from ..policies.structure import StructurePolicy
 from ..progress import CancelFlag, ProgressFn, report
 from ..records import Records
 from .registry import register_trainer
-from .sweep import exit_losses, lambda_sweep
+from .sweep import exit_losses, exits_point, guarded_front, lambda_sweep
 
 LOSSES = ("error", "ce")
 GRADIENTS = ("surrogate", "plain")
@@ -27,6 +28,9 @@ STRUCTURE_TAUS = (0.3, 0.5, 0.7)  # halting cut-offs the trainer tries per train
 # Part of the calibration records a structure policy is not trained on: its points are scored there,
 # because its feature projection fits the rest closely enough to look ~3 points too good on CIFAR-10.
 STRUCTURE_SELECT = 0.3
+# How many standard errors a trained point must beat the fixed threshold by on the held-out part
+# to stay on the front (`guarded_front`).
+MARGIN_Z = 2.0
 
 
 def log_halting_distribution(x: torch.Tensor) -> torch.Tensor:
@@ -42,8 +46,9 @@ def train_structure_policy(records: Records, cost: CostTable, lam: float, *,
                            prototype_source: Records | None = None, epochs: int = 150, lr: float = 1e-2,
                            batch_size: int = 256, weight_decay: float = 1e-4, loss: str = "error",
                            gradient: str = "surrogate", holdout: float = 0.2, proj_dim: int = 16, hidden: int = 32,
-                           tau: float = 0.5, proto_temperature: float = 0.1, progress: ProgressFn | None = None,
-                           cancel: CancelFlag | None = None, seed: int = 0) -> StructurePolicy:
+                           tau: float = 0.5, proto_temperature: float = 0.1, init: StructurePolicy | None = None,
+                           progress: ProgressFn | None = None, cancel: CancelFlag | None = None,
+                           seed: int = 0) -> StructurePolicy:
     """Train a StructurePolicy on recorded exits (held-out `records` with features) for trade-off `lam`.
 
     Prototypes, feature centre and scale come from `prototype_source` (a TRAINING-split recording;
@@ -55,6 +60,10 @@ def train_structure_policy(records: Records, cost: CostTable, lam: float, *,
     divided out (see `_surrogate`), "plain" its own gradient (it tends to stick at "never exit").
     A `holdout` fraction of `records` is not trained on: the parameters of the epoch whose decisions
     score best on it are kept (early stopping: the feature projection memorises small records).
+    `init` starts training from a copy of that policy (e.g. `StructurePolicy.from_thresholds`, the
+    best fixed threshold for this λ: `threshold_start`) instead of random weights; its sizes win over
+    proj_dim, hidden, tau and proto_temperature. The starting point is scored on the held-out part
+    too (epoch 0), so training keeps it unless an epoch beats it there.
     Same seed, same policy. Returns the policy in eval mode. Raises ValueError for records without
     features or a cost table of another model, Cancelled when `cancel` is set.
     """
@@ -74,10 +83,17 @@ def train_structure_policy(records: Records, cost: CostTable, lam: float, *,
     widths = [int(f.shape[1]) for f in records.features]
     info = {"lambda": float(lam), "loss": loss, "epochs": int(epochs), "lr": float(lr), "gradient": gradient,
             "holdout": float(holdout), "seed": int(seed)}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        policy = StructurePolicy(widths, records.num_classes, proj_dim=proj_dim, hidden=hidden, tau=tau,
-                                 proto_temperature=proto_temperature, info=info)
+    if init is not None:
+        if init.feature_widths != widths or init.num_classes != records.num_classes:
+            raise ValueError(f"the starting policy was built for widths {init.feature_widths} and {init.num_classes} "
+                             f"classes, the records have {widths} and {records.num_classes}")
+        policy = copy.deepcopy(init).train()
+        policy.info = {**info, "init": init.info.get("origin", "given")}
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            policy = StructurePolicy(widths, records.num_classes, proj_dim=proj_dim, hidden=hidden, tau=tau,
+                                     proto_temperature=proto_temperature, info=info)
     policy.set_prototypes(source.features, source.labels)
     table = with_policy_flops(cost, policy)
     step_cost = torch.tensor(table.cumulative_flops(), dtype=torch.float32) / table.full_flops  # (E,)
@@ -136,8 +152,16 @@ def _fit(policy: StructurePolicy, fixed: list, target: torch.Tensor, *, lam: flo
     def logits(idx):  # (B, E−1) halting logits
         return torch.stack([policy.halting_logit(e, s[idx], m[idx]) for e, (s, m) in enumerate(fixed)], 1)
 
+    def held_out() -> float:
+        policy.eval()
+        with torch.no_grad():
+            exits = _first_exit(torch.sigmoid(logits(out_idx)), policy.tau)
+            return target[out_idx].gather(1, exits[:, None]).mean().item()
+
     opt = torch.optim.Adam(policy.parameters(), lr=lr, weight_decay=weight_decay)
     best_score, best_state, best_epoch = math.inf, None, epochs
+    if n_out:  # the starting point is a candidate too (epoch 0): training must beat it on held-out data
+        best_score, best_state, best_epoch = held_out(), copy.deepcopy(policy.state_dict()), 0
     for epoch in range(epochs):
         policy.train()
         total = 0.0
@@ -151,10 +175,7 @@ def _fit(policy: StructurePolicy, fixed: list, target: torch.Tensor, *, lam: flo
             total += objective.item() * idx.numel()
         message = f"λ {lam:g}: expected objective {total / max(fit_idx.numel(), 1):.4f}"
         if n_out:
-            policy.eval()
-            with torch.no_grad():
-                exits = _first_exit(torch.sigmoid(logits(out_idx)), policy.tau)
-                score = target[out_idx].gather(1, exits[:, None]).mean().item()
+            score = held_out()
             message += f", held out {score:.4f}"
             if score < best_score:
                 best_score, best_epoch = score, epoch + 1
@@ -183,10 +204,11 @@ def _first_exit(h: torch.Tensor, tau: float) -> torch.Tensor:
 def structure_front(records_train: Records, records_eval: Records, cost: CostTable,
                     lambdas: Sequence[float] = STRUCTURE_LAMBDAS, *, taus: Sequence[float] = (0.5,),
                     prototype_source: Records | None = None, pareto_only: bool = False,
-                    return_policies: bool = False, progress: ProgressFn | None = None,
+                    return_policies: bool = False, warm_start: bool = False, progress: ProgressFn | None = None,
                     cancel: CancelFlag | None = None, **train_kw):
     """`lambda_sweep` of `train_structure_policy` on `records_train` (prototypes from
-    `prototype_source`), each policy scored at every tau on `records_eval`.
+    `prototype_source`), each policy scored at every tau on `records_eval`; with `warm_start`, each
+    λ's training starts from the best fixed threshold for that λ (`threshold_start`).
 
     Points, in the order of lambdas then taus (with `pareto_only`: the Pareto front, cheapest
     first), like `threshold_curve`'s: lambda, tau, policy (to_json), accuracy, flops (mean), saved,
@@ -201,12 +223,48 @@ def structure_front(records_train: Records, records_eval: Records, cost: CostTab
             yield {"tau": float(t)}, policy.eval()
 
     def train(lam: float) -> StructurePolicy:
+        init = threshold_start(records_train, cost, lam, **{k: train_kw[k] for k in ("proj_dim", "hidden")
+                                                           if k in train_kw}) if warm_start else None
         return train_structure_policy(records_train, cost, lam, prototype_source=prototype_source, cancel=cancel,
-                                      **train_kw)
+                                      init=init, **train_kw)
 
     points, policies = lambda_sweep(train, records_eval, cost, lambdas, variants=variants, pareto_only=pareto_only,
                                     stage="structure front", progress=progress, cancel=cancel)
     return (points, policies) if return_policies else points
+
+
+def threshold_start(records: Records, cost: CostTable, lam: float, measure: str = "max_prob",
+                    **kw) -> StructurePolicy:
+    """The shared threshold on `measure` that minimises error + `lam` × cost / full cost on
+    `records` (the full model among the choices), as a structure policy
+    (`StructurePolicy.from_thresholds`; `kw`: its sizes): where training for `lam` starts."""
+    points = [*threshold_curve(records, cost, measure), full_model_point(records, cost, measure)]
+    best = max(points, key=lambda p: p["accuracy"] - lam * p["flops"] / cost.full_flops)
+    widths = [int(f.shape[1]) for f in records.features]
+    return StructurePolicy.from_thresholds(best["policy"]["thresholds"], measure, widths, records.num_classes, **kw)
+
+
+def threshold_reference(records: Records, score_records: Records, cost: CostTable, prototype_source: Records
+                        ) -> list[tuple[dict, StructurePolicy, torch.Tensor]]:
+    """The shared threshold's front over every confidence measure, swept on `records` and
+    `score_records` together (the whole calibration split: the threshold method's front), each
+    configuration written as a structure policy (`StructurePolicy.from_thresholds`, prototypes
+    from `prototype_source`) and scored as one on `score_records`: (point, policy, per-sample
+    correctness)."""
+    whole = Records(torch.cat([records.logits, score_records.logits]), [], torch.cat([records.labels,
+                    score_records.labels]), records.class_names, records.exit_stages)
+    widths = [int(f.shape[1]) for f in records.features]
+    correct, rows = _correct(score_records), torch.arange(score_records.num_samples)
+    out = []
+    for p in pareto([p for m in MEASURES for p in operating_front(whole, cost, m)]):  # the threshold method's front
+        measure = p["policy"]["measure"]
+        policy = StructurePolicy.from_thresholds(p["policy"]["thresholds"], measure, widths, records.num_classes)
+        policy.set_prototypes(prototype_source.features, prototype_source.labels).eval()
+        exits = simulate(policy, score_records.logits, score_records.features)
+        point = {"origin": "threshold", "measure": measure, "threshold": p["threshold"],
+                 **exits_point(score_records, exits, policy, cost)}
+        out.append((point, policy, correct[rows, exits]))
+    return out
 
 
 @register_trainer("structure", summary="a network on features + class-prototype measures",
@@ -216,9 +274,25 @@ def fit_structure(records: Records, score_records: Records, cost: CostTable, *,
                   prototype_records: Records | None = None, progress: ProgressFn | None = None,
                   cancel: CancelFlag | None = None) -> tuple[list[dict], list[Policy]]:
     """The registered trainer: `structure_front` over `lambdas` (default STRUCTURE_LAMBDAS) and
-    STRUCTURE_TAUS, `epochs` per λ, prototypes from `prototype_records` (default `records`); the
-    Pareto front of its points, cheapest first."""
+    STRUCTURE_TAUS, `epochs` per λ, each λ started from its best fixed threshold, prototypes from
+    `prototype_records` (default `records`); then `guarded_front` with the fixed thresholds written
+    as structure policies (`threshold_reference`): a trained point stays only where it beats them
+    on `score_records` by more than MARGIN_Z standard errors. The front, cheapest first; each point
+    has origin "threshold" or "learned"."""
     kw = {} if epochs is None else {"epochs": int(epochs)}
-    return structure_front(records, score_records, cost, list(lambdas or STRUCTURE_LAMBDAS), taus=STRUCTURE_TAUS,
-                           prototype_source=prototype_records, pareto_only=True, return_policies=True,
-                           progress=progress, cancel=cancel, **kw)
+    source = prototype_records if prototype_records is not None else records
+    points, policies = structure_front(records, score_records, cost, list(lambdas or STRUCTURE_LAMBDAS),
+                                       taus=STRUCTURE_TAUS, prototype_source=source, pareto_only=False,
+                                       return_policies=True, warm_start=True, progress=progress, cancel=cancel,
+                                       **kw)
+    correct, rows = _correct(score_records), torch.arange(score_records.num_samples)
+    learned = []
+    for p, policy in zip(points, policies):
+        exits = simulate(policy, score_records.logits, score_records.features)
+        learned.append(({"origin": "learned", **p}, policy, correct[rows, exits]))
+    reference = threshold_reference(records, score_records, cost, source)
+    front = guarded_front([(p, r) for p, _, r in reference], [(p, r) for p, _, r in learned], MARGIN_Z)
+    policy_of = {id(p): q for p, q, _ in (*reference, *learned)}
+    for p in front:
+        p.setdefault("policy", policy_of[id(p)].to_json())
+    return front, [policy_of[id(p)].eval() for p in front]
