@@ -7,9 +7,12 @@ stage's arithmetic. `prepare(model)` makes, once:
   - a copy of every stage with each BatchNorm folded into the convolution before it (torch.fx);
   - for one image at a time on the CPU, TorchScript graphs (traced and frozen, channels-last,
     with oneDNN Graph fusion where this torch has it), one per exit that runs: the stages since
-    the previous exit that ran, then the pooled sum of the tap multiplied by the exit's head
-    (1/(h·w) and the temperature folded into its Linear layer) and by whatever else the policy
-    reads that is linear in the pooled features. Stages between two exits that run are one
+    the previous exit that ran, and a conv or deep head (BatchNorm folded) inside the graph. A
+    linear head (1/(h·w) and the temperature folded into its Linear layer) and whatever else the
+    policy reads that is linear in the pooled features are two eager operations on the tap after
+    the graph (`_pooled_products`): measured, no slower than inside it. One TorchScript graph for
+    the whole loop with the decisions in `if` blocks was measured and not kept: oneDNN Graph does
+    not fuse inside the blocks (the full model +45 %). Stages between two exits that run are one
     graph, made on first use for each set of active exits (`PreparedModel.warm` makes them
     ahead). An exit that does not fire costs its graph's few extra operations, one host read and
     a decision in a few Python float operations (the policy's `row_decider`, see
@@ -85,9 +88,10 @@ class _Calibrated(nn.Module):
 
 
 class _Segment(nn.Module):
-    """What one graph call computes: a stage; for an exit, then `head` (None: the head is among the
-    columns), the pooled sum of the tap times the columns given as inputs (`linear`), and the
-    distance of that sum from a centre given as input (`norm`, for the structure policy)."""
+    """What one graph call computes: a stage; for an exit whose head is not linear in the pooled
+    features, then `head`, the pooled sum of the tap times the columns given as inputs (`linear`),
+    and the distance of that sum from a centre given as input (`norm`, for the structure policy).
+    (A linear head's products are made outside the graph: `_pooled_products`.)"""
 
     def __init__(self, stage: nn.Module, head: nn.Module | None = None, linear: bool = False, norm: bool = False,
                  channels_last: bool = False):
@@ -104,21 +108,34 @@ class _Segment(nn.Module):
         out = [tap]
         if self.head is not None:
             out.append(self.head(tap))
-        # one image: the pooled sum as a vector, (channels,); every operation here costs several
-        # microseconds whatever its size, so there are as few as the decision allows
-        if tap.dim() == 3:  # tokens (1, n, channels): the sum over the tokens
-            total = tap.sum(dim=(0, 1))
-        elif tap.dim() != 4:
-            total = tap.flatten()
-        elif tap.is_contiguous(memory_format=torch.channels_last) and not tap.is_contiguous():
-            total = tap.permute(0, 2, 3, 1).reshape(-1, tap.shape[1]).sum(0)  # rows of channels: a column sum
-        else:
-            total = tap.sum(dim=(0, 2, 3))
+        total = _pooled_sum(tap)
         if self.linear:  # (n,): addmv, which oneDNN Graph leaves alone (a Linear would be a partition)
             out.append(torch.addmv(inputs[1], inputs[0], total))
         if self.norm:
             out.append(torch.linalg.vector_norm(total - inputs[2]))
         return tuple(out)
+
+
+def _pooled_sum(tap: torch.Tensor) -> torch.Tensor:
+    """One image's tap summed over its positions, (channels,): a map (1, C, h, w) in any memory
+    format, tokens (1, n, C), or a vector as it is."""
+    if tap.dim() == 4:
+        return tap.sum(dim=(0, 2, 3))
+    if tap.dim() == 3:
+        return tap.sum(dim=(0, 1))
+    return tap.flatten()
+
+
+def _pooled_products(tap: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor,
+                     centre: torch.Tensor | None) -> tuple[list[float], float]:
+    """A linear head's calibrated logits (and the decision's other products) from one image's tap:
+    `rows` (n, C) times its pooled sum plus `bias` (n,), as floats; and the sum's distance from
+    `centre` (0.0 without one). Eager on purpose: at batch 1 these two or three operations cost
+    less run here than inside the stage's graph, which then returns more outputs and checks more
+    inputs on every call (measured, see the module's doc)."""
+    total = _pooled_sum(tap)
+    values = torch.addmv(bias, rows, total).tolist()
+    return values, (torch.linalg.vector_norm(total - centre).item() if centre is not None else 0.0)
 
 
 @contextlib.contextmanager
@@ -231,32 +248,37 @@ class PreparedModel:
         return fn
 
     def exit_step(self, e: int, columns: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                  centre: torch.Tensor | None = None, first: int | None = None) -> tuple[Callable, tuple, bool]:
+                  centre: torch.Tensor | None = None, first: int | None = None) -> tuple[Callable, tuple, tuple | None]:
         """The batch-1 graph (made on first use) of the stages from `first` (default: exit e's own
-        stage) to exit e's and of exit e, its extra inputs, and whether the head is among the
-        products. `columns` (n, C) and `bias` (n,): more products of the pooled sum a decision reads;
+        stage) to exit e's, its extra inputs, and what `_pooled_products` makes of the tap it
+        returns: (rows, bias, centre) for a linear head, whose products are made outside the graph;
+        None when the graph also runs the head (and gives (tap, logits[, products][, distance])).
+        `columns` (n, C) and `bias` (n,): more products of the pooled sum a decision reads;
         `centre` (C,): also give the distance of the pooled sum from it."""
         s = self.exit_stages[e]
         first = s if first is None else first
         head = self._heads[e]
-        inputs: list[torch.Tensor] = []
-        if head is not None:
-            inputs = [head[0], head[1]]
+        stages = self._graph_stages[first:s + 1]
+        stage = stages[0] if len(stages) == 1 else nn.Sequential(*stages)
+        channels_last = self._channels_last and first == 0
+        if head is not None:  # the stages alone; the head on the host
+            key = ("stages", first, s)
+            if key not in self._made:
+                self._made[key] = self._trace(_Segment(stage, channels_last=channels_last), (self._inputs[first],))
+            rows, b = head
             if columns is not None:
-                inputs = [torch.cat([head[0], columns]), torch.cat([head[1], bias])]
-        elif columns is not None:
-            inputs = [columns, bias]
+                rows, b = torch.cat([rows, columns]).contiguous(), torch.cat([b, bias])
+            return self._made[key], (), (rows, b, centre)
+        inputs: list[torch.Tensor] = [] if columns is None else [columns, bias]
         linear = bool(inputs)
         if centre is not None:
             inputs = inputs + [centre] if linear else [torch.empty(0), torch.empty(0), centre]
         key = (first, e, linear, centre is not None)
         if key not in self._made:
-            graph_head = None if head is not None else _Calibrated(self.model.exits[e], float(self.model.temperature[e]))
-            stages = self._graph_stages[first:s + 1]
-            module = _Segment(stages[0] if len(stages) == 1 else nn.Sequential(*stages), graph_head, linear,
-                              centre is not None, self._channels_last and first == 0)
+            graph_head = _Calibrated(self.model.exits[e], float(self.model.temperature[e]))
+            module = _Segment(stage, graph_head, linear, centre is not None, channels_last)
             self._made[key] = self._trace(module, (self._inputs[first], *inputs))
-        return self._made[key], tuple(inputs), head is not None
+        return self._made[key], tuple(inputs), None
 
     def is_current(self) -> bool:
         """False when the model's weights changed in place since it was prepared (prepare it again)."""
@@ -296,18 +318,21 @@ class PreparedModel:
         decide, k, last = plan.decider.start(), self.num_classes, self.num_exits - 1
         rows: list[list[float] | None] = [None] * self.num_exits
         s = fired = 0
-        for fn, e, inputs, in_columns, extra, s in plan.steps:  # s: the stage exit e reads
+        for fn, e, inputs, host, extra, s in plan.steps:  # s: the stage exit e reads
             out = fn(x, *inputs)
-            if in_columns:  # (tap, products: the head's first[, distance])
-                values = out[1].tolist()
+            if host is not None:  # out: the tap; the head's row and the decision's products made here
+                tap = out
+                values, distance = _pooled_products(out, *host)
                 row, more = (values, None) if len(values) == k else (values[:k], values[k:])
             else:  # (tap, logits[, other products][, distance])
-                row, more = out[1].tolist()[0], (out[2].tolist() if extra[0] else None)
+                tap, row = out[0], out[1].tolist()[0]
+                more = out[2].tolist() if extra[0] else None
+                distance = out[-1].item() if extra[1] else 0.0
             rows[e] = row
             fired = e
-            if e == last or decide(e, row, more, out[-1].item() if extra[1] else 0.0, out[0]):
+            if e == last or decide(e, row, more, distance, tap):
                 break
-            x = out[0]
+            x = tap
         # the output through numpy: a few array writes cost less than one torch.tensor call
         exit_logits = plan.nan_rows.copy()  # (1, exits, classes), NaN where an exit did not run
         for e, row in enumerate(rows):
@@ -332,10 +357,14 @@ class PreparedModel:
                 t = float(self.model.temperature[e])
                 logits = logits / t if t != 1.0 else logits
             return (logits, x) if with_tap else logits
-        fn, inputs, in_columns = self.exit_step(e, first=0)  # one graph: every stage and the head
+        fn, inputs, host = self.exit_step(e, first=0)  # one graph: every stage (and a head that is not linear)
         out = fn(x.contiguous(), *inputs)
-        logits = out[1].unsqueeze(0) if in_columns else out[1]
-        return (logits, out[0]) if with_tap else logits
+        if host is not None:
+            tap = out
+            logits = torch.addmv(host[1], host[0], _pooled_sum(tap)).unsqueeze(0)
+        else:
+            tap, logits = out[0], out[1]
+        return (logits, tap) if with_tap else logits
 
     def profile_latency(self, table: CostTable, repeats: int = 30, warmup: int = 5) -> CostTable:
         """A copy of `table` with the median batch-1 ms of every stage and exit head as this form
@@ -358,8 +387,13 @@ class PreparedModel:
         stage_ms = [median_ms(fn, x) for fn, x in zip(stage_fns, self._inputs)]
         exit_ms = []
         for e, s in enumerate(self.exit_stages):
-            fn, inputs, _ = self.exit_step(e)
-            exit_ms.append(max(median_ms(fn, self._inputs[s], *inputs) - stage_ms[s], 0.0))
+            fn, inputs, host = self.exit_step(e)
+            if host is not None:
+                def step(x, fn=fn, host=host):
+                    return _pooled_products(fn(x), *host)
+                exit_ms.append(max(median_ms(step, self._inputs[s]) - stage_ms[s], 0.0))
+            else:
+                exit_ms.append(max(median_ms(fn, self._inputs[s], *inputs) - stage_ms[s], 0.0))
         return replace(table, stage_ms=stage_ms, exit_ms=exit_ms, device=str(self.device))
 
 
@@ -370,9 +404,9 @@ def prepare(model: MultiExitNet, **kw) -> PreparedModel:
 
 # -- plans: which graph each stage runs and how an exit decides, per policy -----------------------
 class _Plan:
-    """For one policy: per exit that runs, (the graph of the stages since the previous one and of
-    the exit, exit index, its inputs, whether the head is among the products, (other products?,
-    distance?)); and the decider: the policy's own fast rows (`Policy.row_decider`), else its
+    """For one policy: per exit that runs, (the graph of the stages since the previous one (and of
+    the exit's head when it is not linear), exit index, its inputs, the linear head's host products
+    (`_pooled_products`) or None, (the graph gives other products?, a distance?)); and the decider: the policy's own fast rows (`Policy.row_decider`), else its
     `decide` on an Evidence. Stages between two exits that run are one graph: each call of a graph
     costs some microseconds whatever it computes."""
 
@@ -389,9 +423,10 @@ class _Plan:
             if not (active[e] or e == n - 1):
                 continue
             columns, bias, centre = self.decider.columns(e) if e < n - 1 else (None, None, None)
-            graph, inputs, in_columns = prepared.exit_step(e, columns, bias, centre, first)
-            self.steps.append((graph, e, inputs, in_columns, (columns is not None and not in_columns,
-                                                              centre is not None), prepared.exit_stages[e]))
+            graph, inputs, host = prepared.exit_step(e, columns, bias, centre, first)
+            in_graph = host is None
+            self.steps.append((graph, e, inputs, host, (columns is not None and in_graph, centre is not None and in_graph),
+                               prepared.exit_stages[e]))
             first = prepared.exit_stages[e] + 1
 
 

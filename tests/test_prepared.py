@@ -85,7 +85,7 @@ def _assert_same(model: MultiExitNet, form: PreparedModel, policy: Policy, x: to
     return want.exit_index
 
 
-@pytest.mark.parametrize("head", ["linear", "conv"])
+@pytest.mark.parametrize("head", ["linear", "conv", "deep"])
 def test_tiny_model_answers_as_the_plain_one_for_every_policy(head):
     model = build_tiny_model(head)
     model.temperature.copy_(torch.tensor([1.3, 0.8, 1.0]))

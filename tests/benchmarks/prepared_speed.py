@@ -15,7 +15,7 @@ batch 1 and one thread unless said, everything compared interleaved in this one 
               least the full model's throughput (both prepared).
 
     .venv/bin/python tests/benchmarks/prepared_speed.py --data ../shared/data/cifar10-jpg.zip \
-        [--check-images 10000] [--timing-images 300] [--skip-mobilenet]
+        [--check-images 10000] [--timing-images 300] [--skip-mobilenet] [--quantile 0.1 --repeats 5]
 
 Without --data the built-in model is checked on random images (its operating points then mean little).
 """
@@ -38,7 +38,6 @@ from engine.bundle import Bundle, default_bundle_path, load_bundle  # noqa: E402
 from engine.cost import measure_costs, with_policy_flops  # noqa: E402
 from engine.model import MultiExitNet  # noqa: E402
 from engine.policies import BolukbasiPolicy, StructurePolicy, ThresholdPolicy  # noqa: E402
-from engine.bench import time_batch1  # noqa: E402
 from engine.prepared import prepare  # noqa: E402
 from engine.speed import exit_overhead  # noqa: E402
 
@@ -50,11 +49,36 @@ def target(name: str, hit: bool, achieved: str) -> None:
     print(f"[{'HIT ' if hit else 'MISS'}] {name}: {achieved}", flush=True)
 
 
-def interleaved_ms(runs: dict, n: int, *, repeats: int = 1, seed: int = 0) -> dict[str, float]:
-    """Median ms of every run(i) over images 0..n−1 (× repeats), interleaved as `offramp bench` times."""
-    timed = time_batch1({k: (lambda i, run=run: run(i % n)) for k, run in runs.items()}, n * repeats,
-                        warmup=3, seed=seed)
-    return {k: v["median_ms"] for k, v in timed.items()}
+QUANTILE = 0.5  # which quantile of each image's repeated times is read (--quantile)
+REPEATS = 1  # runs of every image (--repeats)
+
+
+def interleaved_ms(runs: dict, n: int, *, repeats: int = 1, seed: int = 0, warmup: int = 3) -> dict[str, float]:
+    """Per run, the mean over images 0..n−1 of each image's ms (with repeats: the QUANTILE of its
+    repeats), all interleaved as `offramp bench` times: each round runs every run once on one
+    image, in a shuffled order. The mean over images, not a quantile over them: images that exit
+    at different depths cost differently, and an operating point costs their mean."""
+    names, rng = list(runs), random.Random(seed)
+    times: dict[str, list[list[float]]] = {k: [[] for _ in range(n)] for k in names}
+    with torch.inference_mode():
+        for i in range(min(warmup, n)):
+            for k in names:
+                runs[k](i)
+        for r in range(n * repeats):
+            rng.shuffle(names)
+            for k in names:
+                start = time.perf_counter()
+                runs[k](r % n)
+                times[k][r % n].append((time.perf_counter() - start) * 1e3)
+    return {k: statistics.fmean(_quantile(t) for t in per_image) for k, per_image in times.items()}
+
+
+def _quantile(values: list[float]) -> float:
+    if len(values) < 2:
+        return values[0]
+    if QUANTILE == 0.5:
+        return statistics.median(values)
+    return statistics.quantiles(values, n=1000, method="inclusive")[round(QUANTILE * 1000) - 1]
 
 
 # -- the checks -------------------------------------------------------------------------------------
@@ -87,7 +111,7 @@ def check_answers(label: str, model: MultiExitNet, form, policies: dict, images:
 def check_overhead(label: str, form, policies: dict, images: torch.Tensor, cost, repeats: int) -> None:
     for name, policy in policies.items():
         limit = 25.0 if isinstance(policy, ThresholdPolicy) else 40.0
-        o = exit_overhead(form, policy, images, cost, repeats=repeats)
+        o = exit_overhead(form, policy, images, cost, repeats=repeats, quantile=QUANTILE)
         per = " ".join(f"E{e}:{v:.0f}" for e, v in enumerate(o["per_exit_us"]))
         target(f"{label}: an active {name} exit that does not fire adds ≤ {limit:.0f} µs beyond its FLOPs",
                o["mean_us"] <= limit, f"{o['mean_us']:.1f} µs per exit with all on (each added alone: {per} µs)")
@@ -102,7 +126,7 @@ def check_onnx(label: str, bundle: Bundle, form, images: torch.Tensor) -> None:
     none = ThresholdPolicy([None] * (n - 1) + [1.0])
     arrays = [images[i:i + 1].numpy() for i in range(images.shape[0])]
     ms = interleaved_ms({"onnx": lambda i: runner.run_full(arrays[i]), "staged": lambda i: form.run(images[i:i + 1], none),
-                         "eager": lambda i: bundle.model.run(images[i:i + 1], none)}, images.shape[0])
+                         "eager": lambda i: bundle.model.run(images[i:i + 1], none)}, images.shape[0], repeats=REPEATS)
     ratio = ms["staged"] / ms["onnx"]
     target(f"{label}: full model through the staged path within 1.3× of onnxruntime", ratio <= 1.3,
            f"{ms['staged']:.3f} ms against {ms['onnx']:.3f} ms ({ratio:.2f}×; eager modules {ms['eager']:.3f} ms)")
@@ -121,7 +145,7 @@ def check_points(label: str, model: MultiExitNet, form, cost, points: dict, imag
             exits = [int(form.run(images[i:i + 1], policy).exit_index[0]) for i in range(n_img)]
             flops[name] = table.full_flops / statistics.fmean(cum[e] for e in exits)
             runs[name] = (lambda p: lambda i: form.run(images[i:i + 1], p))(policy)
-    ms = interleaved_ms(runs, n_img)
+    ms = interleaved_ms(runs, n_img, repeats=REPEATS)
     worst = min(points, key=lambda n: (ms["full"] / ms[n]) / flops[n])
     lines = ", ".join(f"{n} {ms['full'] / ms[n]:.2f}/{flops[n]:.2f}" for n in points)
     ratio = (ms["full"] / ms[worst]) / flops[worst]
@@ -211,7 +235,15 @@ def main() -> int:
     p.add_argument("--overhead-repeats", type=int, default=300, help="runs of each variant for the per-exit overhead")
     p.add_argument("--mobilenet-images", type=int, default=64, help="random 224×224 images for mobilenet_v3_large")
     p.add_argument("--skip-mobilenet", action="store_true")
+    p.add_argument("--quantile", type=float, default=0.5,
+                   help="quantile of each run's times that is read (0.5: the median; on a machine shared with busy "
+                        "processes e.g. 0.1, which leaves out the runs that waited for a core)")
+    p.add_argument("--repeats", type=int, default=1, help="runs of every timed image (the quantile is read over them)")
     args = p.parse_args()
+    global QUANTILE, REPEATS
+    QUANTILE, REPEATS = args.quantile, max(args.repeats, 1)
+    print(f"per image: the {args.quantile:g} quantile of its {REPEATS} interleaved runs (per exit: of the overhead "
+          "variants' runs); torch threads 1", flush=True)
     torch.set_num_threads(1)
     default_model(args)
     if not args.skip_mobilenet:
