@@ -278,7 +278,8 @@ def run_benchmark(bundle: Bundle, splits: Splits, *, statics: dict[str, Bundle] 
                   structure_lambdas: Sequence[float] | None = None, structure_epochs: int | None = None,
                   prototype_samples: int = 5000, timing_images: int = 300, seed: int = 0,
                   runtime: str = "prepared", overhead_repeats: int = 300,
-                  progress: ProgressFn | None = None, cancel: CancelFlag | None = None) -> dict:
+                  progress: ProgressFn | None = None, cancel: CancelFlag | None = None,
+                  recorded: tuple[Records, Records] | None = None) -> dict:
     """Every method on the test split of `splits`, fitted only on its calibration split; a JSON-able
     report (see `engine.bench_report` for its goals, table and plot).
 
@@ -293,6 +294,8 @@ def run_benchmark(bundle: Bundle, splits: Splits, *, statics: dict[str, Bundle] 
     run by `runtime` ("prepared": `engine.prepared`, as the app runs; "eager": the plain modules),
     and the time an exit that does not fire adds is measured per exit (`engine.speed.exit_overhead`,
     `overhead_repeats` runs of each variant; 0: not measured).
+    `recorded`: the bundle's (calibration, test) records when already recorded (data-parallel by
+    `engine.recording.record_sharded` under torchrun); recorded here otherwise.
     Raises ValueError when the calibration or test split is empty or a bundle predicts other classes."""
     if learned not in ("fit", "bundle"):
         raise ValueError(f"learned must be 'fit' or 'bundle', not {learned!r}")
@@ -307,8 +310,8 @@ def run_benchmark(bundle: Bundle, splits: Splits, *, statics: dict[str, Bundle] 
             raise ValueError(f"{name} predicts {other.class_names}, the benchmarked bundle {model.class_names}; "
                              "compare networks trained on the same classes")
     cost = model_cost(bundle)
-    cal = record_outputs(model, splits.calibration, progress=progress, cancel=cancel)
-    test = record_outputs(model, splits.test, progress=progress, cancel=cancel)
+    cal, test = recorded or (record_outputs(model, splits.calibration, progress=progress, cancel=cancel),
+                             record_outputs(model, splits.test, progress=progress, cancel=cancel))
     full_accuracy = accuracy_per_exit(test)[-1]
     timing_idx = sorted(random.Random(seed).sample(range(len(splits.test)), min(timing_images, len(splits.test))))
     images = _images(splits.test, timing_idx)

@@ -45,14 +45,16 @@ def as_loader(dataset_or_loader, preset, batch_size: int, workers: int | None):
 
 def record_outputs(model: MultiExitNet, dataset_or_loader: Dataset | DataLoader | Iterable, *, batch_size: int = 256,
                    device: str | torch.device = "cpu", with_features: bool = True, workers: int | None = None,
-                   progress: ProgressFn | None = None, cancel: CancelFlag | None = None) -> Records:
+                   progress: ProgressFn | None = None, cancel: CancelFlag | None = None,
+                   keep_skipped: bool = False) -> Records:
     """Run every exit of `model` on every (image, label) sample and return the Records.
 
     `dataset_or_loader` is a map-style dataset of (image tensor, label), a DataLoader, or any
     iterable of (images, labels) batches; a dataset whose `transform` is None gets the model's
     preset on a shallow copy, and is loaded by `workers` processes (default: data.default_workers). The model runs in eval mode on `device`; its mode and device are
-    restored afterwards. Progress stage: "recording exits". Raises Cancelled, and ValueError for
-    an empty dataset.
+    restored afterwards. Progress stage: "recording exits". Samples whose file could not be read are
+    dropped (`drop_skipped`), or kept with the label SKIPPED when `keep_skipped`. Raises Cancelled,
+    and ValueError for an empty dataset.
     """
     loader = as_loader(dataset_or_loader, model.backbone.preset, batch_size, workers)
     total = _length(loader)
@@ -79,7 +81,8 @@ def record_outputs(model: MultiExitNet, dataset_or_loader: Dataset | DataLoader 
         raise ValueError("the dataset is empty: there is nothing to evaluate")
     # concatenated outside inference mode, so the records are ordinary tensors (usable to train policies)
     features = [torch.cat(col) for col in zip(*feats)] if with_features else []
-    return drop_skipped(Records(torch.cat(logits), features, torch.cat(labels), model.class_names, model.exit_stages))
+    records = Records(torch.cat(logits), features, torch.cat(labels), model.class_names, model.exit_stages)
+    return records if keep_skipped else drop_skipped(records)
 
 
 def drop_skipped(records: Records) -> Records:

@@ -1,7 +1,8 @@
 """Records: every exit's recorded outputs on N labelled samples — what evaluation, the DyCE search
 and policy training read instead of running the model again. Recorded by
 `engine.evaluate.record_outputs` (or `engine.cascade.record_cascade`); saved and loaded as one
-safetensors file (no pickle).
+safetensors file (no pickle). `engine.recording.record_sharded` records them data-parallel under
+torchrun, and on disk when they outgrow memory.
 """
 from __future__ import annotations
 

@@ -122,12 +122,20 @@ def listing(items: list[str], most: int = 5) -> str:
     return shown + (f" and {len(items) - most} more" if len(items) > most else "")
 
 
+def tell(text: str) -> None:
+    """`text` on stderr, from rank 0 alone under torchrun (every rank reads the same data, so the
+    others would only repeat it)."""
+    from .. import distributed as dist
+    if dist.is_main():
+        print(text, file=sys.stderr)
+
+
 def print_skipped(path: str, reason: str) -> None:
-    print(f"skipped {path}: {reason}", file=sys.stderr)
+    tell(f"skipped {path}: {reason}")
 
 
 def print_warning(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
+    tell(f"warning: {message}")
 
 
 
@@ -156,8 +164,8 @@ def splits_for(bundle, args):
     splits = open_splits(args.data, bundle.model.backbone.preset, val_fraction=fraction, on_skipped=print_skipped,
                          on_warning=print_warning, classes=bundle.model.class_names)  # labels by class name
     d = splits.describe()
-    print(f"data: {d['train']} training, {d['calibration']} calibration ({d['calibration_source']}), "
-          f"{d['test']} test images ({d['test_source']})", file=sys.stderr)
+    tell(f"data: {d['train']} training, {d['calibration']} calibration ({d['calibration_source']}), "
+         f"{d['test']} test images ({d['test_source']})")
     return splits
 
 
@@ -166,17 +174,20 @@ def unlabelled_splits(bundle, path: str, fraction: float):
     from ..splits import UnlabelledSplits
     split, check = checked_unlabelled(path)
     splits = UnlabelledSplits.open(path, split, bundle.model.backbone.preset, val_fraction=fraction, report=check)
-    print(f"data: {len(splits.calibration)} held-out unlabelled images, scored against the last exit's answers",
-          file=sys.stderr)
+    tell(f"data: {len(splits.calibration)} held-out unlabelled images, scored against the last exit's answers")
     return splits
 
 
 def record(model, subset, progress, with_features=True, teacher_labels=False):
     """Every exit's outputs on `subset`; with `teacher_labels` the labels are the last exit's answers."""
-    from ..evaluate import record_outputs
+    from .. import distributed as dist
+    from ..recording import record_sharded
     if len(subset) == 0:
         raise ValueError("the calibration split is empty; use more images or a larger --val-fraction")
-    records = record_outputs(model, subset, with_features=with_features, progress=progress)
+    # data-parallel under torchrun: rank 0 gets the records, the other ranks None
+    records = record_sharded(model, subset, with_features=with_features, progress=progress if dist.is_main() else None)
+    if records is None:
+        return None
     progress.close()
     if teacher_labels:
         records.labels = records.logits[:, -1].argmax(-1)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from . import args as num
+from .train import add_scale_out, memory_limit
 from .common import (TerminalProgress, bundle_and_data, calibration_records, check_out, checked_unlabelled, load, pct,
                      print_skipped, record, report_outputs, save_bundle_or_keep, splits_for, write_outputs)
 
@@ -21,14 +22,32 @@ def add_evaluate(sub) -> None:
                       "scored by agreement with the last exit (e.g. new photos for a distilled bundle)")
     s.add_argument("--split", default="test", help="split of the CIFAR-10 layout to use (default: test)")
     s.add_argument("--batch-size", type=num.positive_int, default=256)
+    add_scale_out(s)
     s.add_argument("--json", help="report file (default: <bundle>-evaluation.json)")
     s.add_argument("--png", help="plot file (default: next to the JSON)")
     s.set_defaults(fn=cmd_evaluate)
 
 
 def cmd_evaluate(args) -> int:
+    return data_parallel(_evaluate, args)
+
+
+def data_parallel(command, args) -> int:
+    """Run `command(args)` as one rank of torchrun's process group (joined first, left after); in
+    one process, simply run it."""
+    from .. import distributed as dist
+    dist.init(getattr(args, "device", "cpu"))
+    try:
+        return command(args)
+    finally:
+        dist.finish()
+
+
+def _evaluate(args) -> int:
+    from .. import distributed as dist
     from ..preprocess import eval_transform
-    from ..evaluate import evaluation_report, plot_report, record_outputs
+    from ..evaluate import evaluation_report, plot_report
+    from ..recording import record_sharded
     from ..cost import profile_latency
     from ..files import write_json
     out_json, out_png = report_outputs(args, f"{Path(args.bundle or 'default').stem}-evaluation.json")
@@ -42,8 +61,11 @@ def cmd_evaluate(args) -> int:
         from ..splits import open_labelled_part
         ds, check = open_labelled_part(args.data, args.split, classes=model.class_names, on_skipped=print_skipped)
     ds.transform = eval_transform(model.backbone.preset)
-    progress = TerminalProgress()
-    records = record_outputs(model, ds, batch_size=args.batch_size, progress=progress)
+    progress = TerminalProgress() if dist.is_main() else None  # rank 0 alone reports
+    records = record_sharded(model, ds, batch_size=args.batch_size, device=dist.device(args.device),
+                             store=args.cache_dir, memory_limit=memory_limit(args), progress=progress)
+    if records is None:  # another rank than 0: its part is recorded
+        return 0
     progress.close()
     if args.unlabelled:  # no labels: score every exit and policy by agreement with the last exit
         records.labels = records.logits[:, -1].argmax(-1)
@@ -101,6 +123,10 @@ def add_search(sub) -> None:
 
 
 def cmd_search(args) -> int:
+    return data_parallel(_search, args)
+
+
+def _search(args) -> int:
     from ..bench_report import front_table
     from ..files import write_json
     from ..fronts import search_bundle
@@ -108,6 +134,8 @@ def cmd_search(args) -> int:
         check_out(args.json, suffixes=(".json",), what="report", option="--json")
     bundle, splits, progress, records = calibration_records(args, with_features=False)
     test = _test_records(bundle, splits, progress)
+    if records is None:  # another rank than 0 under torchrun: its parts are recorded
+        return 0
     searched, rep = search_bundle(bundle, records, max_loss=args.max_loss / 100, budget=args.budget,
                                   measure=args.measure, split=splits.describe(), test_records=test)
     full, flops = rep["full_accuracy"], rep["full_flops"]
@@ -203,7 +231,13 @@ def add_bench(sub) -> None:
 
 
 def cmd_bench(args) -> int:
+    return data_parallel(_bench, args)
+
+
+def _bench(args) -> int:
     import torch
+    from .. import distributed as dist
+    from ..recording import record_sharded
     from .. import bench_report
     from ..bench import run_benchmark
     from ..files import write_json
@@ -214,8 +248,13 @@ def cmd_bench(args) -> int:
     statics = {Path(p).name: load(p) for p in args.static}
     cascade = {Path(p).name: load(p) for p in args.cascade}
     splits = splits_for(bundle, args)
-    progress = TerminalProgress()
-    rep = run_benchmark(bundle, splits, statics=statics, cascade=cascade, learned=args.learned, lambdas=args.lambdas,
+    progress = TerminalProgress() if dist.is_main() else None
+    # the bundle's outputs on both splits, recorded data-parallel under torchrun; the rest runs on rank 0
+    recorded = [record_sharded(bundle.model, split, progress=progress) if len(split) else None
+                for split in (splits.calibration, splits.test)]
+    if not dist.is_main():
+        return 0
+    rep = run_benchmark(bundle, splits, recorded=None if None in recorded else tuple(recorded), statics=statics, cascade=cascade, learned=args.learned, lambdas=args.lambdas,
                         structure_lambdas=args.structure_lambdas, structure_epochs=args.structure_epochs,
                         prototype_samples=args.prototype_samples, timing_images=args.timing_images,
                         runtime=args.runtime, overhead_repeats=args.overhead_repeats, progress=progress)

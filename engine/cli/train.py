@@ -9,7 +9,7 @@ from pathlib import Path
 from . import args as num
 from .common import (TerminalProgress, bundle_and_data, calibration_records, check_out, checked_unlabelled, load, pct,
                      pick_device,
-                     print_calibration, print_skipped, print_warning, record, save_bundle_or_keep)
+                     print_calibration, print_skipped, print_warning, record, save_bundle_or_keep, tell)
 
 
 def add_train_exits(sub) -> None:
@@ -33,7 +33,7 @@ def add_train_exits(sub) -> None:
     s.add_argument("--token-pool", choices=["cls", "mean"], help="with --model: exits on tokens read the class "
                    "token or the mean of the tokens (default: cls when the model has a class token)")
     s.add_argument("--weights", help="pretrained weights, e.g. DEFAULT (needs them cached or a network)")
-    s.add_argument("--head", default="linear", choices=["linear", "conv"], help="exit head design (default: linear)")
+    s.add_argument("--head", default="linear", choices=["linear", "conv", "deep"], help="exit head design (default: linear)")
     s.add_argument("--exits", type=num.number_list(num.integer(), what="stage indices"),
                    help="comma-separated stage indices to put exits after (default: every stage)")
     s.add_argument("--epochs", type=num.positive_int, default=30)
@@ -44,8 +44,26 @@ def add_train_exits(sub) -> None:
     s.add_argument("--max-loss", type=num.points, default=0.5,
                    help="default policy: accuracy points below the last exit allowed (0..100)")
     s.add_argument("--seed", type=num.seed, default=0)
+    add_scale_out(s)
     s.add_argument("--out", required=True, help="bundle file to write (.offramp)")
     s.set_defaults(fn=cmd_train_exits)
+
+
+def add_scale_out(s) -> None:
+    """--cache-dir, --cache-memory and --device: what lets a command outgrow one process's memory
+    and, under torchrun, one process."""
+    s.add_argument("--cache-dir", metavar="DIR", help="keep the feature caches on disk here (memory-mapped, one part "
+                   "per torchrun rank, resumable: a rerun skips finished chunks); on a cluster, storage every "
+                   "node shares")
+    s.add_argument("--cache-memory", type=num.positive, metavar="GiB", help="memory the cache may hold (default: "
+                   "80%% of what is free): larger caches need --cache-dir, whose chunks stay within a quarter of it")
+    s.add_argument("--device", default="cpu", help="where the backbone runs and the heads train: cpu (default), "
+                   "cuda, or auto (under torchrun: each rank's own GPU)")
+
+
+def memory_limit(args) -> int | None:
+    """--cache-memory in bytes (None: the default)."""
+    return None if args.cache_memory is None else int(args.cache_memory * 2**30)
 
 
 def _layer_names(text: str) -> list[str]:
@@ -78,12 +96,22 @@ def _train_val_sets(data: str, preset, val_fraction: float):
 
 
 def cmd_train_exits(args) -> int:
+    from .. import distributed as dist
+    dist.init(args.device)  # under torchrun: join the other ranks (each caches and trains on its part)
+    try:
+        return _train_exits(args)
+    finally:
+        dist.finish()
+
+
+def _train_exits(args) -> int:
+    from .. import distributed as dist
     from ..model import MultiExitNet
     from ..train.retrain import fit_exits
     import torch
     check_out(args.out)
     torch.manual_seed(args.seed)  # a new backbone's random init and the heads' init are reproducible
-    progress = TerminalProgress()
+    progress = TerminalProgress() if dist.is_main() else None  # rank 0 alone reports
     stages = args.exits or None
     base = load(args.from_bundle) if args.from_bundle else None
     if base is None and not args.backbone and not args.model:
@@ -100,7 +128,10 @@ def cmd_train_exits(args) -> int:
     model = MultiExitNet.attach(backbone, class_names=classes, exit_stages=stages or (base.model.exit_stages if base else None),
                                 head=args.head, keep_classifier=keep)
     bundle, rep = fit_exits(model, train_set, val_set, epochs=args.epochs, max_loss=args.max_loss / 100,
-                            distill=args.distill or 0.0, progress=progress, meta=meta)
+                            distill=args.distill or 0.0, progress=progress, meta=meta, device=dist.device(args.device),
+                            cache_dir=args.cache_dir, memory_limit=memory_limit(args))
+    if bundle is None:  # another rank than 0: its part is done, rank 0 writes and reports
+        return 0
     progress.close()
     save_bundle_or_keep(bundle, args.out)
     acc = rep["accuracy_per_exit"]
@@ -114,6 +145,7 @@ def cmd_train_exits(args) -> int:
 
 def _distil_exits(args, base, stages, meta, progress) -> int:
     """train-exits --unlabelled: early exits learn the last exit's answers on unlabelled images."""
+    from .. import distributed as dist
     from ..backbones.generic import categories
     from ..model import MultiExitNet
     from ..preprocess import eval_transform
@@ -133,11 +165,14 @@ def _distil_exits(args, base, stages, meta, progress) -> int:
     split, check = checked_unlabelled(args.unlabelled, progress)
     images, train_idx, val_idx = unlabelled_parts(args.unlabelled, split, val_fraction=args.val_fraction, report=check,
                                                   transform=eval_transform(model.backbone.preset))
-    print(f"{check.count} images in {check.path}" + (f" ({len(check.skipped)} skipped)" if check.skipped else ""),
-          file=sys.stderr)
+    tell(f"{check.count} images in {check.path}" + (f" ({len(check.skipped)} skipped)" if check.skipped else ""))
     distill = 1.0 if args.distill is None else args.distill
     bundle, rep = distil_exits(model, images, epochs=args.epochs, parts=(train_idx, val_idx),
-                               max_loss=args.max_loss / 100, distill=distill, progress=progress, meta=meta)
+                               max_loss=args.max_loss / 100, distill=distill, progress=progress, meta=meta,
+                               device=dist.device(args.device), cache_dir=args.cache_dir,
+                               memory_limit=memory_limit(args))
+    if bundle is None:
+        return 0
     progress.close()
     save_bundle_or_keep(bundle, args.out)
     agree = rep["agreement_per_exit"]
@@ -163,7 +198,7 @@ def add_train_backbone(sub) -> None:
     s.add_argument("--exit-weights", metavar="W,W,...", type=num.number_list(num.nonnegative, what="weights"),
                    help="loss weight of each exit, comma-separated (default: all 1, joint training); "
                         "0,...,0,1 trains the backbone alone, for exits put on it afterwards with train-exits --from")
-    s.add_argument("--head", default="linear", choices=["linear", "conv"])
+    s.add_argument("--head", default="linear", choices=["linear", "conv", "deep"])
     s.add_argument("--seed", type=num.seed, default=0)
     s.add_argument("--val-fraction", type=num.held_out, default=0.1)
     s.add_argument("--device", default="auto")

@@ -17,7 +17,7 @@ from ..cost import measure_costs
 from ..data.checks import check_folder, check_unlabelled
 from ..data.folders import open_dataset
 from ..evaluate import accuracy_per_exit, operating_front, pick_point, threshold_curve
-from ..features import FeatureCache, cache_features
+from ..features import FeatureCache, cache_features, gather_cache
 from ..model import MultiExitNet
 from ..policies import ThresholdPolicy
 from ..preprocess import eval_transform
@@ -38,24 +38,41 @@ def records_from_cache(model: MultiExitNet, cache: FeatureCache) -> Records:
 
 def fit_exits(model: MultiExitNet, train_set, val_set, *, epochs: int = 30, max_loss: float = DEFAULT_MAX_LOSS,
               distill: float = 0.0, train_which: list[int] | None = None, teacher_labels: bool = False,
-              device: str = "cpu", meta: dict | None = None, progress: ProgressFn | None = None,
-              cancel: CancelFlag | None = None) -> tuple[Bundle, dict]:
+              device: str = "cpu", meta: dict | None = None, cache_dir: str | Path | None = None,
+              memory_limit: int | None = None, progress: ProgressFn | None = None,
+              cancel: CancelFlag | None = None) -> tuple[Bundle | None, dict]:
     """Train `model`'s exits on `train_set` (backbone frozen), calibrate and search thresholds on
     `val_set`, and return a bundle whose default policy is the cheapest threshold configuration
     within `max_loss` of the last exit on `val_set`, plus a report. Raises Cancelled.
 
     `teacher_labels`: the sets' labels are ignored; every image is labelled with the last exit's
     prediction, so "accuracy" throughout (training, calibration, the front, the report) means
-    agreement with the last exit, and the last exit itself agrees 100 %."""
+    agreement with the last exit, and the last exit itself agrees 100 %.
+
+    `cache_dir`: the feature caches live on disk there (train/ and val/, memory-mapped, resumable;
+    see `cache_features`), `memory_limit` bytes at most in memory. Under torchrun every rank caches
+    and trains on its part of the data (DistributedDataParallel); rank 0 gathers the validation
+    part, calibrates, searches and returns the bundle, the other ranks return (None, {})."""
     t0 = time.perf_counter()
     model.eval()
-    val_cache = _cache(model, val_set, teacher_labels, device, progress, cancel)
+    store = (lambda name: Path(cache_dir) / name) if cache_dir is not None else (lambda name: None)  # noqa: E731
+    kw = {"device": device, "memory_limit": memory_limit, "progress": progress, "cancel": cancel}
+    val_part = _cache(model, val_set, teacher_labels, store=store("val"), **kw)
     history, train_samples = [], 0
     if epochs > 0:  # 0: exits already trained (jointly with the network); only calibrate and search
-        train_cache = _cache(model, train_set, teacher_labels, device, progress, cancel)
-        history = train_exits(model, train_cache, epochs=epochs, val_cache=val_cache, distill=distill,
-                              train_exits=train_which, progress=progress, cancel=cancel)
-        train_samples = len(train_cache.labels)
+        train_cache = _cache(model, train_set, teacher_labels, store=store("train"), **kw)
+        home = next(model.parameters()).device
+        try:  # the heads train where the backbone ran (each rank's GPU under torchrun on CUDA)
+            history = train_exits(model.to(device), train_cache, epochs=epochs, val_cache=val_part, distill=distill,
+                                  train_exits=train_which, progress=progress, cancel=cancel)
+        finally:
+            model.to(home)
+        train_samples = train_cache.samples
+    val_cache = gather_cache(val_part, store("val"))
+    if val_cache is None:  # not rank 0: its part is done
+        return None, {}
+    if teacher_labels:  # parts read back from disk carry the data's labels
+        val_cache.labels = val_cache.teacher_logits.argmax(1)
     report(progress, cancel, "evaluating", 0, 1)
     calibration = calibrate_with_report(model, val_cache, keep=[model.num_exits - 1] if teacher_labels else ())
     records = records_from_cache(model, val_cache)
@@ -81,8 +98,11 @@ def fit_exits(model: MultiExitNet, train_set, val_set, *, epochs: int = 30, max_
                     "history": history, "calibration": calibration}
 
 
-def _cache(model: MultiExitNet, dataset, teacher_labels: bool, device: str, progress, cancel) -> FeatureCache:
-    cache = cache_features(model, dataset, device=device, progress=progress, cancel=cancel)
+def _cache(model: MultiExitNet, dataset, teacher_labels: bool, device: str = "cpu", progress=None, cancel=None,
+           store: Path | None = None, memory_limit: int | None = None) -> FeatureCache:
+    """This rank's part of the cache of `dataset` (the whole in one process)."""
+    cache = cache_features(model, dataset, device=device, shard=True, store=store, memory_limit=memory_limit,
+                           progress=progress, cancel=cancel)
     if teacher_labels:
         cache.labels = cache.teacher_logits.argmax(1)
     return cache
@@ -112,7 +132,8 @@ def early_exits_on(base: MultiExitNet, *, exit_stages: list[int] | None = None, 
 def distil_exits(model: MultiExitNet, images, *, val_fraction: float = 0.1, epochs: int = 30,
                  max_loss: float = DEFAULT_MAX_LOSS, distill: float = 1.0, device: str = "cpu",
                  parts: tuple[list[int], list[int]] | None = None, meta: dict | None = None,
-                 progress: ProgressFn | None = None, cancel: CancelFlag | None = None) -> tuple[Bundle, dict]:
+                 cache_dir: str | Path | None = None, memory_limit: int | None = None,
+                 progress: ProgressFn | None = None, cancel: CancelFlag | None = None) -> tuple[Bundle | None, dict]:
     """Early exits without labels: every exit but the last learns the last exit's predictions on
     `images` (a dataset of (image tensor, anything), e.g. `open_unlabelled`), with the loss
     (1 - distill) * cross-entropy on the last exit's argmax + distill * KL to its softened output.
@@ -130,7 +151,10 @@ def distil_exits(model: MultiExitNet, images, *, val_fraction: float = 0.1, epoc
     val_set = torch.utils.data.Subset(images, val_idx)
     bundle, rep = fit_exits(model, train_set, val_set, epochs=epochs, max_loss=max_loss, distill=distill,
                             train_which=list(range(model.num_exits - 1)), teacher_labels=True, device=device,
-                            meta=meta, progress=progress, cancel=cancel)
+                            meta=meta, cache_dir=cache_dir, memory_limit=memory_limit, progress=progress,
+                            cancel=cancel)
+    if bundle is None:  # not rank 0 under torchrun
+        return None, rep
     rep["agreement_per_exit"] = rep["accuracy_per_exit"]
     rep["held_out"] = len(val_idx)
     return bundle, rep
@@ -199,7 +223,7 @@ def distil_on_folder(bundle: Bundle, folder: str | Path, *, head: str = "linear"
             "split": {"val_fraction": val_fraction, "seed": 0}}
     new, rep = distil_exits(model, images, epochs=epochs, parts=(train_idx, val_idx), meta=meta, progress=progress,
                             cancel=cancel)
-    old_cache = _cache(bundle.model, torch.utils.data.Subset(images, val_idx), True, "cpu", None, cancel)
+    old_cache = _cache(bundle.model, torch.utils.data.Subset(images, val_idx), True, cancel=cancel)
     rep.update({"images": check.count, "skipped": [list(map(str, s)) for s in check.skipped],
                 "curve_old": threshold_curve(records_from_cache(bundle.model, old_cache), bundle.cost),
                 "curve_new": rep["curve"]})
