@@ -115,15 +115,21 @@ def counts(k: int) -> list[int]:
     return [int(t.item()) for t in out]
 
 
+def _padded(t: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """`t` padded along dim 0 to the longest rank's length (collectives need equal shapes), on the
+    backend's device, and every rank's length."""
+    sizes = counts(t.shape[0])
+    padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype)
+    padded[:t.shape[0]] = t
+    return _comm(padded), sizes
+
+
 def all_gather(t: torch.Tensor) -> torch.Tensor:
     """Every rank's `t` concatenated along dim 0 in rank order, on every rank (`t` in one process).
     The ranks' first dimensions may differ."""
     if world() == 1:
         return t
-    sizes = counts(t.shape[0])
-    padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype)
-    padded[:t.shape[0]] = t
-    padded = _comm(padded)
+    padded, sizes = _padded(t)
     bucket = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(bucket, padded)
     return torch.cat([b[:s].cpu() for b, s in zip(bucket, sizes)])
@@ -171,10 +177,7 @@ def gather(t: torch.Tensor) -> torch.Tensor | None:
     itself in one process. The ranks' first dimensions may differ; the other dimensions may not."""
     if world() == 1:
         return t
-    sizes = counts(t.shape[0])
-    padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype)
-    padded[:t.shape[0]] = t
-    padded = _comm(padded)
+    padded, sizes = _padded(t)
     bucket = [torch.empty_like(padded) for _ in sizes] if is_main() else None
     dist.gather(padded, bucket, dst=0)
     if not is_main():
