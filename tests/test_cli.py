@@ -131,3 +131,14 @@ def test_trained_policy_is_selectable_in_run(trained_bundle, ten_class_folder, t
     assert 0 <= json.loads(capsys.readouterr().out.splitlines()[0])["exit"] <= 2
     assert main(["run", str(out), image, "--policy", "missing"]) == 2
     assert "unknown policy 'missing'" in capsys.readouterr().err
+
+
+def test_a_trained_structure_policy_calibrates_the_live_novelty_score(trained_bundle, ten_class_folder, tmp_path,
+                                                                       capsys):
+    out = tmp_path / "structure.offramp"
+    assert main(["train-policy", str(trained_bundle), "--data", str(ten_class_folder), "--kind", "structure",
+                 "--lambdas", "0.05", "--epochs", "3", "--val-fraction", "0.25", "--out", str(out)]) == 0
+    assert "live novelty calibrated on" in capsys.readouterr().out
+    novelty = load_bundle(out).meta["novelty"]
+    assert novelty["policy"] == "structure" and novelty["samples"] > 0
+    assert set(novelty["quantiles"]) == {"0", "1"}  # every early exit of the 3-exit model

@@ -315,6 +315,7 @@ def cmd_train_policy(args) -> int:
                                        prototype_records=proto, epochs=args.epochs, max_loss=args.max_loss / 100,
                                        make_default=args.default, split=splits.describe(), progress=progress)
     progress.close()
+    live = _calibrate_novelty(trained, rep["name"], records)
     print(f"{args.kind} front on {records.num_samples} calibration images; * = the stored policy "
           f"(cheapest within {args.max_loss:g} points of the last exit's {pct(rep['full_accuracy'])}):")
     print("\n".join(front_table(rep["front"], rep["index"], rep["full_flops"], rep["full_accuracy"])))
@@ -322,7 +323,25 @@ def cmd_train_policy(args) -> int:
     save_bundle_or_keep(trained, out)
     default = " (now the default)" if args.default else ""
     print(f"saved {out} with policy {rep['name']!r}{default}; use it with `offramp run --policy {rep['name']}`")
+    if live:
+        print(live)
     return 0
+
+
+def _calibrate_novelty(bundle, name: str, records) -> str:
+    """With a structure policy `name` in `bundle`: calibrate the app's live novelty score ("unlike my
+    classes") on the calibration `records` (images none of its prototypes came from); the line to
+    print, or "" for other policies."""
+    from ..novelty import calibrate_live
+    from ..policies.structure import StructurePolicy
+    if not isinstance(bundle.policies.get(name), StructurePolicy):
+        return ""
+    try:
+        entry = calibrate_live(bundle, records, policy=name)
+    except ValueError as err:
+        return f"live novelty not calibrated: {err}"
+    return (f"live novelty calibrated on {entry['samples']} calibration images: the app says \"unlike my classes\" "
+            f"for the {entry['false_alarm']:.0%} least typical of images like them")
 
 
 def _policy_kinds() -> list[str]:
