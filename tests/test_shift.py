@@ -128,6 +128,18 @@ def test_shift_command_end_to_end(tmp_path, capsys):
     assert "contrast-5" in text and ("hit" in text or "miss" in text)
     rep = json.loads(report.read_text())
     assert rep["sets"]["contrast-5"]["num_samples"] == 16 and "structure" in rep["summary"]
+    # bench prints the same shift goal among its own, from the bundle's stored policies
+    bench = tmp_path / "b.json"
+    assert main(["bench", str(bundle), "--data", str(data), "--learned", "bundle", "--timing-images", "4",
+                 "--overhead-repeats", "0", "--corrupted", str(out), "--corrupted-limit", "16",
+                 "--val-fraction", "0.25", "--json", str(bench)]) == 0
+    text = capsys.readouterr().out
+    table, goals = text.split("goals (test split")
+    goal = [line for line in goals.splitlines() if "under shift, structure loses less" in line]
+    assert len(goal) == 1 and goal[0].startswith(("[HIT ]", "[MISS]")) and "contrast-5" in table
+    brep = json.loads(bench.read_text())
+    assert brep["shift"]["summary"] == rep["summary"]
+    assert brep["goals"][-1]["goal"].startswith("under shift")
 
 
 def test_shift_bad_input_gives_one_line(tmp_path, capsys):

@@ -225,6 +225,10 @@ def add_bench(sub) -> None:
                         "app runs; default) or eager (the plain modules training uses)")
     s.add_argument("--overhead-repeats", type=num.nonnegative_int, default=300, metavar="N",
                    help="runs of each variant when timing what an exit that does not fire costs (default 300; 0: skip)")
+    s.add_argument("--corrupted", metavar="DIR", help="also score the shift goal on the corrupted sets `offramp corrupt "
+                   "--out DIR` wrote: the bundle's structure policy against a shared threshold at equal FLOPs")
+    s.add_argument("--corrupted-limit", type=num.positive_int, metavar="N", help="--corrupted: at most N images of "
+                   "each set (every class in proportion; default: all)")
     s.add_argument("--json", help="report file (default: <bundle>-bench.json)")
     s.add_argument("--png", help="plot file (default: next to the JSON)")
     s.set_defaults(fn=cmd_bench)
@@ -242,6 +246,9 @@ def _bench(args) -> int:
     from ..bench import run_benchmark
     from ..files import write_json
     out_json, out_png = report_outputs(args, f"{Path(args.bundle).stem}-bench.json")
+    if args.corrupted:
+        from ..shift import corrupted_sets
+        corrupted_sets(args.corrupted)  # a folder without sets fails before anything is recorded
     bundle = load(args.bundle)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -262,6 +269,11 @@ def _bench(args) -> int:
     rep = {"bundle": str(args.bundle), "data": str(args.data),
            "command": "offramp " + " ".join(sys.argv[1:]), **rep}
     rep["goals"] = bench_report.assess_goals(rep)
+    if args.corrupted:
+        from .shift import measure_shift, shift_lines
+        rep["shift"] = measure_shift(bundle, args.bundle, splits, args.corrupted, recorded[0], progress,
+                                     limit=args.corrupted_limit)
+        rep["goals"].append(bench_report.shift_goal(rep["shift"]))
     rep["notes"] = bench_report.notes(rep)
     print("\n".join(bench_report.table(rep)))
     print("\n".join(bench_report.latency_lines(rep)))
@@ -270,6 +282,9 @@ def _bench(args) -> int:
     if rep["timing"].get("exit_overhead"):
         print("time an active exit that does not fire adds beyond its FLOPs (batch 1):")
         print("\n".join(bench_report.overhead_lines(rep)))
+    if "shift" in rep:
+        print("under shift (the bundle's policies; `offramp shift` for the options):")
+        print("\n".join(shift_lines(rep["shift"])))
     print(f"learned policies: {rep['learned_policies']}")
     print("goals (test split, cheapest point within 0.5 point of the full model):")
     print("\n".join(bench_report.goal_lines(rep["goals"])))

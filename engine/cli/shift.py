@@ -40,29 +40,24 @@ def add_shift(sub) -> None:
 
 def cmd_shift(args) -> int:
     from ..files import write_json
-    from ..fronts import model_cost
-    from ..policies.structure import StructurePolicy
-    from ..shift import corrupted_sets, shift_report
+    from ..shift import corrupted_sets
     out_json = args.json or f"{Path(args.bundle).stem}-shift.json"
     check_out(out_json, suffixes=(".json",), what="report", option="--json")
     if args.out and not args.fit_shifted:
         raise ValueError("--out writes the policy --fit-shifted fits; give --fit-shifted too, or leave --out out")
     if args.out:
         check_out(args.out)
-    sets = corrupted_sets(args.corrupted)
+    corrupted_sets(args.corrupted)  # a folder without sets fails before anything is recorded
     bundle = load(args.bundle)
-    threshold = _policy(bundle, args.bundle, args.threshold, None)
-    structure = _policy(bundle, args.bundle, args.structure, StructurePolicy)
     splits = splits_for(bundle, args)
     progress = TerminalProgress()
     calibration = splits.calibration
     cal = record(bundle.model, calibration, progress)
-    clean = record(bundle.model, _limited(splits.test, args.limit), progress)
-    shifted = {name: record(bundle.model, _corrupted_part(bundle, path, args.limit), progress) for name, path in sets}
     extra, fitted = {}, None
     if args.fit_shifted:
         fitted, extra = _fit_shifted(args, bundle, splits, calibration, cal, progress)
-    rep = shift_report(clean, shifted, model_cost(bundle), threshold, structure, cal, extra=extra)
+    rep = measure_shift(bundle, args.bundle, splits, args.corrupted, cal, progress, limit=args.limit,
+                        threshold=args.threshold, structure=args.structure, extra=extra)
     rep = {"bundle": str(args.bundle), "data": str(args.data), "corrupted": str(args.corrupted),
            "command": "offramp " + " ".join(sys.argv[1:]), "calibration_samples": cal.num_samples, **rep}
     print("\n".join(shift_lines(rep)))
@@ -73,6 +68,23 @@ def cmd_shift(args) -> int:
     write_outputs(outputs)
     print(f"wrote {out_json}" + (f" and {args.out} (policy 'structure-shift')" if fitted is not None and args.out else ""))
     return 0
+
+
+def measure_shift(bundle, path: str, splits, corrupted: str, cal, progress, *, limit: int | None = None,
+                  threshold: str = "threshold", structure: str = "structure", extra: dict | None = None) -> dict:
+    """`engine.shift.shift_report` of `bundle` (file `path`) on the corrupted sets under `corrupted`
+    (at most `limit` images of each, and of the clean test split) against its policies `threshold`
+    and `structure`; `cal` is the calibration split's records. Raises ValueError, one sentence,
+    for a folder without sets or a missing policy."""
+    from ..fronts import model_cost
+    from ..policies.structure import StructurePolicy
+    from ..shift import corrupted_sets, shift_report
+    sets = corrupted_sets(corrupted)
+    thr = _policy(bundle, path, threshold, None)
+    struct = _policy(bundle, path, structure, StructurePolicy)
+    clean = record(bundle.model, _limited(splits.test, limit), progress)
+    shifted = {name: record(bundle.model, _corrupted_part(bundle, p, limit), progress) for name, p in sets}
+    return shift_report(clean, shifted, model_cost(bundle), thr, struct, cal, extra=extra or {})
 
 
 def _policy(bundle, path: str, name: str, kind):
