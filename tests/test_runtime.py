@@ -270,7 +270,9 @@ def test_reference_runs_time_the_full_model_live_and_count_nowhere_else(bundle_p
     engine.set_policy(first_exit)
     frame = np.zeros((32, 32, 3), dtype=np.uint8)
     results = [engine.infer(frame) for _ in range(7)]
-    assert len(calls) == 3  # frames 1, 4 and 7 also ran the full model; the staged runs stopped at exit 0
+    # frames 1, 4 and 7 also ran the full model (frame 1 three times: two untimed runs warm its
+    # graph); the staged runs stopped at exit 0
+    assert len(calls) == 5 and len(engine._reference_ms) == 3
     assert all(r.stages_run == 1 for r in results)
     assert all(r.exit_index == 0 and r.full_ms_live and r.full_ms > 0 for r in results)
     assert results[-1].totals.frames == 7 and results[-1].totals.exit_counts[0] == 7
