@@ -137,10 +137,11 @@ class MultiExitNet(nn.Module):
         return (logits, feats) if with_features else logits
 
     @torch.no_grad()
-    def run(self, x: torch.Tensor, policy: "Policy") -> StagedOutput:
+    def run(self, x: torch.Tensor, policy: "Policy", taps: dict[int, torch.Tensor] | None = None) -> StagedOutput:
         """Staged inference that really stops: a sample leaves the batch when its exit fires, and
         stages after the last exit anyone needs are never executed. Exits the policy leaves
-        inactive are not evaluated at all.
+        inactive are not evaluated at all. `taps`, when given, receives the tap (stage output) of
+        every early exit that ran, by exit (references to what the run computed anyway).
 
         The loop does only what deciding needs (a batch of 1 is the live case, where every
         tensor operation is overhead next to a small stage); the bookkeeping of the output is
@@ -172,6 +173,8 @@ class MultiExitNet(nn.Module):
                 history_exits.append(e)
                 if e == n_exits - 1:
                     break
+                if taps is not None:
+                    taps[e] = x
                 stop = policy.decide(Evidence(e, n_exits, history, history_exits, None, index, tap=x))
                 if x.shape[0] == 1:  # the live case: one sync, no indexing
                     if bool(stop):

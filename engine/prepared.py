@@ -321,12 +321,12 @@ class PreparedModel:
     def _fast(self, x: torch.Tensor) -> bool:
         return self._graphs and tuple(x.shape) == self.input_shape and x.device == self.device
 
-    def run(self, x: torch.Tensor, policy: Policy) -> StagedOutput:
-        """Staged inference that really stops, as `MultiExitNet.run`: the batch-1 graphs for one
-        image of the preset's size, the folded modules otherwise. (The graphs record no autograd:
-        no inference-mode switch here, which alone costs as much as an exit's decision.)"""
+    def run(self, x: torch.Tensor, policy: Policy, taps: dict[int, torch.Tensor] | None = None) -> StagedOutput:
+        """Staged inference that really stops, as `MultiExitNet.run` (`taps` too): the batch-1 graphs
+        for one image of the preset's size, the folded modules otherwise. (The graphs record no
+        autograd: no inference-mode switch here, which alone costs as much as an exit's decision.)"""
         if not self._fast(x):
-            return self.batched.run(x, policy)
+            return self.batched.run(x, policy, taps)
         x = x.contiguous()
         plan = self.plan(policy)
         decide, k, last = plan.decider.start(), self.num_classes, self.num_exits - 1
@@ -344,6 +344,8 @@ class PreparedModel:
                 distance = out[-1].item() if extra[1] else 0.0
             rows[e] = row
             fired = e
+            if taps is not None and e != last:
+                taps[e] = tap
             if e == last or decide(e, row, more, distance, tap):
                 break
             x = tap

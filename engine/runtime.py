@@ -114,7 +114,6 @@ class Engine:
         self._totals = RunningTotals(self.model.num_exits, history=0)
         self._prepared: PreparedModel | None = None  # the form that runs (engine.prepared); made per device
         self._novelty, self.novelty_reason = LiveNovelty.from_bundle(bundle)
-        self._taps = _TapRecorder(self._novelty.exits if self._novelty is not None else [])
         self.set_device(target)
 
     # -- facts ------------------------------------------------------------------------------------
@@ -308,11 +307,11 @@ class Engine:
         x = x.to(device)
         if prepared is not None:  # graphs a new set of active exits needs are made before the clock starts
             prepared.warm(policy)
-        taps = self._taps.arm(prepared, policy, x) if self._novelty is not None else None
+        taps = {} if self._novelty is not None and x.shape[0] == 1 else None  # the run fills it: exit -> tap
         _sync(device)
         start = time.perf_counter()
         with torch.inference_mode():
-            out = (prepared or self.model).run(x, policy)
+            out = (prepared or self.model).run(x, policy, taps)
         _sync(device)
         ms = (time.perf_counter() - start) * 1000.0 / x.shape[0]
         novelty = self._novelty_of(out, taps)  # outside the clock: it is not the model's compute
@@ -322,18 +321,13 @@ class Engine:
         return self._results(out, policy, cost, ms, novelty)
 
     def _novelty_of(self, out: StagedOutput, taps: dict[int, torch.Tensor] | None) -> list[NoveltyReading | None]:
-        """Each frame's novelty reading from the taps its run passed (`_TapRecorder`)."""
+        """Each frame's novelty reading from the taps its run recorded."""
         n = int(out.exit_index.shape[0])
         if self._novelty is None:
             return [None] * n
         if taps is None:
             return [self._novelty.unknown("computed for one frame at a time, not for a batch")] * n
-        ran = out.ran[0].tolist()
-        if self._taps.missed(ran):  # the prepared plan was remade for this policy (its state changed)
-            return [self._novelty.unknown("its features were not recorded (the policy changed); from the next frame on")]
-        reading = self._novelty.read(int(out.exit_index[0]), taps, ran)
-        taps.clear()  # let the tensors go
-        return [reading]
+        return [self._novelty.read(int(out.exit_index[0]), taps, out.ran[0].tolist())]
 
     def _time_full_model(self, x: torch.Tensor, device: str, prepared: PreparedModel | None) -> None:
         """Run and time the full model on `x` as the staged run runs. Before the first reference
@@ -401,83 +395,6 @@ class Engine:
                 full_flops=full_flops, ms=ms, full_ms=full_ms, totals=totals, full_ms_live=full_ms_live,
                 runtime=self.runtime, novelty=novelty[i]))
         return results
-
-
-class _TapRecorder:
-    """The taps of the early exits a batch-1 run computes anyway, kept for the novelty reading
-    (references, no copies; nothing the run computes or decides changes).
-
-    The batch-1 graphs (engine.prepared) pass out only logits, but hand each early exit's tap to the
-    plan's decider: a wrapper of that decider records it. The eager path (other devices and
-    shapes) runs the folded stages as modules: a forward hook on each tap's stage records it.
-    """
-
-    def __init__(self, exits: Sequence[int]):
-        self.exits = set(exits)
-        self.taps: dict[int, torch.Tensor] = {}
-        self._hooked: weakref.ref | None = None  # the PreparedModel whose stages carry the hooks
-        # (prepared, policy) whose plan's decider was last wrapped: asking for the plan again each frame
-        # costs a state_key (~100 µs for a structure policy); a plan remade since is noticed by `missed`
-        self._wrapped: tuple[PreparedModel, Policy] | None = None
-
-    def arm(self, prepared: PreparedModel | None, policy: Policy, x: torch.Tensor) -> dict[int, torch.Tensor] | None:
-        """The dict the coming run of `x` fills (exit -> tap); None for a batch or when neither way applies."""
-        self.taps.clear()
-        if prepared is None or x.shape[0] != 1:
-            return None
-        if prepared.input_shape is not None and tuple(x.shape) == prepared.input_shape and x.device == prepared.device:
-            wrapped = self._wrapped
-            if wrapped is None or wrapped[0] is not prepared or wrapped[1] is not policy:
-                plan = prepared.plan(policy)  # the cached plan `run` uses next
-                decider = getattr(plan, "decider", None)
-                if decider is None:  # engine.prepared changed its insides: no reading, no failure
-                    return None
-                if not isinstance(decider, _RecordingDecider):
-                    plan.decider = _RecordingDecider(decider, self)
-                self._wrapped = (prepared, policy)
-            return self.taps
-        if self._hooked is None or self._hooked() is not prepared:
-            model = prepared.batched
-            for e in self.exits:
-                model.backbone.stages[model.exit_stages[e]].register_forward_hook(self._hook(e))
-            self._hooked = weakref.ref(prepared)
-        return self.taps
-
-    def missed(self, ran: Sequence[bool]) -> bool:
-        """True (and wrap the plan again on the next frame) when an early exit ran but left no tap."""
-        if not self.taps and any(ran[e] for e in self.exits):
-            self._wrapped = None
-            return True
-        return False
-
-    def _hook(self, e: int):
-        taps = self.taps
-
-        def record(module, inputs, output) -> None:
-            if output.shape[0] == 1:
-                taps.clear()
-                taps[e] = output
-        return record
-
-
-class _RecordingDecider:
-    """A prepared plan's decider that also records each early exit's tap (`_TapRecorder`)."""
-
-    def __init__(self, inner, recorder: _TapRecorder):
-        self.inner, self.recorder = inner, recorder
-
-    def columns(self, e: int):
-        return self.inner.columns(e)
-
-    def start(self):
-        decide, taps, exits = self.inner.start(), self.recorder.taps, self.recorder.exits
-
-        def recording(e: int, row: list, more: list, distance: float, tap) -> bool:
-            if e in exits:  # only the deepest so far: the reading reads the deepest that ran
-                taps.clear()
-                taps[e] = tap
-            return decide(e, row, more, distance, tap)
-        return recording
 
 
 def _resolve_device(name: str) -> str:

@@ -104,7 +104,7 @@ def test_score_matches_the_structure_measure_and_is_uniform_on_calibration(calib
 
 def test_live_readings_in_range_novel_frames_flagged(engine):
     engine.set_policy("threshold")
-    assert "TorchScript" in engine.runtime  # the batch-1 graphs: the path whose taps need recording
+    assert "TorchScript" in engine.runtime  # the batch-1 graphs
     typical = [engine.infer(f, rgb=True).novelty for f in _typical()]
     novel = [engine.infer(f, rgb=True).novelty for f in NOVEL]
     for r in typical + novel:
@@ -123,16 +123,14 @@ def test_reading_comes_from_an_exit_the_frame_ran(engine):
     engine.set_policy("threshold")
 
 
-def test_a_plan_remade_for_the_same_policy_is_noticed(engine):
-    """Changing a policy in place remakes its prepared plan: one frame says unknown, the next reads again."""
+def test_a_policy_changed_in_place_keeps_its_reading(engine):
+    """Changing a policy in place remakes its prepared plan; the run still records its taps."""
     engine.set_policy("structure")
     assert engine.infer(NOVEL[0], rgb=True).novelty.score is not None
     policy = engine.policy
     tau = policy.tau
-    policy.tau = 0.6  # a new state key: engine.prepared makes a new plan (and decider) for it
+    policy.tau = 0.6  # a new state key: engine.prepared makes a new plan for it
     try:
-        first = engine.infer(NOVEL[0], rgb=True).novelty
-        assert first.score is None and "not recorded" in first.why_unknown
         assert engine.infer(NOVEL[0], rgb=True).novelty.novel
     finally:
         policy.tau = tau
@@ -153,7 +151,7 @@ def test_novelty_changes_no_answer(calibrated, engine):
 
 
 def test_eager_path_gives_the_same_score(calibrated):
-    """Other devices and shapes run the folded stages eagerly: the taps come from stage hooks there."""
+    """Other devices and shapes run the folded stages eagerly (`MultiExitNet.run` records the taps)."""
     graphs = Engine(calibrated[0], device="cpu", latency_repeats=1)
     eager = Engine(calibrated[0], device="cpu", latency_repeats=1)
     eager._prepared = prepare(eager.model, graphs=False)  # what a GPU runs
