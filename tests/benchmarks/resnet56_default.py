@@ -8,7 +8,8 @@ and a rerun skips what is done. About 2 hours on a 2-core CPU; CUDA is used when
 Phases (the calibration split, `--val-fraction` of the train split, is never trained on):
   A  fine-tune the published network on the JPEG train part (its exits have loss weight 0);
   B  joint fine-tuning: backbone and every exit, each exit learning from the labels and from phase
-     A's network (distillation), which keeps the last exit's accuracy;
+     A's network (distillation), which keeps the last exit's accuracy; with `--epochs-b2 N`, N more
+     joint epochs (a second one-cycle to `--lr-b2`) continue from phase B's result (`phase_b2.pt`);
   C  calibrate and search on the calibration split, write the bundle (`default.offramp`);
   D  the report every built-in model ends with (tests/benchmarks/policies_and_report.sh): DyCE
      search, Bolukbasi and structure policies, `evaluate` and `bench` on the test split;
@@ -41,7 +42,12 @@ from engine.splits import open_splits  # noqa: E402
 from engine.train.network import (NetworkConfig, build_network, decode_dataset, train_network,  # noqa: E402
                                   with_new_exits)
 
-PUBLISHED_SHA256 = "4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367"
+PUBLISHED_SHA256 = {  # the published checkpoints' hashes (../shared/weights/SHA256SUMS)
+    "cifar_resnet20a": "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8",
+    "cifar_resnet32a": "d509ac1820d7f25398913559d7e81a13229b1e7adc5648e3bfa5e22dc137f850",
+    "cifar_resnet44a": "014dd6541728a1c700b1642ab640e211dc6eb8ed507d70697458dc8f8a0ae2e4",
+    "cifar_resnet56a": "4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367",
+}
 LICENCE = "LICENSE-akamaster-resnet-cifar10.txt"
 
 
@@ -52,10 +58,10 @@ def log(msg: str) -> None:
 def configs(args) -> tuple[NetworkConfig, NetworkConfig, NetworkConfig]:
     arch_kwargs = {"stages_per_group": args.stages_per_group}
     n_exits = 3 * args.stages_per_group
-    a = NetworkConfig(arch="cifar_resnet56a", head=args.head, epochs=args.epochs_a, batch_size=128, lr=args.lr_a,
+    a = NetworkConfig(arch=args.arch, head=args.head, epochs=args.epochs_a, batch_size=128, lr=args.lr_a,
                       weight_decay=5e-4, label_smoothing=0.1, exit_weights=[0.0] * (n_exits - 1) + [1.0],
                       arch_kwargs=arch_kwargs, seed=0)
-    b = NetworkConfig(arch="cifar_resnet56a", head=args.head, epochs=args.epochs_b, batch_size=128, lr=args.lr_b,
+    b = NetworkConfig(arch=args.arch, head=args.head, epochs=args.epochs_b, batch_size=128, lr=args.lr_b,
                       weight_decay=5e-4, label_smoothing=0.1, exit_weights=[],
                       arch_kwargs=arch_kwargs, distill=args.distill, distill_temperature=3.0, seed=1,
                       head_lr_scale=args.head_lr_scale)
@@ -79,6 +85,8 @@ def main() -> int:
     p.add_argument("--data", required=True)
     p.add_argument("--init", required=True, help="resnet56-4bfd9763.th (../shared/weights or the publisher's site)")
     p.add_argument("--out", default="runs/resnet56")
+    p.add_argument("--arch", default="cifar_resnet56a", choices=sorted(PUBLISHED_SHA256),
+                   help="the published network (--init its checkpoint); ResNet-20 makes a cascade's small model")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--stages-per-group", type=int, default=3, help="exits after every 9/N blocks of each group")
     p.add_argument("--head", default="deep", choices=["linear", "conv", "deep"],
@@ -89,6 +97,8 @@ def main() -> int:
     p.add_argument("--lr-a", type=float, default=0.04)
     p.add_argument("--epochs-b", type=int, default=7)
     p.add_argument("--lr-b", type=float, default=0.05)
+    p.add_argument("--epochs-b2", type=int, default=0, help="more joint epochs continuing phase B (0: none)")
+    p.add_argument("--lr-b2", type=float, default=0.02)
     p.add_argument("--distill", type=float, default=0.5)
     p.add_argument("--epochs-f", type=int, default=3, help="epochs of the frozen-backbone comparison (0: skip it)")
     p.add_argument("--skip-report", action="store_true", help="stop after the bundle (phase C)")
@@ -101,8 +111,8 @@ def main() -> int:
     bundle_path = out / "default.offramp"
     t_start = time.perf_counter()
 
-    published = load_published(build_backbone("cifar_resnet56a", **cfg_a.arch_kwargs), args.init,
-                               sha256=PUBLISHED_SHA256)
+    published = load_published(build_backbone(args.arch, **cfg_a.arch_kwargs), args.init,
+                               sha256=PUBLISHED_SHA256[args.arch])
     preset = published.preset
     splits = open_splits(args.data, preset, val_fraction=args.val_fraction)
     classes = splits.classes
@@ -142,9 +152,22 @@ def main() -> int:
         save_state(model_b, b_path, {"config": asdict(cfg_b), "history": history["b"]})
     else:
         log(f"phase B done: {b_path}")
+    joint, cfg_joint = "b", cfg_b
+    if args.epochs_b2 > 0:
+        joint, cfg_joint = "b2", replace(cfg_b, epochs=args.epochs_b2, lr=args.lr_b2, seed=3)
+        b2_path = out / "phase_b2.pt"
+        if not b2_path.exists():
+            log(f"phase B2: {cfg_joint.epochs} more joint epochs to lr {cfg_joint.lr}, continuing phase B")
+            x, y = train_data()
+            model_b2, history["b2"] = train_network(cfg_joint, x, y, classes, device=device,
+                                                    checkpoint=out / "phase_b2.ckpt", init=read_phase(b_path)[0],
+                                                    teacher=model_a, log=log)
+            save_state(model_b2, b2_path, {"config": asdict(cfg_joint), "history": history["b2"]})
+        else:
+            log(f"phase B2 done: {b2_path}")
 
     if not bundle_path.exists():
-        bundle_path = phase_c(args, out, cfg_b, classes, splits, device, "b", bundle_path)
+        bundle_path = phase_c(args, out, cfg_joint, classes, splits, device, joint, bundle_path)
     else:
         log(f"phase C done: {bundle_path}")
     if args.skip_report:
@@ -179,15 +202,17 @@ def phase_c(args, out: Path, cfg, classes, splits, device, phase: str, path: Pat
     state, info_phase = read_phase(out / f"phase_{phase}.pt")
     model = build_network(cfg, classes, state).eval()
     info = {"a": read_phase(out / "phase_a.pt")[1], phase: info_phase}
+    earlier = {"phase_b": read_phase(out / "phase_b.pt")[1]} if phase == "b2" else {}
     meta = {"name": path.stem,
-            "description": "ResNet-56 (option-A shortcuts) from the published CIFAR-10 weights of "
+            "description": f"ResNet-{cfg.arch[len('cifar_resnet'):-1]} (option-A shortcuts) from the published CIFAR-10 weights of "
                            "akamaster/pytorch_resnet_cifar10 (BSD-2-Clause, see " + LICENCE + "), fine-tuned on "
                            "the JPEG train split with early exits trained into it",
             "licence": {"weights_from": "github.com/akamaster/pytorch_resnet_cifar10 (Yerlan Idelbayev, 2018)",
                         "file": LICENCE, "spdx": "BSD-2-Clause"},
             "training": {"recipe": "tests/benchmarks/resnet56_default.py", "command": " ".join(sys.argv),
                          "init": {"file": Path(args.init).name, "sha256": sha256_of(args.init)},
-                         "phase_a": info["a"], f"phase_{phase}": info[phase]},
+                         "phase_a": info["a"], **earlier,
+                         f"phase_{phase}": info[phase]},
             "split": {"val_fraction": args.val_fraction, "seed": 0}}
     log(f"calibrate and search {path.name} on the calibration split")
     bundle, rep = fit_exits(model, splits.train, splits.validation, epochs=0, device=device, meta=meta)
