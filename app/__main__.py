@@ -2,7 +2,7 @@
 
     offramp-app [PATH]                       # PATH: a bundle to load or a source to open
     offramp-app --source PATH --frames N --screenshot OUT.png --stats OUT.json
-                [--bundle B] [--device D] [--presentation]
+                [--bundle B] [--device D] [--runtime torch|onnxruntime] [--presentation]
     offramp-app --log-level INFO --log-file offramp.log   # what the workers did, tracebacks included
 """
 from __future__ import annotations
@@ -21,6 +21,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--source", help="image, folder, video or camera:N to open")
     p.add_argument("--bundle", help="bundle to load (default: the last one used, else the built-in default)")
     p.add_argument("--device", help="device to run on (auto, cpu, cuda, cuda:1, mps)")
+    p.add_argument("--runtime", choices=["torch", "onnxruntime"],
+                   help="what runs the model: torch (default) or onnxruntime (CPU only; Device ▸ Runtime in the window)")
     p.add_argument("--presentation", action="store_true", help="start in presentation mode")
     p.add_argument("--frames", type=int, help="scripted run: quit after this many frames were shown")
     p.add_argument("--screenshot", help="scripted run: save a PNG of the window here at the end")
@@ -102,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         window = MainWindow(session, settings=None if scripted else QSettings(), presentation=False)
         if args.device:
             session.device = args.device  # the command line wins over the remembered device
+        if args.runtime:
+            session.runtime = args.runtime
         if args.presentation:
             window.set_presentation(True)
         else:

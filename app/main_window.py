@@ -145,6 +145,7 @@ class MainWindow(QMainWindow):
         self.session.model_loaded.connect(self._on_model_loaded)
         self.session.policy_changed.connect(self._on_policy_changed)
         self.session.device_changed.connect(self._on_device_changed)
+        self.session.runtime_changed.connect(self._on_runtime_changed)
         self.session.error.connect(self.show_error)
         self.session.status.connect(self._on_status)
         self.session.source_opened.connect(self._on_source_opened)
@@ -305,9 +306,15 @@ class MainWindow(QMainWindow):
 
     def _on_device_changed(self, device: str) -> None:
         self.device_label.setText(f"device: {device}")
-        self.actions.check_device(device)
+        if self.session.info is not None:  # which runtimes can run there (onnxruntime: the CPU only)
+            self.actions.set_devices(self.session.info)
+        else:
+            self.actions.check_device(device)
         if self.settings is not None:
             self.settings.setValue("device", device)
+
+    def _on_runtime_changed(self, runtime: str) -> None:
+        self.actions.check_runtime(runtime)
 
     def _on_status(self, message: str) -> None:
         self.statusBar().showMessage(message, 8000)

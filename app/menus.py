@@ -13,6 +13,7 @@ from .state import ModelInfo
 if TYPE_CHECKING:
     from .main_window import MainWindow
 
+RUNTIMES = ("torch", "onnxruntime")  # engine.runtime.RUNTIMES (this module never imports the engine)
 RESOLUTIONS = [None, (320, 240), (640, 480), (1280, 720), (1920, 1080)]
 SHORTCUTS = [("Space", "pause / play"), ("Left / Right", "previous / next image or frame"), ("F11", "full screen"),
              ("F5", "presentation mode"), ("S", "screenshot to PNG"),
@@ -67,7 +68,9 @@ class Actions(QObject):
         self._add(model, "Reset counters", window, session.reset_counters)
 
         self.device_menu = bar.addMenu("&Device")
+        self.device_menu.setToolTipsVisible(True)  # why a runtime cannot be chosen
         self.device_group = QActionGroup(window)
+        self.runtime_group = QActionGroup(window)
         self.set_devices(None)
 
         view = self.view_menu = bar.addMenu("&View")  # MainWindow.add_panel adds its panels' toggles here
@@ -162,10 +165,13 @@ class Actions(QObject):
         model_info_dialog(self.window, info).exec()
 
     def set_devices(self, info: ModelInfo | None) -> None:
-        """Fill the Device menu with what the engine offers here (only "auto" before a model loads)."""
+        """Fill the Device menu with what the engine offers here (only "auto" before a model loads),
+        then its Runtime section: what runs the model, a runtime that cannot run it here disabled
+        with the reason as its tooltip."""
         self.device_menu.clear()
-        for act in self.device_group.actions():
-            self.device_group.removeAction(act)
+        for group in (self.device_group, self.runtime_group):
+            for act in group.actions():
+                group.removeAction(act)
         current = info.device if info is not None else self.window.session.device
         for name in ["auto", *(info.devices if info is not None else [])]:
             act = QAction(name, self.window, checkable=True)
@@ -173,17 +179,41 @@ class Actions(QObject):
             act.triggered.connect(self._on_device)
             self.device_group.addAction(act)
             self.device_menu.addAction(act)
+        self.device_menu.addSection("Runtime")
+        runtime = info.runtime if info is not None else self.window.session.runtime
+        reasons = info.runtimes if info is not None else {}
+        for name in RUNTIMES:
+            why = reasons.get(name, "") if info is not None else ""
+            act = QAction(name, self.window, checkable=True)
+            act.setChecked(name == runtime)
+            act.setEnabled(not why)
+            act.setToolTip(why or RUNTIME_TIPS[name])
+            act.triggered.connect(self._on_runtime)
+            self.runtime_group.addAction(act)
+            self.device_menu.addAction(act)
 
     def check_device(self, device: str) -> None:
         for act in self.device_group.actions():
             act.setChecked(act.text() == device)
 
+    def check_runtime(self, runtime: str) -> None:
+        for act in self.runtime_group.actions():
+            act.setChecked(act.text() == runtime)
+
     def _on_device(self) -> None:
         self.window.session.set_device(self.sender().text())
+
+    def _on_runtime(self) -> None:
+        self.window.session.set_runtime(self.sender().text())
 
     def _on_shortcuts(self) -> None:
         text = "\n".join(f"{k}\t{what}" for k, what in SHORTCUTS)
         QMessageBox.information(self.window, "Keyboard shortcuts", text)
+
+
+RUNTIME_TIPS = {"torch": "PyTorch: TorchScript graphs, BatchNorm folded",
+                "onnxruntime": "onnxruntime on the CPU: ONNX graphs made from the bundle when chosen (a few "
+                               "seconds); the policy still decides on the host"}
 
 
 def build_menus(window: "MainWindow") -> Actions:

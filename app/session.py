@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 class Session(QObject):
     model_loaded = Signal(object)  # ModelInfo
     device_changed = Signal(str)
+    runtime_changed = Signal(str)  # "torch", "onnxruntime": what runs the model now
     policy_changed = Signal(object)  # PolicyState
     result = Signal(object, object)  # InferenceResult | None, Frame
     source_opened = Signal(object)  # SourceSpec
@@ -41,6 +42,7 @@ class Session(QObject):
         """`threads`: torch intra-op threads for the whole process (None = leave torch's default)."""
         super().__init__(parent)
         self.device = device
+        self.runtime = "torch"  # what runs the model (engine.runtime.RUNTIMES); used by the next load too
         self.info: ModelInfo | None = None
         self.policy: PolicyState | None = None
         self.stats = shown_totals()  # over the frames shown (a re-run replaces its frame), with latency percentiles
@@ -59,6 +61,7 @@ class Session(QObject):
         self._inference = InferenceWorker(self._slot, engine_factory, threads)
         self._inference.model_loaded.connect(self._on_model_loaded)
         self._inference.device_changed.connect(self._on_device_changed)
+        self._inference.runtime_changed.connect(self._on_runtime_changed)
         self._inference.result.connect(self._on_result)
         self._inference.load_failed.connect(self.load_failed)
         self._inference.error.connect(self.error)
@@ -73,7 +76,7 @@ class Session(QObject):
         and use the best one here (a scripted run fails instead)."""
         path = path or (str(bundle) if isinstance(bundle, (str, Path)) else "")
         self.loading.emit(Path(path).name if path else ("the built-in model" if bundle is None else "the new model"))
-        self._inference.load(bundle, self.device, path, fallback)
+        self._inference.load(bundle, self.device, path, fallback, self.runtime)
 
     def set_device(self, device: str) -> None:
         if self.info is None:
@@ -82,8 +85,17 @@ class Session(QObject):
             return
         self._inference.set_device(device)
 
+    def set_runtime(self, runtime: str) -> None:
+        """Run the model with `runtime` ("torch", "onnxruntime"), queued to the inference thread
+        like a device change; before a model loads, the next load uses it."""
+        if self.info is None:
+            self.runtime = runtime
+            self.runtime_changed.emit(runtime)
+            return
+        self._inference.set_runtime(runtime)
+
     def _on_model_loaded(self, info: ModelInfo) -> None:
-        self.info, self.device = info, info.device
+        self.info, self.device, self.runtime = info, info.device, info.runtime
         self.policy = PolicyState(info)
         self.stats.reset(info.num_exits)
         # said first: what the window says about the model (e.g. its remembered policy) then stays
@@ -94,12 +106,23 @@ class Session(QObject):
         self._inference.rerun()
 
     def _on_device_changed(self, info: ModelInfo) -> None:
-        if self.info is not None:
+        if self.info is not None:  # onnxruntime runs on the CPU only: another device may change the runtime
             self.info.device, self.info.full_ms = info.device, info.full_ms
-        self.device = info.device
+            self.info.runtime, self.info.runtimes = info.runtime, info.runtimes
+        self.device, self.runtime = info.device, info.runtime
         self.stats.reset()
         self.device_changed.emit(info.device)
         self.status.emit(f"running on {info.device}")
+
+    def _on_runtime_changed(self, info: ModelInfo) -> None:
+        changed = info.runtime != self.runtime
+        if self.info is not None:
+            self.info.full_ms, self.info.runtime, self.info.runtimes = info.full_ms, info.runtime, info.runtimes
+        self.runtime = info.runtime
+        if changed:
+            self.stats.reset()  # the times so far are another runtime's
+            self.status.emit(f"running with {info.runtime}")
+        self.runtime_changed.emit(info.runtime)
 
     # -- policy -------------------------------------------------------------------------------------
     def choose_policy(self, name: str) -> None:

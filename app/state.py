@@ -49,6 +49,9 @@ class ModelInfo:
     policy_fronts: dict[str, tuple[list[dict], int | None]] = field(default_factory=dict)
     parameters: int = 0
     devices: list[str] = field(default_factory=list)  # what Engine.available_devices() offers here
+    runtime: str = "torch"  # what runs the model: Engine.runtime_name
+    # every runtime -> "" when it can run the model here, else why not (Engine.runtime_choices)
+    runtimes: dict[str, str] = field(default_factory=lambda: {"torch": ""})
 
     @property
     def num_exits(self) -> int:
@@ -82,7 +85,9 @@ class ModelInfo:
                    default_policy=bundle.default_policy, front=front, default_point=point,
                    policy_fronts={n: f for n, f in policy_fronts.items() if len(f[0]) > 1},
                    parameters=sum(p.numel() for p in model.parameters()),
-                   devices=[str(d) for d in engine.available_devices()])
+                   devices=[str(d) for d in engine.available_devices()],
+                   runtime=str(getattr(engine, "runtime_name", "torch")),
+                   runtimes=dict(engine.runtime_choices()) if hasattr(engine, "runtime_choices") else {"torch": ""})
 
     def summary(self) -> list[tuple[str, str]]:
         """(field, value) rows for the model-info dialog."""

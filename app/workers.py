@@ -168,6 +168,7 @@ class InferenceWorker(QObject):
     progress = Signal(str)  # what it is busy with ("loading bundle …")
     model_loaded = Signal(object)  # ModelInfo
     device_changed = Signal(object)  # ModelInfo (same bundle, new device and latency profile)
+    runtime_changed = Signal(object)  # ModelInfo (same bundle, the runtime now running it and its profile)
     # InferenceResult (None when no model is loaded), Frame, whether it re-ran the last frame (a setting
     # changed: not a new frame), the FrameSlot generation the frame came from (an older one: a closed source)
     result = Signal(object, object, bool, int)
@@ -193,13 +194,19 @@ class InferenceWorker(QObject):
         self._stop.set()
 
     # -- commands (any thread) --------------------------------------------------------------------
-    def load(self, bundle: Any, device: str = "auto", path: str = "", fallback: bool = True) -> None:
+    def load(self, bundle: Any, device: str = "auto", path: str = "", fallback: bool = True,
+             runtime: str = "torch") -> None:
         """Load a bundle (path or Bundle); on failure the current engine is kept. With `fallback`, a
-        device this machine lacks is reported and the best available one used instead."""
-        self._commands.put(lambda: self._load(bundle, device, path, fallback))
+        device this machine lacks is reported and the best available one used instead. A `runtime`
+        that cannot run it is reported and the model runs torch."""
+        self._commands.put(lambda: self._load(bundle, device, path, fallback, runtime))
 
     def set_device(self, device: str) -> None:
         self._commands.put(lambda: self._set_device(device))
+
+    def set_runtime(self, runtime: str) -> None:
+        """Run the model with `runtime` ("torch", "onnxruntime"): `Engine.set_runtime`, here."""
+        self._commands.put(lambda: self._set_runtime(runtime))
 
     def set_policy(self, policy: Any, weights_of: str | None = None) -> None:
         """A policy name of the bundle, or a policy JSON dict (built here, against the model); a learned
@@ -293,7 +300,7 @@ class InferenceWorker(QObject):
         # timings taken under the same live conditions
         return Engine(bundle, device=device, reference_every=REFERENCE_EVERY)
 
-    def _load(self, bundle: Any, device: str, path: str, fallback: bool) -> None:
+    def _load(self, bundle: Any, device: str, path: str, fallback: bool, runtime: str = "torch") -> None:
         if bundle is None:  # the built-in default
             from engine.bundle import default_bundle_path
             bundle = path = str(default_bundle_path())
@@ -312,6 +319,13 @@ class InferenceWorker(QObject):
                 log.info("device %r cannot be used (%s): loading on the best device here", device, e)
                 self.error.emit(f"device {device!r} cannot be used ({e}); loading on the best device here instead")
                 engine = self._make_engine(bundle, "auto")
+            if runtime != "torch" and getattr(engine, "runtime_name", "torch") != runtime:
+                try:
+                    self.progress.emit(f"preparing the {runtime} runtime …")
+                    engine.set_runtime(runtime)
+                except Exception as e:  # noqa: BLE001 - the model runs torch; said once
+                    log.exception("the %s runtime cannot run %s", runtime, shown)
+                    self.error.emit(f"{e} (running torch)")
             info = ModelInfo.from_engine(engine, path)
         except Exception as e:  # noqa: BLE001 - BundleError, anything: the old model stays
             log.exception("could not load %s", shown)
@@ -328,6 +342,12 @@ class InferenceWorker(QObject):
         self.progress.emit(f"moving the model to {device} …")
         if self._guard(f"switching to device {device}", lambda e: e.set_device(device)):
             self.device_changed.emit(ModelInfo.from_engine(self.engine, self._path))
+
+    def _set_runtime(self, runtime: str) -> None:
+        self.progress.emit(f"preparing the {runtime} runtime …")
+        self._guard(f"switching to the {runtime} runtime", lambda e: e.set_runtime(runtime))
+        if self.engine is not None:  # also after a failure: the menu shows what runs
+            self.runtime_changed.emit(ModelInfo.from_engine(self.engine, self._path))
 
     def _set_policy(self, policy: Any, weights_of: str | None) -> None:
         if isinstance(policy, dict) and self.engine is not None:

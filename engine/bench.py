@@ -31,14 +31,17 @@ from .policies import Policy, ThresholdPolicy
 from .preprocess import eval_transform
 from .progress import CancelFlag, ProgressFn, report
 from .records import Records
-from .speed import Runner, exit_overhead, plain_runner, prepared_form, staged_runner
+from .speed import FORM_RUNTIMES, Runner, exit_overhead, form_for, plain_runner, staged_runner
 from .splits import Splits, stratified_subset
 from .totals import LATENCY_KEYS, percentiles_ms
 from .train import get_trainer, list_trainers
 from .train.bolukbasi import bolukbasi_front
 
 TARGET_LOSSES = (0.005, 0.01)  # accuracy below the full model at which the table reads each method
-RUNTIMES = ("prepared", "eager")  # what runs the timed configurations: engine.prepared (as the app), plain modules
+# what runs the timed configurations: engine.prepared (torch, as the app by default), engine.ort_runtime
+# (onnxruntime), the plain modules; or "both": prepared and onnxruntime side by side in one timing
+RUNTIMES = ("prepared", "onnxruntime", "eager", "both")
+SIDE_BY_SIDE = ("prepared", "onnxruntime")
 
 
 # -- methods scored on the test split -------------------------------------------------------------
@@ -212,29 +215,51 @@ def _timed_indices(method: Method, full_accuracy: float) -> set[int]:
     return {i for i in wanted if i is not None}
 
 
+def _runtime_name(model: MultiExitNet, runtime: str) -> str:
+    return form_for(model, runtime).runtime if runtime in FORM_RUNTIMES else "torch eager (plain modules)"
+
+
 def _time_methods(methods: list[Method], model: MultiExitNet, images: torch.Tensor, full_accuracy: float,
                   runtime: str, progress, cancel) -> dict:
     """Time the points the table reads (or all of a method's, when few and fixed) together with the
     full model, interleaved, all run by `runtime`; write ms, median_ms, speedup (full ms / ms) and
-    flops_speedup (full FLOPs / FLOPs) into those points."""
+    flops_speedup (full FLOPs / FLOPs) into those points. With runtime "both", every one of them is
+    timed under each of `SIDE_BY_SIDE` in the same interleaved run: the points' figures are the
+    first's (torch), and "by_runtime" in each point and in the timing holds each runtime's."""
+    runtimes = list(SIDE_BY_SIDE) if runtime == "both" else [runtime]
     runners: dict[str, Runner] = {}
-    where: dict[str, dict] = {}
-    for m in methods:
-        for j in sorted(_timed_indices(m, full_accuracy)):
-            key = f"{m.name}#{j}"
-            runners[key], where[key] = m.runner(j, runtime), m.points[j]
-    # the full model through the staged runner: what Offramp's bookkeeping costs when nothing exits early
+    where: dict[str, tuple[str, dict]] = {}  # runner -> (its runtime, the point it times)
     e = model.num_exits
-    runners["full#staged"] = staged_runner(model, ThresholdPolicy([None] * (e - 1) + [1.0]), images, runtime)
+    for rt in runtimes:
+        tag = "" if rt == runtimes[0] else f"@{rt}"
+        for m in methods:
+            for j in sorted(_timed_indices(m, full_accuracy)):
+                key = f"{m.name}#{j}{tag}"
+                runners[key], where[key] = m.runner(j, rt), (rt, m.points[j])
+        # the full model through the staged runner: what Offramp's bookkeeping costs when nothing exits early
+        runners[f"full#staged{tag}"] = staged_runner(model, ThresholdPolicy([None] * (e - 1) + [1.0]), images, rt)
     runners["full#eager"] = plain_runner(model, -1, images, "eager")  # the plain modules, for reference
     times = time_batch1(runners, int(images.shape[0]), progress=progress, cancel=cancel)
     full_ms = times["full#0"]["mean_ms"]
-    for key, point in where.items():
-        t = times[key]
-        point.update(ms=t["mean_ms"], median_ms=t["median_ms"], **{k: t[k] for k in LATENCY_KEYS},
-                     speedup=full_ms / t["mean_ms"], flops_speedup=1.0 / max(1.0 - point["saved"], 1e-12))
+    by_runtime = {}
+    for rt in runtimes:
+        tag = "" if rt == runtimes[0] else f"@{rt}"
+        own_full = times[f"full#0{tag}"]["mean_ms"]
+        by_runtime[rt] = {"runtime": _runtime_name(model, rt), "full_ms": own_full,
+                          "full_staged_ms": times[f"full#staged{tag}"]["mean_ms"]}
+        for key, (own, point) in where.items():
+            if own != rt:
+                continue
+            t = times[key]
+            figures = {"ms": t["mean_ms"], "median_ms": t["median_ms"], "speedup": own_full / t["mean_ms"]}
+            if len(runtimes) > 1:
+                point.setdefault("by_runtime", {})[rt] = figures
+            if not tag:
+                point.update(ms=t["mean_ms"], median_ms=t["median_ms"], **{k: t[k] for k in LATENCY_KEYS},
+                             speedup=full_ms / t["mean_ms"], flops_speedup=1.0 / max(1.0 - point["saved"], 1e-12))
+    extra = {"by_runtime": by_runtime} if len(runtimes) > 1 else {}
     return {"images": int(images.shape[0]), "threads": torch.get_num_threads(), "device": "cpu", "batch_size": 1,
-            "runtime": prepared_form(model).runtime if runtime == "prepared" else "torch eager (plain modules)",
+            "runtime": _runtime_name(model, runtimes[0]), **extra,
             "full_ms": full_ms, "full_median_ms": times["full#0"]["median_ms"],
             **{f"full_{k}": times["full#0"][k] for k in LATENCY_KEYS},
             "full_staged_ms": times["full#staged"]["mean_ms"], "full_eager_ms": times["full#eager"]["mean_ms"],
@@ -248,7 +273,8 @@ def _overheads(bundle: Bundle, methods: list[Method], images: torch.Tensor, cost
     """`engine.speed.exit_overhead` of a threshold policy and one policy of each of `fitted_kinds()`
     (the bundle's, else the fitted front's chosen point), each by its kind of decision."""
     model = bundle.model
-    form = prepared_form(model) if runtime == "prepared" else model
+    runtime = SIDE_BY_SIDE[0] if runtime == "both" else runtime
+    form = form_for(model, runtime) if runtime in FORM_RUNTIMES else model
     found: dict[str, Policy] = {"threshold": ThresholdPolicy([1.0] * model.num_exits)}
     for kind in fitted_kinds():
         own = [p for p in bundle.policies.values() if p.kind == kind]
@@ -291,7 +317,8 @@ def run_benchmark(bundle: Bundle, splits: Splits, *, statics: dict[str, Bundle] 
     stored in the bundle; with `cascade` (name -> cheaper bundle,
     cheapest first) a Bolukbasi network-selection cascade ending with this bundle; the oracle.
     Points the table reads are timed at batch 1 on `timing_images` test images (see `time_batch1`),
-    run by `runtime` ("prepared": `engine.prepared`, as the app runs; "eager": the plain modules),
+    run by `runtime` ("prepared": `engine.prepared`, as the app runs; "onnxruntime":
+    `engine.ort_runtime`; "eager": the plain modules; "both": prepared and onnxruntime side by side),
     and the time an exit that does not fire adds is measured per exit (`engine.speed.exit_overhead`,
     `overhead_repeats` runs of each variant; 0: not measured).
     `recorded`: the bundle's (calibration, test) records when already recorded (data-parallel by

@@ -223,6 +223,33 @@ def latency_lines(rep: dict) -> list[str]:
     return lines
 
 
+def runtime_lines(rep: dict) -> list[str]:
+    """With `bench --runtime both`: one row per runtime, the full model's batch-1 ms and, for every
+    method with a staged run (not the full model, truncations or static networks), its ms and
+    speed-up against the full model under the same runtime, at the point the table reads within 0.5
+    point; all timed interleaved in one run. Empty without side-by-side timing."""
+    t = rep["timing"]
+    by = t.get("by_runtime")
+    if not by:
+        return []
+    staged = [(name, m["at_loss"][KEY]) for name, m in rep["methods"].items()
+              if m["family"] not in ("full", "truncation", "static") and m["at_loss"][KEY] is not None]
+    head = f"{'runtime':<34}{'full':>7}{'no exit':>9}" + "".join(f"{name[:15]:>17}" for name, _ in staged)
+    lines = ["batch-1 ms per image by runtime, interleaved in one run (speed-up against the full model under the "
+             "same runtime; methods at ≤ 0.5 point below the full model):", head]
+    for rt, r in by.items():
+        cells = []
+        for _, p in staged:
+            f = (p.get("by_runtime") or {}).get(rt)
+            cells.append(f"{f['ms']:>9.2f} {f['speedup']:>5.2f}×" if f else f"{'-':>17}")
+        lines.append(f"{r['runtime'].split(',')[0][:33]:<34}{r['full_ms']:>7.2f}{r['full_staged_ms']:>9.2f}" + "".join(cells))
+    names = list(by)
+    if len(names) == 2:
+        a, b = (by[n]["full_ms"] for n in names)
+        lines.append(f"full model: {by[names[1]]['runtime']} takes {b / a:.2f}× the time of {by[names[0]]['runtime']}")
+    return lines
+
+
 def _ms(value: float | None) -> str:
     return f"{'-':>8}" if value is None else f"{value:>8.2f}"
 

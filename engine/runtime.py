@@ -3,6 +3,7 @@ policy, and keep running totals. What it returns (`InferenceResult`) is all the 
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 import weakref
@@ -21,6 +22,10 @@ from .policies import MEASURES, Policy, ThresholdPolicy, confidence
 from .prepared import PreparedModel, prepare
 from .preprocess import Frame, preprocess
 from .totals import RunningTotals
+
+log = logging.getLogger(__name__)
+# what can run the model: "torch" (engine.prepared) or "onnxruntime" (engine.ort_runtime, CPU only)
+RUNTIMES = ("torch", "onnxruntime")
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,7 @@ class Engine:
     """
 
     def __init__(self, bundle: Bundle | str | os.PathLike | None = None, device: str = "auto", *,
-                 latency_repeats: int = 20, reference_every: int = 0):
+                 latency_repeats: int = 20, reference_every: int = 0, runtime: str = "torch"):
         """`bundle`: a Bundle, a bundle file, or None for the default bundle (`default_bundle_path()`).
 
         `reference_every` = N > 0: after every N-th single frame, the full model (every stage, the
@@ -80,10 +85,19 @@ class Engine:
         same conditions (a busy laptop, other threads) instead of with an idle-time profile. These
         reference runs count in no FLOPs or exit figure.
 
+        `runtime`: what runs the model, one of `RUNTIMES` (see `set_runtime`).
+
         Raises BundleError when the bundle is missing or damaged, ValueError for a device this
-        machine does not have.
+        machine does not have or a runtime that cannot run the model here.
         """
         target = _resolve_device(device)
+        if runtime not in RUNTIMES:
+            raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+        if runtime == "onnxruntime":  # said before the bundle loads
+            from .ort_runtime import unavailable_reason
+            why = unavailable_reason(target)
+            if why:
+                raise ValueError(why)
         if bundle is None:
             path = default_bundle_path()
             if not path.is_file():
@@ -113,8 +127,11 @@ class Engine:
         self._flops_of: weakref.WeakKeyDictionary[Policy, list[float]] = weakref.WeakKeyDictionary()
         self._totals = RunningTotals(self.model.num_exits, history=0)
         self._prepared: PreparedModel | None = None  # the form that runs (engine.prepared); made per device
+        self._runtime = "torch"  # the runtime chosen (RUNTIMES)
         self._novelty, self.novelty_reason = LiveNovelty.from_bundle(bundle)
         self.set_device(target)
+        if runtime != "torch":
+            self.set_runtime(runtime)
 
     # -- facts ------------------------------------------------------------------------------------
     @staticmethod
@@ -152,6 +169,22 @@ class Engine:
         return prepared.runtime if prepared is not None else "torch eager"
 
     @property
+    def runtime_name(self) -> str:
+        """The runtime chosen: one of `RUNTIMES`."""
+        return self._runtime
+
+    def runtime_choices(self) -> dict[str, str]:
+        """Every runtime in `RUNTIMES` -> "" when it can run the model here on its device, else why
+        not (one sentence, for a tooltip)."""
+        from .ort_runtime import unavailable_reason
+        return {"torch": "", "onnxruntime": unavailable_reason(self._device) or ""}
+
+    def available_runtimes(self) -> list[str]:
+        """The runtimes that can run the model here: "torch" always, "onnxruntime" when it is
+        installed and the device is the CPU."""
+        return [name for name, why in self.runtime_choices().items() if not why]
+
+    @property
     def cost(self) -> CostTable:
         """FLOPs of the model and active policy, with the latency profile measured on this device."""
         return self._cost
@@ -184,21 +217,55 @@ class Engine:
         """
         device = _resolve_device(name)
         policy, cost, previous = self._policy, self._cost, self._device
+        # onnxruntime runs on the CPU only: another device runs torch (`runtime_name` says so)
+        runtime = self._runtime if device == "cpu" else "torch"
         try:
             self.model.to(device)
             policy.to(device)
-            prepared = self._prepare(policy)
-            if prepared.input_shape is not None:  # profiled as it runs: its batch-1 graphs
-                cost = prepared.profile_latency(cost, repeats=self._repeats, warmup=3)
-            else:
-                cost = profile_latency(self.model, cost, device=device, repeats=self._repeats, warmup=3,
-                                       threads=None)  # as this process runs frames
+            prepared = self._prepare(policy, runtime)
+            cost = self._profiled(prepared, cost, device)
         except BaseException:  # e.g. out of GPU memory: stay where we were
             self.model.to(previous)
             policy.to(previous)
             raise
-        self._device, self._cost, self._prepared = device, cost, prepared
+        if runtime != self._runtime:
+            log.info("the %s runtime runs on the CPU only: %s runs torch", self._runtime, device)
+        self._device, self._cost, self._prepared, self._runtime = device, cost, prepared, runtime
         self._reference_ms.clear()  # timings of the previous device
+
+    def set_runtime(self, name: str) -> None:
+        """Run the model with `name` (one of `RUNTIMES`) from the next frame on, and re-profile latency:
+        "torch" (engine.prepared: TorchScript graphs) or "onnxruntime" (engine.ort_runtime: ONNX
+        graphs made from the bundle now, a few seconds; the policy still decides on the host, so
+        thresholds and policies change as with torch).
+
+        Raises ValueError (one sentence) for an unknown name, a runtime that cannot run here
+        (`runtime_choices`) or one that could not prepare this model; the engine then keeps its
+        runtime."""
+        if name not in RUNTIMES:
+            raise ValueError(f"unknown runtime {name!r}; choose one of {', '.join(RUNTIMES)}")
+        if name == self._runtime:
+            return
+        why = self.runtime_choices()[name]
+        if why:
+            raise ValueError(why)
+        try:
+            prepared = self._prepare(self._policy, name)
+            cost = self._profiled(prepared, self._cost, self._device)
+        except Exception as err:  # noqa: BLE001 - e.g. a stage the ONNX exporter cannot trace
+            log.exception("could not prepare the model for the %s runtime", name)
+            detail = " ".join(str(err).split())[:160] or err.__class__.__name__
+            raise ValueError(f"the {name} runtime could not run this model ({detail}); it stays on "
+                             f"{self._runtime}") from err
+        self._prepared, self._cost, self._runtime = prepared, cost, name
+        self._reference_ms.clear()  # timings of the previous runtime
+
+    def _profiled(self, prepared, cost: CostTable, device: str) -> CostTable:
+        """`cost` with the latency profile of `prepared` as it runs frames on `device`."""
+        if prepared.input_shape is not None:  # profiled as it runs: its batch-1 graphs
+            return prepared.profile_latency(cost, repeats=self._repeats, warmup=3)
+        return profile_latency(self.model, cost, device=device, repeats=self._repeats, warmup=3,
+                               threads=None)  # as this process runs frames
 
     def model_changed(self) -> None:
         """Prepare the model again after its weights were changed in place (the prepared form runs
@@ -208,10 +275,15 @@ class Engine:
         self._prepared = prepared
         self._reference_ms.clear()
 
-    def _prepare(self, policy: Policy) -> PreparedModel:
-        """The model's prepared form, its graphs for `policy` and for every exit's head made now
-        (a threshold edit that turns an exit on then makes nothing on the next frame)."""
-        prepared = prepare(self.model)
+    def _prepare(self, policy: Policy, runtime: str | None = None) -> PreparedModel:
+        """The model's prepared form for `runtime` (default the chosen one), its graphs for `policy`
+        and for every exit's head made now (a threshold edit that turns an exit on then makes
+        nothing on the next frame)."""
+        if (runtime or self._runtime) == "onnxruntime":
+            from .ort_runtime import prepare_ort
+            prepared = prepare_ort(self.model)
+        else:
+            prepared = prepare(self.model)
         prepared.warm(ThresholdPolicy([1.0] * self.num_exits))
         prepared.warm(policy)
         return prepared

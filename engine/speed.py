@@ -30,6 +30,8 @@ Runner = Callable[[int], object]  # runs image i at batch 1
 
 # -- runners --------------------------------------------------------------------------------------
 _FORMS: "weakref.WeakKeyDictionary[MultiExitNet, PreparedModel]" = weakref.WeakKeyDictionary()
+_ORT_FORMS: "weakref.WeakKeyDictionary[MultiExitNet, object]" = weakref.WeakKeyDictionary()
+FORM_RUNTIMES = ("prepared", "onnxruntime")  # runtimes that run a prepared form (`form_for`); "eager" runs the modules
 
 
 def prepared_form(model: MultiExitNet) -> PreparedModel:
@@ -40,13 +42,28 @@ def prepared_form(model: MultiExitNet) -> PreparedModel:
     return form
 
 
+def form_for(model: MultiExitNet, runtime: str):
+    """`model`'s form for `runtime`: "prepared" (`prepared_form`) or "onnxruntime"
+    (`engine.ort_runtime.OrtPreparedModel`, made once per model and again after its weights
+    changed). Raises ValueError when onnxruntime cannot run it here."""
+    if runtime == "prepared":
+        return prepared_form(model)
+    if runtime != "onnxruntime":
+        raise ValueError(f"runtime must be one of {', '.join(FORM_RUNTIMES)}, not {runtime!r}")
+    from .ort_runtime import prepare_ort
+    form = _ORT_FORMS.get(model)
+    if form is None or not form.is_current():
+        form = _ORT_FORMS[model] = prepare_ort(model.eval().cpu())
+    return form
+
+
 def plain_runner(model: MultiExitNet, exit_index: int, images: torch.Tensor, runtime: str = "prepared") -> Runner:
     """Batch-1 forward of `model` cut to a plain fixed-depth network: the stages up to exit
     `exit_index`'s tap and its head, nothing else (the full model for the last exit); run by its
-    prepared form or (runtime "eager") by the plain modules."""
+    prepared form (runtime "prepared" or "onnxruntime") or (runtime "eager") by the plain modules."""
     e = model.exit_index(exit_index)
-    if runtime == "prepared":
-        form = prepared_form(model)
+    if runtime in FORM_RUNTIMES:
+        form = form_for(model, runtime)
         return lambda i: form.run_to(images[i:i + 1], e)
     net = torch.nn.Sequential(*list(model.backbone.stages)[: model.exit_stages[e] + 1], model.exits[e]).eval()
     return lambda i: net(images[i:i + 1])
@@ -55,18 +72,19 @@ def plain_runner(model: MultiExitNet, exit_index: int, images: torch.Tensor, run
 def staged_runner(model: MultiExitNet | Cascade, policy: Policy, images: torch.Tensor,
                   runtime: str = "prepared") -> Runner:
     """Batch-1 staged run that really stops at the exit that fires: `PreparedModel.run` (runtime
-    "prepared") or `MultiExitNet.run`; for a cascade its models' prepared forms, or `Cascade.run`."""
-    if runtime != "prepared":
+    "prepared"), `OrtPreparedModel.run` ("onnxruntime") or `MultiExitNet.run` ("eager"); for a
+    cascade its models' forms for that runtime, or `Cascade.run`."""
+    if runtime not in FORM_RUNTIMES:
         return lambda i: model.run(images[i:i + 1], policy)
     if isinstance(model, Cascade):
-        return _cascade_runner(model, policy, images)
-    form = prepared_form(model)
+        return _cascade_runner(model, policy, images, runtime)
+    form = form_for(model, runtime)
     return lambda i: form.run(images[i:i + 1], policy)
 
 
-def _cascade_runner(cascade: Cascade, policy: Policy, images: torch.Tensor) -> Runner:
-    """`Cascade.run`'s loop at batch 1 with every model's prepared form."""
-    forms = [prepared_form(m) for m in cascade.models]
+def _cascade_runner(cascade: Cascade, policy: Policy, images: torch.Tensor, runtime: str = "prepared") -> Runner:
+    """`Cascade.run`'s loop at batch 1 with every model's form for `runtime`."""
+    forms = [form_for(m, runtime) for m in cascade.models]
     m = len(forms)
     active = policy.active_exits(m)
 

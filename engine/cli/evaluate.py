@@ -220,9 +220,11 @@ def add_bench(sub) -> None:
                    help="structure policy training epochs per λ (default 150)")
     s.add_argument("--prototype-samples", type=num.positive_int, default=5000, metavar="N",
                    help="training images whose features give the structure policy's prototypes (default: 5000)")
-    s.add_argument("--runtime", default="prepared", choices=["prepared", "eager"],
-                   help="what runs the timed configurations: prepared (BatchNorm folded, TorchScript graphs, as the "
-                        "app runs; default) or eager (the plain modules training uses)")
+    s.add_argument("--runtime", default="torch", choices=["torch", "prepared", "onnxruntime", "both", "eager"],
+                   help="what runs the timed configurations: torch (= prepared: BatchNorm folded, TorchScript graphs, "
+                        "as the app runs; default), onnxruntime (ONNX graphs on the CPU, the app's other runtime), "
+                        "both (torch and onnxruntime side by side in one interleaved timing, a row per runtime) or "
+                        "eager (the plain modules training uses)")
     s.add_argument("--overhead-repeats", type=num.nonnegative_int, default=300, metavar="N",
                    help="runs of each variant when timing what an exit that does not fire costs (default 300; 0: skip)")
     s.add_argument("--corrupted", metavar="DIR", help="also score the shift goal on the corrupted sets `offramp corrupt "
@@ -264,7 +266,7 @@ def _bench(args) -> int:
     rep = run_benchmark(bundle, splits, recorded=None if None in recorded else tuple(recorded), statics=statics, cascade=cascade, learned=args.learned, lambdas=args.lambdas,
                         structure_lambdas=args.structure_lambdas, structure_epochs=args.structure_epochs,
                         prototype_samples=args.prototype_samples, timing_images=args.timing_images,
-                        runtime=args.runtime, overhead_repeats=args.overhead_repeats, progress=progress)
+                        runtime="prepared" if args.runtime == "torch" else args.runtime, overhead_repeats=args.overhead_repeats, progress=progress)
     progress.close()
     rep = {"bundle": str(args.bundle), "data": str(args.data),
            "command": "offramp " + " ".join(sys.argv[1:]), **rep}
@@ -277,6 +279,8 @@ def _bench(args) -> int:
     rep["notes"] = bench_report.notes(rep)
     print("\n".join(bench_report.table(rep)))
     print("\n".join(bench_report.latency_lines(rep)))
+    if rep["timing"].get("by_runtime"):
+        print("\n".join(bench_report.runtime_lines(rep)))
     print("chosen on the calibration split (cheapest within 0.5 point there), as it does on the test split:")
     print("\n".join(bench_report.choice_lines(rep)))
     if rep["timing"].get("exit_overhead"):

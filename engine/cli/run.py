@@ -31,6 +31,9 @@ def add_run(sub) -> None:
     s.add_argument("paths", nargs="+", metavar="PATH", help="images, folders or video files (a leading .offramp file is the bundle)")
     s.add_argument("--bundle", help="bundle to use (default: the built-in model)")
     s.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
+    s.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime"],
+                   help="what runs the model: torch (default; TorchScript graphs) or onnxruntime (CPU only; ONNX "
+                        "graphs made from the bundle at start, needs offramp[export])")
     pick = s.add_mutually_exclusive_group()
     pick.add_argument("--policy", metavar="NAME", help="a policy stored in the bundle by name, e.g. bolukbasi or "
                       "structure after train-policy (see `offramp info`; default: the bundle's default policy)")
@@ -58,7 +61,7 @@ def cmd_run(args) -> int:
         return 2
     import torch
     torch.set_num_threads(1)  # one image at a time: more threads only spin (and the latency profile uses 1)
-    engine = Engine(bundle, device=args.device)
+    engine = Engine(bundle, device=args.device, runtime=args.runtime)
     if args.policy is not None:
         engine.set_policy(args.policy)
     if args.threshold is not None:
