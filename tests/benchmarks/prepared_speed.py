@@ -14,6 +14,11 @@ batch 1 and one thread unless said, everything compared interleaved in this one 
   batch 64    at every operating point the staged batch-64 run keeps per-sample exits and has at
               least the full model's throughput (both prepared).
 
+Also printed, not targets: where an exit's overhead goes (the full model as one graph, cut into two
+graphs at the exit, and with the linear head's products on the host between them), and the
+operating points under both runtimes (torch's prepared form and onnxruntime, `--runtime
+onnxruntime` in `offramp run` and the app), answers compared, interleaved in one run.
+
     .venv/bin/python tests/benchmarks/prepared_speed.py --data ../shared/data/cifar10-jpg.zip \
         [--check-images 10000] [--timing-images 300] [--skip-mobilenet] [--quantile 0.1 --repeats 5]
 
@@ -164,6 +169,64 @@ def check_points(label: str, model: MultiExitNet, form, cost, points: dict, imag
            f"{batch.shape[0] / ms64['full'] * 1e3:.0f}")
 
 
+def overhead_parts(label: str, form, images: torch.Tensor, repeats: int) -> None:
+    """Per early exit (linear heads), where the time an exit that does not fire adds goes: the full
+    model as one graph; cut at the exit into two graphs; and with the head's products on the host
+    between them (`_pooled_products`; the decision itself is a few Python float operations)."""
+    n = form.num_exits
+    full, _, _ = form.exit_step(n - 1, first=0)
+    x = images[:1].contiguous()
+    runs, cuts = {"full": lambda i: full(x)}, []
+    for e in range(n - 1):
+        s = form.exit_stages[e]
+        head_fn, _, host = form.exit_step(e, first=0)
+        if host is None:
+            continue  # a head inside its graph: no host products to tell apart
+        rest, _, _ = form.exit_step(n - 1, first=s + 1)
+        runs[f"cut{e}"] = (lambda a, b: lambda i: b(a(x)))(head_fn, rest)
+        runs[f"host{e}"] = (lambda a, b, h: lambda i: _host_then(a, b, h, x))(head_fn, rest, host)
+        cuts.append(e)
+    if not cuts:
+        return
+    ms = interleaved_ms(runs, 1, repeats=repeats)
+    parts = ", ".join(f"E{e} {1e3 * (ms[f'cut{e}'] - ms['full']):+.0f} cut, "
+                      f"{1e3 * (ms[f'host{e}'] - ms[f'cut{e}']):+.0f} host" for e in cuts)
+    print(f"{label}: where an exit's overhead goes, µs against the full model's one graph ({ms['full']:.3f} ms): "
+          f"{parts}", flush=True)
+
+
+def _host_then(first, rest, host, x):
+    from engine.prepared import _pooled_products
+    tap = first(x)
+    _pooled_products(tap, *host)
+    return rest(tap)
+
+
+def compare_runtimes(label: str, model: MultiExitNet, points: dict, images: torch.Tensor) -> None:
+    """The operating points under torch's prepared form and onnxruntime: same exits, and each
+    point's ms and measured speed-up against that runtime's full model, all interleaved."""
+    from engine.speed import form_for, plain_runner, staged_runner
+    try:
+        ort = form_for(model, "onnxruntime")
+    except ValueError as err:
+        print(f"{label}: onnxruntime not compared ({err})", flush=True)
+        return
+    torch_form = form_for(model, "prepared")
+    with torch.inference_mode():
+        differ = sum(int(torch_form.run(images[i:i + 1], p).exit_index[0]) != int(ort.run(images[i:i + 1], p).exit_index[0])
+                     for p in points.values() for i in range(images.shape[0]))
+    runs = {}
+    for rt in ("prepared", "onnxruntime"):
+        runs[f"full@{rt}"] = plain_runner(model, -1, images, rt)
+        runs.update({f"{n}@{rt}": staged_runner(model, p, images, rt) for n, p in points.items()})
+    ms = interleaved_ms(runs, images.shape[0], repeats=REPEATS)
+    print(f"{label}: runtimes side by side ({images.shape[0]} images; {differ} answers at another exit):", flush=True)
+    for rt, form in (("prepared", torch_form), ("onnxruntime", ort)):
+        full = ms[f"full@{rt}"]
+        cells = ", ".join(f"{n} {ms[f'{n}@{rt}']:.3f} ms {full / ms[f'{n}@{rt}']:.2f}×" for n in points)
+        print(f"  {form.runtime[:40]:<40} full {full:.3f} ms; {cells}", flush=True)
+
+
 # -- the two models ---------------------------------------------------------------------------------
 def test_images(model: MultiExitNet, data: str | None, n: int, seed: int = 0) -> torch.Tensor:
     if data is None:
@@ -197,6 +260,8 @@ def default_model(args) -> None:
                                                           num_classes=model.num_classes)
                    for i in range(0, len(front), step)})
     check_points(label, model, form, bundle.cost, points, timing, check[:64])
+    overhead_parts(label, form, timing, args.overhead_repeats)
+    compare_runtimes(label, model, {n: p for n, p in points.items() if n.startswith("bundle:")}, timing)
 
 
 def mobilenet(args) -> None:
