@@ -14,8 +14,10 @@ For every set (the clean test split first, then each corrupted one), on that set
   novelty         mean novelty score (`engine.novelty`) and, for corrupted sets, the AUROC of
                   telling the set's images from the clean ones by it
 
-Also here: `CorruptedImages`, corrupted copies of the calibration images made on the fly, and
-`fit_shifted_structure`, a structure policy fitted on calibration records mixed with them.
+Also here: `CorruptedImages`, corrupted copies of the calibration images made on the fly;
+`fit_shifted_structure`, a structure policy fitted on calibration records mixed with them; and
+`choose_veto`, how the structure policy's novelty veto (`engine.train.structure.fit_veto`) was
+chosen: on such copies, never on test.
 """
 from __future__ import annotations
 
@@ -112,6 +114,40 @@ def corrupted_sets(root: str | os.PathLike) -> list[tuple[str, Path]]:
     return [(p.name, p) for p in sorted(found, key=order)]
 
 
+def choose_veto(policy: StructurePolicy, clean: Records, shifted: Records, cost: CostTable, *,
+                quantiles: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9), depths: Sequence[float] = (0.2, 0.4, 0.6, 1.0),
+                clean_limit: float = 0.001, measure: str = "max_prob") -> list[dict]:
+    """Every novelty veto (quantile × depth: `fit_veto` at `veto_exits(depth)`) of `policy`, its
+    cutoffs fitted on `clean` calibration records, scored on `shifted` ones (corrupted copies of
+    calibration images): its loss minus a shared threshold's at its FLOPs there ("gap", negative:
+    it holds up better), and the same on `clean` ("clean_gap"). Returns them best first, among
+    those with clean_gap <= the no-veto policy's + `clean_limit`; the no-veto policy is among them
+    (quantile None)."""
+    from .train.structure import fit_veto, veto_exits
+
+    def gaps(p: StructurePolicy) -> tuple[float, float]:
+        out = []
+        for records in (clean, shifted):
+            full = accuracy_per_exit(records)[-1]
+            point = policy_point(records, p, cost, full)
+            out.append(point["loss"] - (full - threshold_at_flops(records, cost, point["flops"], measure)["accuracy"]))
+        return out[0], out[1]
+
+    plain = copy.deepcopy(policy)
+    plain.veto = None
+    base_clean, base_gap = gaps(plain)
+    rows = [{"quantile": None, "exits": [], "gap": base_gap, "clean_gap": base_clean}]
+    for q in quantiles:
+        for d in depths:
+            exits = veto_exits(policy.num_exits, d)
+            if any(r["quantile"] == q and r["exits"] == exits for r in rows):
+                continue
+            clean_gap, gap = gaps(fit_veto(copy.deepcopy(plain), clean, q, exits))
+            rows.append({"quantile": q, "exits": exits, "gap": gap, "clean_gap": clean_gap})
+    kept = [r for r in rows if r["clean_gap"] <= base_clean + clean_limit]
+    return sorted(kept, key=lambda r: r["gap"])
+
+
 # -- equal FLOPs ------------------------------------------------------------------------------------
 def threshold_at_flops(records: Records, cost: CostTable, flops: float, measure: str = "max_prob") -> dict:
     """A shared threshold's accuracy on `records` at mean FLOPs `flops`: the sweep's points (and
@@ -198,4 +234,4 @@ def _wins(rows: Sequence[dict], name: str) -> dict:
             "mean_loss_gap": float(np.mean(gaps)) if gaps else math.nan}
 
 
-__all__ = ["corrupted_sets", "policy_point", "set_entry", "shift_report", "threshold_at_flops"]
+__all__ = ["choose_veto", "corrupted_sets", "policy_point", "set_entry", "shift_report", "threshold_at_flops"]

@@ -10,6 +10,13 @@ probabilities, λ trading expected loss against expected compute: `engine.train.
 One network is shared by all exits, with a per-exit linear projection of the features (tap widths
 differ) and the exit's one-hot: the measures mean the same thing at every depth, so sharing lets
 the deep exits, which few training samples reach undecided, borrow what the early ones learn.
+
+Novelty veto (optional, per early exit): the exit may fire only where the input's atypicality
+there, 1 − sim_top1 (how far it sits from its nearest class prototype), is at most a cutoff fitted
+on clean calibration data (`engine.train.structure.fit_veto`). A corrupted image whose shallow
+features are unlike every class then goes deeper, where the answer holds up better under shift,
+even when the exit is confident. The veto reads a measure the decision computes anyway: it adds no
+matrix product, so its decision FLOPs are unchanged.
 """
 from __future__ import annotations
 
@@ -147,7 +154,8 @@ class StructurePolicy(Policy):
     kind = "structure"
 
     def __init__(self, feature_widths: Sequence[int], num_classes: int, *, proj_dim: int = 16, hidden: int = 32,
-                 tau: float = 0.5, proto_temperature: float = 0.1, info: dict | None = None):
+                 tau: float = 0.5, proto_temperature: float = 0.1, veto: Sequence[float | None] | None = None,
+                 info: dict | None = None):
         super().__init__()
         if len(feature_widths) < 1 or any(int(c) < 1 for c in feature_widths):
             raise ValueError(f"feature_widths must list one positive width per exit, got {list(feature_widths)}")
@@ -163,6 +171,7 @@ class StructurePolicy(Policy):
         self.tau = float(tau)
         self.proto_temperature = float(proto_temperature)
         self.info = dict(info or {})  # how it was trained (λ, loss, epochs, ...), for the manifest
+        self.veto = veto
         early = self.feature_widths[:-1]
         for e, c in enumerate(early):
             self.register_buffer(f"prototypes_{e}", torch.zeros(self.num_classes, c))
@@ -216,6 +225,26 @@ class StructurePolicy(Policy):
         if not 0.0 <= float(value) <= 1.0:
             raise ValueError(f"tau {value} is outside 0..1")
         self._tau = float(value)
+
+    @property
+    def veto(self) -> list[float | None]:
+        """Per early exit: the most atypicality (1 − sim_top1) at which it may still fire; None: no veto."""
+        return list(self._veto)
+
+    @veto.setter
+    def veto(self, value: Sequence[float | None] | None) -> None:
+        early = len(self.feature_widths) - 1
+        cutoffs = [None] * early if value is None else [None if v is None else float(v) for v in value]
+        if len(cutoffs) != early or any(v is not None and not -math.inf < v < math.inf for v in cutoffs):
+            raise ValueError(f"veto needs one finite cutoff or None per early exit ({early}), got {value!r}")
+        self._veto = cutoffs
+
+    def vetoed(self, e: int, measures: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: where early exit e's novelty veto forbids firing, from its `fixed_inputs` measures."""
+        cutoff = self._veto[e] if e < len(self._veto) else None
+        if cutoff is None:
+            return torch.zeros(measures.shape[0], dtype=torch.bool, device=measures.device)
+        return (1.0 - measures[:, MEASURES.index("sim_top1")]) > cutoff
 
     @property
     def num_exits(self) -> int:
@@ -273,6 +302,15 @@ class StructurePolicy(Policy):
             cols.append(torch.sigmoid(self.halting_logit(e, std, m)))
         return torch.stack(cols, 1) if cols else torch.empty(logits.shape[0], 0)
 
+    def exit_decisions(self, logits: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(N, E−1) bool: would each early exit fire (h >= tau and not vetoed), every earlier exit
+        counted as evaluated (as `halting_probabilities`)."""
+        cols = []
+        for e in range(self.num_exits - 1):
+            std, m = self.fixed_inputs(e, [logits[:, j] for j in range(e + 1)], features[e])
+            cols.append((torch.sigmoid(self.halting_logit(e, std, m)) >= self.tau) & ~self.vetoed(e, m))
+        return torch.stack(cols, 1) if cols else torch.empty(logits.shape[0], 0, dtype=torch.bool)
+
     # -- Policy interface -------------------------------------------------------------------------
     def decide(self, evidence: Evidence) -> torch.Tensor:
         e = evidence.exit_index
@@ -281,7 +319,7 @@ class StructurePolicy(Policy):
         if one_frame(evidence):
             return torch.tensor([self._decide_one(e, evidence)])
         std, m = self.fixed_inputs(e, evidence.logits, evidence.features)
-        return torch.sigmoid(self.halting_logit(e, std, m)) >= self.tau
+        return (torch.sigmoid(self.halting_logit(e, std, m)) >= self.tau) & ~self.vetoed(e, m)
 
     def _decide_one(self, e: int, evidence: Evidence) -> bool:
         """`decide` for one frame, in numpy (see engine.policies.base.one_frame)."""
@@ -289,6 +327,9 @@ class StructurePolicy(Policy):
         rows = [l[0].float().numpy() for l in evidence.logits]
         features = evidence.features[0].float().numpy()
         measures = structure_measures_one(rows, features, prototypes, centre, self.proto_temperature)
+        cutoff = self._veto[e]
+        if cutoff is not None and 1.0 - float(measures[0]) > cutoff:  # measures[0]: sim_top1
+            return False
         onehot = np.zeros(self.num_exits - 1, dtype=np.float32)
         onehot[e] = 1.0
         parts = [linear_stack([self.project[e]], self, f"project{e}", (features - centre) / scale)] \
@@ -323,7 +364,8 @@ class StructurePolicy(Policy):
 
     def flops_per_exit(self) -> list[float]:
         """FLOPs of one decision at each exit (multiply-add = 2; matrix products only, as
-        `engine.cost.count_flops` counts): prototype similarities, projection, trunk. 0 at the last exit."""
+        `engine.cost.count_flops` counts): prototype similarities, projection, trunk. 0 at the last exit.
+        The novelty veto compares a measure computed anyway (sim_top1): no product of its own."""
         k, d, h = self.num_classes, self.proj_dim, self.hidden
         trunk = 2 * self.input_width * h + 2 * h
         return [float(2 * c * k + 2 * c * d + trunk) for c in self.feature_widths[:-1]] + [0.0]
@@ -332,7 +374,7 @@ class StructurePolicy(Policy):
         return self.flops_per_exit()
 
     def state_key(self) -> tuple:
-        return (self.tau, *super().state_key())
+        return (self.tau, tuple(self._veto), *super().state_key())
 
     def row_decider(self, num_classes: int, spatial: Sequence[int]) -> "StructureRows | None":
         return StructureRows(self, spatial) if num_classes <= ROW_CLASSES else None
@@ -340,7 +382,8 @@ class StructurePolicy(Policy):
     def to_json(self) -> dict:
         return {"kind": self.kind, "feature_widths": self.feature_widths, "num_classes": self.num_classes,
                 "proj_dim": self.proj_dim, "hidden": self.hidden, "tau": self.tau,
-                "proto_temperature": self.proto_temperature, "measures": list(MEASURES), "info": self.info}
+                "proto_temperature": self.proto_temperature, "measures": list(MEASURES),
+                **({"veto": self.veto} if any(v is not None for v in self._veto) else {}), "info": self.info}
 
     @classmethod
     def from_json(cls, d: dict, *, num_exits: int, num_classes: int) -> "StructurePolicy":
@@ -355,14 +398,17 @@ class StructurePolicy(Policy):
                              f"this Offramp computes {list(MEASURES)}")
         return cls(widths, num_classes, proj_dim=int(d.get("proj_dim", 16)), hidden=int(d.get("hidden", 32)),
                    tau=float(d.get("tau", 0.5)), proto_temperature=float(d.get("proto_temperature", 0.1)),
-                   info=d.get("info"))
+                   veto=d.get("veto"), info=d.get("info"))
 
     def describe(self) -> str:
+        vetoed = [str(e) for e, v in enumerate(self._veto) if v is not None]
+        veto = f", novelty veto at exit {', '.join(vetoed)}" if vetoed else ""
         if self.info.get("origin") == "threshold":
-            return f"structure network at a fixed threshold on {self.info.get('measure')}"
+            return f"structure network at a fixed threshold on {self.info.get('measure')}{veto}"
         lam = self.info.get("lambda")
         start = ", from a threshold" if self.info.get("init") == "threshold" else ""
-        return f"structure network (tau {self.tau:.2f}" + (f", λ {lam:g}" if lam is not None else "") + f"{start})"
+        return (f"structure network (tau {self.tau:.2f}" + (f", λ {lam:g}" if lam is not None else "")
+                + f"{start}{veto})")
 
 
 class StructureRows:
@@ -370,12 +416,13 @@ class StructureRows:
     gives, from the pooled sum, its products with the prototypes and with the folded projection and
     trunk layer (`StructurePolicy.folded`), and the sum itself for its distance from the centre (for
     a wide tap: that distance, from one more operation in the graph); the measures
-    (`structure_measures_row`) and the rest of the trunk run on the host."""
+    (`structure_measures_row`), the novelty veto and the rest of the trunk run on the host."""
 
     WIDE = 256  # channels from which the graph computes the distance rather than passing the sum on
 
     def __init__(self, policy: StructurePolicy, spatial: Sequence[int]):
         self.tau, self.temperature, self.k = policy.tau, policy.proto_temperature, policy.num_classes
+        self.veto = policy.veto
         self.folded = []
         for e in range(policy.num_exits - 1):
             (centre, prototypes_t, fold, a), w, w2, b2 = policy.folded(e, spatial[e])
@@ -403,6 +450,9 @@ class StructureRows:
             d = max(distance, 1e-12)
             measures, answer = structure_measures_row(row, [v / d for v in more[:k]], previous, self.temperature)
             previous.append(answer)
+            cutoff = self.veto[e]
+            if cutoff is not None and 1.0 - measures[0] > cutoff:  # measures[0]: sim_top1
+                return False
             hidden = np.array(more[k:k + h])
             hidden += w @ np.array(measures)
             logit = float(w2 @ np.maximum(hidden, 0.0, out=hidden)) + b2

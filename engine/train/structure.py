@@ -1,7 +1,8 @@
 """Training the category-structure policy (`engine.policies.structure`): end to end on recorded
 exit outputs, with a differentiable cost-aware objective over the sequential halting
 probabilities, λ trading expected loss against expected compute; the λ sweep over it
-(`structure_front`, the registered trainer "structure").
+(`structure_front`, the registered trainer "structure"); and the novelty veto's cutoffs
+(`fit_veto`), which the registered trainer gives every point of its front.
 """
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import copy
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..cost import CostTable, with_policy_flops
 from ..evaluate import _correct, full_model_point, operating_front, pareto, threshold_curve
 from ..policies import MEASURES, Policy, simulate
-from ..policies.structure import StructurePolicy
+from ..policies.structure import MEASURES as STRUCTURE_MEASURES, StructurePolicy
 from ..progress import CancelFlag, ProgressFn, report
 from ..records import Records
 from .registry import register_trainer
@@ -31,6 +33,16 @@ STRUCTURE_SELECT = 0.3
 # How many standard errors a trained point must beat the fixed threshold by on the held-out part
 # to stay on the front (`guarded_front`).
 MARGIN_Z = 2.0
+# The novelty veto (`fit_veto`): at the shallowest VETO_DEPTH of the early exits (at least one), an
+# exit may fire only for inputs no more atypical than VETO_QUANTILE of the calibration images it
+# fires on. Chosen with `engine.shift.choose_veto` on corrupted copies of the calibration images
+# (never test): the shallow exits' confidence is what a pixel-level shift fools most, and there the
+# deeper exits most often still answer right; deeper vetoes cost FLOPs the later exits do not repay.
+VETO_QUANTILE = 0.5
+VETO_DEPTH = 0.4
+# How far (accuracy, 0..1) a vetoed front point may fall below the threshold front at its FLOPs
+# on the held-out part of the calibration records before it keeps no veto (clean data must not pay).
+VETO_CLEAN_LIMIT = 0.001
 
 
 def log_halting_distribution(x: torch.Tensor) -> torch.Tensor:
@@ -189,15 +201,74 @@ def _fit(policy: StructurePolicy, fixed: list, target: torch.Tensor, *, lam: flo
 
 def structure_exits(policy: StructurePolicy, records: Records) -> torch.Tensor:
     """(N,) exit each sample takes, computed the training way (all samples at once): the first
-    early exit with h >= tau, else the last. Equals `simulate(policy, ...)`."""
+    early exit that fires (h >= tau, not vetoed), else the last. Equals `simulate(policy, ...)`."""
     with torch.no_grad():
-        return _first_exit(policy.halting_probabilities(records.logits, records.features), policy.tau)
+        return _first_exit(policy.exit_decisions(records.logits, records.features).float(), 0.5)
 
 
 def _first_exit(h: torch.Tensor, tau: float) -> torch.Tensor:
     """(N,) the first early exit with h >= tau (h: (N, E−1)), else the last exit E−1."""
     stop = torch.cat([h >= tau, torch.ones(h.shape[0], 1, dtype=torch.bool, device=h.device)], dim=1)
     return stop.float().argmax(dim=1)  # argmax returns the first maximum
+
+
+# -- the novelty veto -----------------------------------------------------------------------------
+def veto_exits(num_exits: int, depth: float = VETO_DEPTH) -> list[int]:
+    """The shallowest `depth` share of the early exits of a `num_exits`-exit model, at least one
+    (none when there is no early exit)."""
+    early = num_exits - 1
+    return list(range(min(early, max(1, round(depth * early))))) if early > 0 else []
+
+
+def fit_veto(policy: StructurePolicy, records: Records, quantile: float = VETO_QUANTILE,
+             exits: Sequence[int] | None = None) -> StructurePolicy:
+    """Set `policy`'s novelty veto from clean calibration `records` (with features; prototypes
+    already set) and return it: at each of `exits` (default `veto_exits`) the cutoff is the
+    `quantile` of the atypicality (1 − sim_top1) of the samples whose halting fires there (h >= tau,
+    whatever earlier exits did), so the exit keeps firing for that share of the calibration images
+    it fired for; no veto at the other exits, nor where nothing fires. Raises ValueError for
+    records without features or a quantile outside (0, 1]."""
+    if not records.features:
+        raise ValueError("a novelty veto needs the pooled features: record with with_features=True")
+    if not 0.0 < quantile <= 1.0:
+        raise ValueError(f"the veto quantile must be in (0, 1], not {quantile}")
+    exits = veto_exits(policy.num_exits) if exits is None else list(exits)
+    column = STRUCTURE_MEASURES.index("sim_top1")
+    cutoffs: list[float | None] = [None] * (policy.num_exits - 1)
+    with torch.no_grad():
+        for e in exits:
+            std, m = policy.fixed_inputs(e, [records.logits[:, j] for j in range(e + 1)], records.features[e])
+            fires = torch.sigmoid(policy.halting_logit(e, std, m)) >= policy.tau
+            if fires.any():
+                cutoffs[e] = float(torch.quantile(1.0 - m[fires, column].double(), quantile))
+    policy.veto = cutoffs
+    policy.info["veto"] = {"quantile": float(quantile), "exits": [e for e in exits if cutoffs[e] is not None]}
+    return policy
+
+
+def with_veto(points: Sequence[dict], policies: Sequence[StructurePolicy], records: Records,
+              score_records: Records, cost: CostTable, reference: Sequence[dict], *,
+              quantile: float = VETO_QUANTILE, exits: Sequence[int] | None = None,
+              limit: float = VETO_CLEAN_LIMIT) -> tuple[list[dict], list[StructurePolicy]]:
+    """Each front point's policy with a novelty veto fitted on `records` (`fit_veto`), kept where on
+    `score_records` (clean, held out of the fitting) it falls no more than `limit` below the
+    `reference` front (the fixed thresholds' points there, read between them by straight lines) at
+    its FLOPs; elsewhere the point stays as it was. Returns (points, policies), cheapest first,
+    the points re-scored (a vetoed one says "veto": its cutoffs)."""
+    front = pareto(reference)
+    xs, ys = [p["flops"] for p in front], [p["accuracy"] for p in front]
+    out = []
+    for point, policy in zip(points, policies):
+        vetoed = fit_veto(copy.deepcopy(policy), records, quantile, exits).eval()
+        if any(v is not None for v in vetoed.veto):
+            exits_taken = simulate(vetoed, score_records.logits, score_records.features)
+            scored = exits_point(score_records, exits_taken, vetoed, cost)
+            if scored["accuracy"] >= float(np.interp(scored["flops"], xs, ys)) - limit:
+                point = {**point, **scored, "policy": vetoed.to_json(), "veto": vetoed.veto}
+                policy = vetoed
+        out.append((point, policy))
+    out.sort(key=lambda pp: pp[0]["flops"])
+    return [p for p, _ in out], [q for _, q in out]
 
 
 # -- the λ sweep ----------------------------------------------------------------------------------
@@ -277,8 +348,9 @@ def fit_structure(records: Records, score_records: Records, cost: CostTable, *,
     STRUCTURE_TAUS, `epochs` per λ, each λ started from its best fixed threshold, prototypes from
     `prototype_records` (default `records`); then `guarded_front` with the fixed thresholds written
     as structure policies (`threshold_reference`): a trained point stays only where it beats them
-    on `score_records` by more than MARGIN_Z standard errors. The front, cheapest first; each point
-    has origin "threshold" or "learned"."""
+    on `score_records` by more than MARGIN_Z standard errors; then every point gets the novelty
+    veto where it costs clean data no more than VETO_CLEAN_LIMIT on `score_records` (`with_veto`).
+    The front, cheapest first; each point has origin "threshold" or "learned"."""
     kw = {} if epochs is None else {"epochs": int(epochs)}
     source = prototype_records if prototype_records is not None else records
     points, policies = structure_front(records, score_records, cost, list(lambdas or STRUCTURE_LAMBDAS),
@@ -295,4 +367,5 @@ def fit_structure(records: Records, score_records: Records, cost: CostTable, *,
     policy_of = {id(p): q for p, q, _ in (*reference, *learned)}
     for p in front:
         p.setdefault("policy", policy_of[id(p)].to_json())
-    return front, [policy_of[id(p)].eval() for p in front]
+    return with_veto(front, [policy_of[id(p)].eval() for p in front], records, score_records, cost,
+                     [p for p, _, _ in reference])
