@@ -38,7 +38,7 @@ from .cost import CostTable
 from .export import OPSET, CalibratedExit, onnx_graph
 from .model import MultiExitNet, StagedOutput
 from .policies import Policy
-from .prepared import PreparedModel, _EvidenceDecider, _linear_head, fold_batchnorm
+from .prepared import PreparedModel, _EvidenceDecider, _linear_head, fold_batchnorm, one_image_output
 
 log = logging.getLogger(__name__)
 INSTALL = "pip install 'offramp[export]'"
@@ -208,14 +208,7 @@ class OrtPreparedModel:
             if e == last or decide(e, row, more, distance, tensor):
                 break
             value = tap
-        exit_logits = plan.nan_rows.copy()  # (1, exits, classes), NaN where an exit did not run
-        for e, row in enumerate(rows):
-            if row is not None:
-                exit_logits[0, e] = row
-        return StagedOutput(torch.from_numpy(np.array([fired], dtype=np.int64)),
-                            torch.from_numpy(exit_logits[:, fired]), torch.from_numpy(exit_logits),
-                            torch.from_numpy(np.array([[r is not None for r in rows]])),
-                            torch.from_numpy(np.array([self.exit_stages[fired] + 1], dtype=np.int64)), [1] * (s + 1))
+        return one_image_output(plan.nan_rows, rows, fired, self.exit_stages[fired], s)
 
     def run_to(self, x: torch.Tensor, exit_index: int = -1, *, with_tap: bool = False):
         """Calibrated logits of exit `exit_index` (default the last: the full model) and nothing

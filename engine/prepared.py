@@ -349,15 +349,7 @@ class PreparedModel:
             if e == last or decide(e, row, more, distance, tap):
                 break
             x = tap
-        # the output through numpy: a few array writes cost less than one torch.tensor call
-        exit_logits = plan.nan_rows.copy()  # (1, exits, classes), NaN where an exit did not run
-        for e, row in enumerate(rows):
-            if row is not None:
-                exit_logits[0, e] = row
-        return StagedOutput(torch.from_numpy(np.array([fired], dtype=np.int64)),
-                            torch.from_numpy(exit_logits[:, fired]), torch.from_numpy(exit_logits),
-                            torch.from_numpy(np.array([[r is not None for r in rows]])),
-                            torch.from_numpy(np.array([self.exit_stages[fired] + 1], dtype=np.int64)), [1] * (s + 1))
+        return one_image_output(plan.nan_rows, rows, fired, self.exit_stages[fired], s)
 
     def run_to(self, x: torch.Tensor, exit_index: int = -1, *, with_tap: bool = False):
         """Calibrated logits of exit `exit_index` (default the last) and nothing else: no other head,
@@ -411,6 +403,20 @@ class PreparedModel:
             else:
                 exit_ms.append(max(median_ms(fn, self._inputs[s], *inputs) - stage_ms[s], 0.0))
         return replace(table, stage_ms=stage_ms, exit_ms=exit_ms, device=str(self.device))
+
+
+def one_image_output(nan_rows: np.ndarray, rows: list, fired: int, fired_stage: int, last_stage: int) -> StagedOutput:
+    """A batch-1 staged run's StagedOutput from its exits' logit rows (None where an exit did not
+    run): `nan_rows` (1, exits, classes) all NaN, the exit that fired, the stage it read and the last
+    stage that ran. Through numpy: a few array writes cost less than one torch.tensor call."""
+    exit_logits = nan_rows.copy()
+    for e, row in enumerate(rows):
+        if row is not None:
+            exit_logits[0, e] = row
+    return StagedOutput(torch.from_numpy(np.array([fired], dtype=np.int64)),
+                        torch.from_numpy(exit_logits[:, fired]), torch.from_numpy(exit_logits),
+                        torch.from_numpy(np.array([[r is not None for r in rows]])),
+                        torch.from_numpy(np.array([fired_stage + 1], dtype=np.int64)), [1] * (last_stage + 1))
 
 
 def prepare(model: MultiExitNet, **kw) -> PreparedModel:
