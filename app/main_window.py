@@ -315,6 +315,8 @@ class MainWindow(QMainWindow):
 
     def _on_runtime_changed(self, runtime: str) -> None:
         self.actions.check_runtime(runtime)
+        if self.settings is not None:  # the next start loads with it (a runtime missing then: torch, said once)
+            self.settings.setValue("runtime", runtime)
 
     def _on_status(self, message: str) -> None:
         self.statusBar().showMessage(message, 8000)

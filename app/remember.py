@@ -1,6 +1,6 @@
-"""What the window remembers between runs, in QSettings: the last bundle and source, the device, the
-panels' options, the policy chosen and thresholds edited for each bundle, the window layout (never
-the presentation one), and whether the last run ended cleanly.
+"""What the window remembers between runs, in QSettings: the last bundle and source, the device and
+runtime, the panels' options, the policy chosen and thresholds edited for each bundle, the window
+layout (never the presentation one), and whether the last run ended cleanly.
 
 A run that did not end cleanly (the flag "running" still set at the next start) may have been
 killed by its source: that source is then offered, not reopened, so a crash cannot become a loop.
@@ -73,7 +73,7 @@ class WindowMemory:
         self.crashed = False  # the last run did not end cleanly (known after `start`)
 
     def restore(self) -> None:
-        """Layout, mirror, device and the panels' options, as the last run left them."""
+        """Layout, mirror, device, runtime and the panels' options, as the last run left them."""
         s, w = self.settings, self.window
         if s.value("geometry") is not None:
             w.restoreGeometry(s.value("geometry"))
@@ -84,6 +84,9 @@ class WindowMemory:
         device = s.value("device", "")
         if device:
             w.session.device = str(device)
+        runtime = str(s.value("runtime", "") or "")
+        if runtime in ("torch", "onnxruntime"):  # anything else (a hand-edited file): the default
+            w.session.runtime = runtime
         w.capture_panel.restore({k: s.value(f"capture/{k}") for k in CAPTURE_SETTINGS
                                  if s.value(f"capture/{k}") is not None})
         w.retrain_panel.restore({k: s.value(f"retrain/{k}") for k in RETRAIN_SETTINGS

@@ -54,6 +54,7 @@ def test_runtime_menu_switches_the_runtime_on_the_inference_thread(qtbot, window
     with qtbot.waitSignal(session.runtime_changed, timeout=WAIT) as changed:
         acts["onnxruntime"].trigger()
     assert changed.args == ["onnxruntime"] and session.runtime == session.info.runtime == "onnxruntime"
+    assert window.settings.value("runtime") == "onnxruntime"  # remembered for the next start
     assert _runtime_actions(window)["onnxruntime"].isChecked() and not _runtime_actions(window)["torch"].isChecked()
     qtbot.waitUntil(lambda: session.stats.last is not None and session.stats.last.runtime.startswith("onnxruntime"),
                     timeout=WAIT)  # the still runs again under the new runtime
@@ -77,3 +78,21 @@ def test_a_runtime_that_cannot_run_here_is_disabled_with_the_reason(window):
     assert not acts["onnxruntime"].isEnabled() and acts["onnxruntime"].toolTip() == why
     assert acts["torch"].isEnabled() and acts["torch"].isChecked()
     assert window.actions.device_menu.toolTipsVisible()
+
+
+def test_the_runtime_chosen_last_time_is_the_one_a_new_window_loads_with(qtbot, tmp_path, bundle_path):  # noqa: F811
+    from PySide6.QtCore import QSettings
+
+    from app.main_window import MainWindow
+    from app.session import Session
+    settings = QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
+    settings.setValue("runtime", "onnxruntime")
+    win = MainWindow(Session(device="cpu"), settings=settings)
+    qtbot.addWidget(win)
+    with qtbot.waitSignal(win.session.model_loaded, timeout=WAIT):
+        win.session.load_bundle(str(bundle_path))
+    assert win.session.info.runtime == "onnxruntime" and _runtime_actions(win)["onnxruntime"].isChecked()
+    settings.setValue("runtime", "no such runtime")  # a hand-edited file: the default, no error
+    other = MainWindow(Session(device="cpu"), settings=settings)
+    qtbot.addWidget(other)
+    assert other.session.runtime == "torch"
