@@ -232,6 +232,31 @@ def open_part(folder: str | os.PathLike, key: dict, rows: int) -> PartStore:
     return PartStore(store_folder(folder), key, rows)
 
 
+def fill_part(folder: str | os.PathLike, key: dict, span: range, row_bytes: int, batch_size: int,
+              memory_limit: int | None, stage: str, what: str,
+              compute: Callable[[range, Callable | None, PartStore], Arrays], progress: Callable | None,
+              cancel) -> PartStore:
+    """This rank's part `span` under `folder` (`open_part` with `key`, which gets the part's bounds
+    and the world size), filled chunk by chunk: `compute(chunk, on_progress)` makes a chunk's arrays,
+    each chunk as many whole batches of `row_bytes` per sample as a quarter of the memory limit
+    holds (it also gets the store, whose manifest's "info" it may fill). Progress is reported as
+    `stage`, its message where the part is (`what` and its size on disk). A rank with no samples
+    (fewer than ranks) marks its part empty."""
+    from .progress import report
+    key = {**key, "part": _bounds(span), "world": dist.world()}
+    store = open_part(folder, key, len(span))
+    rows = max(batch_size, (default_limit(memory_limit) // 4) // max(row_bytes, 1) // batch_size * batch_size)
+    where = lambda: f"{what} {store.folder} ({store.bytes / 2**20:.1f} MiB on disk)"  # noqa: E731
+    report(progress, cancel, stage, 0, len(span), where())
+    store.fill(chunks(span, rows),
+               lambda chunk: compute(chunk, chunk_progress(progress, stage, span.index(chunk.start), len(span), where),
+                                     store),
+               on_chunk=lambda done: report(progress, cancel, stage, done, len(span), where()))
+    if not span:
+        store.set_info({})
+    return store
+
+
 def fingerprint(model: torch.nn.Module) -> str:
     """SHA-1 of the model's tensors and exit layout: a cache on disk is reused only for the same model."""
     h = hashlib.sha1(json_text([s.to_json() for s in model.exit_specs]).encode())

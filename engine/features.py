@@ -17,8 +17,8 @@ from safetensors.torch import save as save_tensors
 from torch.utils.data import Dataset, Subset
 
 from . import distributed as dist
-from .diskcache import PartStore, available_memory, chunk_progress, chunks, dataset_name, default_limit, fingerprint
-from .diskcache import open_part, part_folders
+from .diskcache import PartStore, available_memory, dataset_name, fill_part, fingerprint
+from .diskcache import part_folders
 from .data.folders import SKIPPED, make_loader
 from .exits import MAP_HEADS
 from .files import json_text, write_atomic
@@ -267,27 +267,18 @@ def _cache_on_disk(model: MultiExitNet, dataset: Dataset, span: range, folder: P
                    workers: int | None, memory_limit: int | None, progress, cancel) -> FeatureCache:
     """This rank's part `span` of the cache of `dataset`, computed chunk by chunk into a PartStore
     under `folder`; returns it memory-mapped."""
-    key = {"kind": "features", "model": fingerprint(model), "samples": len(dataset),
-           "dataset": dataset_name(dataset), "part": [span.start, span.stop, span.step], "world": dist.world()}
-    store = open_part(folder, key, len(span))
-    rows = max(batch_size, (default_limit(memory_limit) // 4) // max(_row_bytes(model), 1) // batch_size * batch_size)
-    where = lambda: f"cache {store.folder} ({store.bytes / 2**20:.1f} MiB on disk)"  # noqa: E731
-    stage = "caching features"
-    report(progress, cancel, stage, 0, len(span), where())
+    key = {"kind": "features", "model": fingerprint(model), "samples": len(dataset), "dataset": dataset_name(dataset)}
 
-    def compute(chunk: range) -> dict[str, torch.Tensor]:
-        on = chunk_progress(progress, stage, span.index(chunk.start), len(span), where)
+    def compute(chunk: range, on, store: PartStore) -> dict[str, torch.Tensor]:
         c = _cache_in_memory(model, Subset(dataset, list(chunk)), batch_size, device, workers, None, on, cancel,
-                             drop=True, stage=stage)
+                             drop=True, stage="caching features")
         if not store.manifest["info"]:
             store.manifest["info"] = {"class_names": c.class_names, "specs": c.specs, "meta": c.meta,
                                       "shared_features": _shared(c)}
         return {**_arrays(c), "index": torch.as_tensor(chunk)[c.index]}
 
-    store.fill(chunks(span, rows), compute, on_chunk=lambda done: report(progress, cancel, stage, done, len(span),
-                                                                            where()))
-    if not span:
-        store.set_info({})  # a rank's part of a dataset smaller than the number of ranks: nothing
+    store = fill_part(folder, key, span, _row_bytes(model), batch_size, memory_limit, "caching features", "cache",
+                      compute, progress, cancel)
     return _from_store(store, model)
 
 

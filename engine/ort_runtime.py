@@ -27,7 +27,6 @@ import importlib.util
 import logging
 import math
 import time
-import weakref
 from dataclasses import replace
 
 import numpy as np
@@ -38,7 +37,8 @@ from .cost import CostTable
 from .export import OPSET, CalibratedExit, onnx_graph
 from .model import MultiExitNet, StagedOutput
 from .policies import Policy
-from .prepared import PreparedModel, _EvidenceDecider, _linear_head, fold_batchnorm, one_image_output
+from .prepared import (PlanCache, PreparedModel, _EvidenceDecider, fold_batchnorm, folded_linear_heads,
+                       one_image_output)
 
 log = logging.getLogger(__name__)
 INSTALL = "pip install 'offramp[export]'"
@@ -103,19 +103,11 @@ class OrtPreparedModel:
                 x = stage(x)
                 spatial.append(math.prod(x.shape[2:]) if x.dim() == 4 else x.shape[1] if x.dim() == 3 else 1)
         self._spatial = spatial
-        self._heads: list[tuple[np.ndarray, np.ndarray] | None] = []  # per exit: a linear head's (rows, bias)
-        for e, head in enumerate(model.exits):
-            linear, t = _linear_head(head), float(model.temperature[e])
-            if linear is None:
-                self._heads.append(None)
-                continue
-            scale = 1.0 / (spatial[self.exit_stages[e]] * t)
-            bias = linear.bias if linear.bias is not None else torch.zeros(linear.out_features)
-            self._heads.append(((linear.weight.detach().double() * scale).float().numpy().copy(),
-                                (bias.detach().double() / t).float().numpy().copy()))
+        self._heads: list[tuple[np.ndarray, np.ndarray] | None] = [  # per exit: a linear head's (rows, bias)
+            None if h is None else (h[0].numpy().copy(), h[1].numpy().copy())
+            for h in folded_linear_heads(model, spatial)]
         self._sessions: dict[tuple[int, int, bool], object] = {}
-        self._plans: dict[int, tuple[weakref.ref, tuple, _OrtPlan]] = {}
-        self._last: tuple | None = None
+        self._plans = PlanCache(lambda policy: _OrtPlan(self, policy))
         self._warmed: set[tuple[int, int, bool]] = set()
         self._span(0, self.exit_stages[-1], self._heads[-1] is None)  # the full model: fails here, not on a frame
 
@@ -145,16 +137,7 @@ class OrtPreparedModel:
 
     def plan(self, policy: Policy) -> "_OrtPlan":
         """What runs for `policy` (made once per policy and its settings: `Policy.state_key`)."""
-        key = policy.state_key()
-        last = self._last
-        if last is not None and last[0] is policy and last[1] == key:
-            return last[2]
-        hit = self._plans.get(id(policy))
-        if hit is None or hit[0]() is not policy or hit[1] != key:
-            hit = (weakref.ref(policy), key, _OrtPlan(self, policy))
-            self._plans[id(policy)] = hit
-        self._last = (policy, key, hit[2])
-        return hit[2]
+        return self._plans.get(policy)
 
     def warm(self, policy: Policy) -> None:
         """Make the sessions `policy` needs now rather than on its first frame and run each new one

@@ -181,6 +181,45 @@ def _graph(module: nn.Module, example: tuple[torch.Tensor, ...], fuse: bool) -> 
     return module.forward, "eager"
 
 
+class PlanCache:
+    """Per policy object and its settings (`Policy.state_key`), the plan `make(policy)` made for it:
+    made once, then found again; the live case (the same policy as the frame before) first."""
+
+    def __init__(self, make: Callable[[Policy], object]):
+        self._make = make
+        self._plans: dict[int, tuple[weakref.ref, tuple, object]] = {}
+        self._last: tuple | None = None  # (policy, key, plan) of the latest call
+
+    def get(self, policy: Policy):
+        key = policy.state_key()
+        last = self._last
+        if last is not None and last[0] is policy and last[1] == key:
+            return last[2]
+        hit = self._plans.get(id(policy))
+        if hit is None or hit[0]() is not policy or hit[1] != key:
+            hit = (weakref.ref(policy), key, self._make(policy))
+            self._plans[id(policy)] = hit
+        self._last = (policy, key, hit[2])
+        return hit[2]
+
+
+def folded_linear_heads(model: MultiExitNet, spatial: list[int]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Per exit, a linear head's (rows (K, C), bias (K,)) with 1/(h·w) of the positions its stage's
+    output averages (`spatial[stage]`) and the exit's temperature folded in, so the calibrated logits
+    are rows @ (the tap summed over its positions) + bias; None for a head that is not linear."""
+    heads = []
+    for e, head in enumerate(model.exits):
+        linear, t = _linear_head(head), float(model.temperature[e])
+        if linear is None:
+            heads.append(None)
+            continue
+        scale = 1.0 / (spatial[model.exit_stages[e]] * t)
+        bias = linear.bias if linear.bias is not None else torch.zeros(linear.out_features)
+        heads.append(((linear.weight.detach().double() * scale).float().contiguous(),
+                      (bias.detach().double() / t).float()))
+    return heads
+
+
 # -- the prepared model ---------------------------------------------------------------------------
 class PreparedModel:
     """`model` made ready to run (see the module's doc). `run` has `MultiExitNet.run`'s contract."""
@@ -202,8 +241,7 @@ class PreparedModel:
         self.num_exits, self.num_classes, self.exit_stages = model.num_exits, model.num_classes, model.exit_stages
         self._graphs = self.device.type == "cpu" if graphs is None else graphs
         self._fuse, self._channels_last = fuse, channels_last
-        self._plans: dict[int, tuple[weakref.ref, tuple, _Plan]] = {}
-        self._last: tuple | None = None  # (policy, key, plan) of the latest run
+        self._plans = PlanCache(lambda policy: _Plan(self, policy))
         self._warmed: set[int] = set()  # ids of the graphs `warm` has run
         self._made: dict[tuple, Callable] = {}
         self._kinds: set[str] = set()
@@ -231,16 +269,7 @@ class PreparedModel:
                 x = stage(x.contiguous(memory_format=torch.channels_last) if cl and x.dim() == 4 else x)
                 # how many positions the pooled features average: h·w of a map, the tokens of a sequence
                 self._spatial.append(math.prod(x.shape[2:]) if x.dim() == 4 else x.shape[1] if x.dim() == 3 else 1)
-        self._heads = []  # per exit: (rows (K, C), bias (K,)) of a linear head, or None
-        for e, head in enumerate(self.model.exits):
-            linear, t = _linear_head(head), float(self.model.temperature[e])
-            if linear is None:
-                self._heads.append(None)
-                continue
-            scale = 1.0 / (self._spatial[self.exit_stages[e]] * t)
-            bias = linear.bias if linear.bias is not None else torch.zeros(linear.out_features)
-            self._heads.append(((linear.weight.detach().double() * scale).float().contiguous(),
-                                (bias.detach().double() / t).float()))
+        self._heads = folded_linear_heads(self.model, self._spatial)
         self.exit_step(self.num_exits - 1, first=0)  # the full model, one graph: what runs with no early exit
 
     def _trace(self, module: nn.Module, example: tuple) -> Callable:
@@ -288,16 +317,7 @@ class PreparedModel:
     def plan(self, policy: Policy) -> "_Plan":
         """What runs at each stage for `policy` (made once per policy and its settings:
         `Policy.state_key`)."""
-        key = policy.state_key()
-        last = self._last
-        if last is not None and last[0] is policy and last[1] == key:  # the live case: the same policy again
-            return last[2]
-        hit = self._plans.get(id(policy))
-        if hit is None or hit[0]() is not policy or hit[1] != key:
-            hit = (weakref.ref(policy), key, _Plan(self, policy))
-            self._plans[id(policy)] = hit
-        self._last = (policy, key, hit[2])
-        return hit[2]
+        return self._plans.get(policy)
 
     def warm(self, policy: Policy) -> None:
         """Make the graphs `policy` needs now rather than on its first frame, and run each new one

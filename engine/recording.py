@@ -11,11 +11,10 @@ import torch
 from torch.utils.data import Subset
 
 from . import distributed as dist
-from .diskcache import PartStore, chunk_progress, chunks, dataset_name, default_limit, fingerprint, open_part
+from .diskcache import PartStore, dataset_name, fill_part, fingerprint
 from .diskcache import part_folders
 from .evaluate import drop_skipped, record_outputs
 from .features import with_eval_transform
-from .progress import report
 from .records import Records
 
 
@@ -53,21 +52,11 @@ def _record_on_disk(model, dataset, span: range, store: Path, memory_limit: int 
     """`_record_part` of this rank's `span`, chunk by chunk into a PartStore under `store`; every
     rank's arrays in the original order on rank 0, None on the others."""
     key = {"kind": "records", "model": fingerprint(model), "samples": len(dataset), "dataset": dataset_name(dataset),
-           "part": [span.start, span.stop, span.step], "world": dist.world(), "features": kw["with_features"]}
-    part = open_part(store, key, len(span))
+           "features": kw["with_features"]}
     row = 8 + 4 * model.num_exits * model.num_classes + 4 * sum(s.channels for s in model.exit_specs) * kw["with_features"]
-    rows = max(kw["batch_size"], (default_limit(memory_limit) // 4) // row // kw["batch_size"] * kw["batch_size"])
-    where = lambda: f"records {part.folder} ({part.bytes / 2**20:.1f} MiB on disk)"  # noqa: E731
-
-    def compute(chunk: range) -> dict[str, torch.Tensor]:
-        on = chunk_progress(progress, "recording exits", span.index(chunk.start), len(span), where)
-        return {**_record_part(model, dataset, chunk, on, **kw), "index": torch.as_tensor(chunk)}
-
-    report(progress, kw["cancel"], "recording exits", 0, len(span), where())
-    part.fill(chunks(span, rows), compute, on_chunk=lambda done: report(
-        progress, kw["cancel"], "recording exits", done, len(span), where()))
-    if not span:
-        part.set_info({})  # a rank's part of a dataset smaller than the number of ranks: nothing
+    fill_part(store, key, span, row, kw["batch_size"], memory_limit, "recording exits", "records",
+              lambda chunk, on, _store: {**_record_part(model, dataset, chunk, on, **kw), "index": torch.as_tensor(chunk)},
+              progress, kw["cancel"])
     dist.barrier()  # every part is on disk
     if not dist.is_main():
         return None
