@@ -124,6 +124,15 @@ def never_firing(policy: Policy, active: int, num_exits: int) -> Policy:
     return out
 
 
+def quantile_of(values: list[float], q: float) -> float:
+    """The `q` quantile of `values` (0.5: the median), to a thousandth; one value: itself."""
+    if len(values) < 2:
+        return values[0]
+    if q == 0.5:
+        return statistics.median(values)
+    return statistics.quantiles(values, n=1000, method="inclusive")[round(q * 1000) - 1]
+
+
 def exit_overhead(form: PreparedModel | MultiExitNet, policy: Policy, images: torch.Tensor, cost: CostTable, *,
                   repeats: int = 300, seed: int = 0, quantile: float = 0.5) -> dict:
     """Per early exit, the µs an active exit that does not fire adds to a batch-1 staged run of
@@ -161,8 +170,7 @@ def exit_overhead(form: PreparedModel | MultiExitNet, policy: Policy, images: to
                 start = time.perf_counter()
                 form.run(x, variants[k])
                 times[k].append(time.perf_counter() - start)
-    ms = [statistics.quantiles(t, n=1000, method="inclusive")[round(quantile * 1000) - 1] * 1e3 if quantile != 0.5
-          else statistics.median(t) * 1e3 for t in times]
+    ms = [quantile_of(t, quantile) * 1e3 for t in times]
     per_flop = ms[0] / cost.full_flops  # ms per FLOP of the run with no early exit
     own = [(cost.exit_flops[e] + cost.policy_flops[e]) * per_flop for e in range(n - 1)]
     per_exit = [(ms[k + 1] - ms[k] - own[k]) * 1e3 for k in range(n - 1)]

@@ -44,7 +44,7 @@ from engine.cost import measure_costs, with_policy_flops  # noqa: E402
 from engine.model import MultiExitNet  # noqa: E402
 from engine.policies import BolukbasiPolicy, StructurePolicy, ThresholdPolicy  # noqa: E402
 from engine.prepared import prepare  # noqa: E402
-from engine.speed import exit_overhead  # noqa: E402
+from engine.speed import exit_overhead, quantile_of  # noqa: E402
 
 RESULTS: list[tuple[str, bool, str]] = []
 
@@ -79,11 +79,7 @@ def interleaved_ms(runs: dict, n: int, *, repeats: int = 1, seed: int = 0, warmu
 
 
 def _quantile(values: list[float]) -> float:
-    if len(values) < 2:
-        return values[0]
-    if QUANTILE == 0.5:
-        return statistics.median(values)
-    return statistics.quantiles(values, n=1000, method="inclusive")[round(QUANTILE * 1000) - 1]
+    return quantile_of(values, QUANTILE)
 
 
 # -- the checks -------------------------------------------------------------------------------------
