@@ -120,8 +120,8 @@ class OrtPreparedModel:
         if run is None:
             e = self.exit_stages.index(last) if head else None
             module = _Span(self._stages[first:last + 1],
-                           CalibratedExit(fold_batchnorm(self.model.exits[e]), float(self.model.temperature[e]))
-                           if head else None)
+                           CalibratedExit(fold_batchnorm(self.model.exits[e], (self._tap(last),)),
+                                          float(self.model.temperature[e])) if head else None)
             outputs = ["tap", "logits"] if head else ["tap"]
             start = time.perf_counter()
             data = _graph_bytes(module, (self._inputs[first],), outputs)
@@ -130,6 +130,11 @@ class OrtPreparedModel:
                       time.perf_counter() - start)
             run = self._sessions[key] = _bind(session)
         return run
+
+    def _tap(self, s: int) -> torch.Tensor:
+        """An example output of stage s (what its exit's head reads)."""
+        with torch.no_grad():
+            return self._stages[s](self._inputs[s])
 
     def is_current(self) -> bool:
         """False when the model's weights changed in place since it was prepared (prepare it again)."""

@@ -4,7 +4,7 @@
 CPU its per-layer Python calls, BatchNorms and per-exit tensor work cost as much as a small
 stage's arithmetic. `prepare(model)` makes, once:
 
-  - a copy of every stage with each BatchNorm folded into the convolution before it (torch.fx);
+  - a copy of every stage with each BatchNorm folded into the convolution before it (`fold_batchnorm`);
   - for one image at a time on the CPU, TorchScript graphs (traced and frozen, channels-last,
     with oneDNN Graph fusion where this torch has it), one per exit that runs: the stages since
     the previous exit that ran, and a conv or deep head (BatchNorm folded) inside the graph. A
@@ -53,15 +53,82 @@ log = logging.getLogger(__name__)
 _TRACE_LOCK = threading.Lock()  # oneDNN fusion is a process-wide switch, on only while graphs are made
 
 
-def fold_batchnorm(module: nn.Module) -> nn.Module:
-    """A copy of `module` in eval mode with every BatchNorm that follows a convolution (or Linear)
-    folded into it; the plain copy when torch.fx cannot trace the module."""
-    from torch.fx.experimental.optimization import fuse
+_CONV = {"aten::_convolution", "aten::conv1d", "aten::conv2d", "aten::conv3d"}
+
+
+def fold_batchnorm(module: nn.Module, example: tuple[torch.Tensor, ...] | None = None) -> nn.Module:
+    """A copy of `module` in eval mode with every BatchNorm that directly follows a convolution (or
+    Linear) whose output nothing else reads folded into it; the plain copy without `example`, or
+    when the folded copy does not give the module's output on it.
+
+    The pairs are found in a TorchScript trace of the module on `example` (each operation carries
+    the module it ran in), not with torch.fx: fx's tracer swaps `nn.Module.__call__` for the whole
+    process while it runs, so a module another thread runs meanwhile fails or aborts (seen: an app
+    window's worker preparing a model while another worker did). A TorchScript trace is per thread."""
     module = copy.deepcopy(module).eval()
-    try:
-        return fuse(module)
-    except Exception:  # noqa: BLE001 - a module torch.fx cannot trace symbolically keeps its BatchNorms
+    if example is None:
         return module
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings
+            want = module(*example)
+            graph = torch.jit.trace(module, example, check_trace=False).inlined_graph
+        pairs = _foldable_pairs(module, graph)
+        if not pairs:
+            return module
+        folded = copy.deepcopy(module)
+        for producer, norm in pairs:
+            layer, bn = folded.get_submodule(producer), folded.get_submodule(norm)
+            fused = (torch.nn.utils.fusion.fuse_linear_bn_eval(layer, bn) if isinstance(layer, nn.Linear)
+                     else torch.nn.utils.fusion.fuse_conv_bn_eval(layer, bn))
+            _replace(folded, producer, fused)
+            _replace(folded, norm, nn.Identity())
+        with torch.no_grad():
+            got = folded(*example)
+        if _close(got, want):
+            return folded
+        log.info("BatchNorm left unfolded: the folded copy computes other values")
+    except Exception as err:  # noqa: BLE001 - a module TorchScript cannot trace keeps its BatchNorms
+        log.info("BatchNorm left unfolded: %s", " ".join(str(err).split())[:200])
+    return module
+
+
+def _module_path(scope: str) -> str:
+    """The submodule a traced operation ran in, from its scope ("__module.0/__module.0.bn1" -> "0.bn1")."""
+    last = scope.rsplit("/", 1)[-1]
+    return last[len("__module."):] if last.startswith("__module.") else ""
+
+
+def _foldable_pairs(module: nn.Module, graph) -> list[tuple[str, str]]:
+    """(convolution or Linear, BatchNorm) submodule paths where the BatchNorm reads the layer's
+    output and nothing else does, each module called once in the whole trace."""
+    calls: dict[str, int] = {}
+    for node in graph.nodes():
+        if node.kind() in _CONV or node.kind() in ("aten::linear", "aten::batch_norm"):
+            path = _module_path(node.scopeName())
+            calls[path] = calls.get(path, 0) + 1
+    pairs = []
+    for node in graph.nodes():
+        if node.kind() != "aten::batch_norm":
+            continue
+        source = node.inputsAt(0).node()
+        if source.kind() not in _CONV and source.kind() != "aten::linear":
+            continue
+        layer, norm = _module_path(source.scopeName()), _module_path(node.scopeName())
+        if not layer or not norm or calls[layer] != 1 or calls[norm] != 1 or len(source.output().uses()) != 1:
+            continue
+        a, b = module.get_submodule(layer), module.get_submodule(norm)
+        kinds = ((nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d),
+                 (nn.Linear, nn.BatchNorm1d))
+        if any(type(a) is c and type(b) is n for c, n in kinds) and b.track_running_stats \
+                and b.running_mean is not None:
+            pairs.append((layer, norm))
+    return pairs
+
+
+def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, new)
 
 
 # -- the graphs -----------------------------------------------------------------------------------
@@ -78,9 +145,9 @@ def _linear_head(head: ExitHead) -> nn.Linear | None:
 class _Calibrated(nn.Module):
     """Any other exit head, temperature applied, inside the graph."""
 
-    def __init__(self, head: ExitHead, temperature: float):
+    def __init__(self, head: ExitHead, temperature: float, example: tuple[torch.Tensor, ...] | None = None):
         super().__init__()
-        self.head, self.temperature = fold_batchnorm(head), float(temperature)
+        self.head, self.temperature = fold_batchnorm(head, example), float(temperature)
 
     def forward(self, tap: torch.Tensor) -> torch.Tensor:
         logits = self.head(tap)
@@ -234,7 +301,14 @@ class PreparedModel:
         self._stamp = [(t, t._version) for t in (*model.parameters(), *model.buffers())]
         self.device = next(model.parameters()).device
         backbone = model.backbone
-        self._stages = [fold_batchnorm(s) for s in backbone.stages]
+        crop = backbone.preset.crop
+        x = torch.randn(1, 3, crop, crop, generator=torch.Generator().manual_seed(0)).to(self.device)
+        examples = []
+        with torch.no_grad():
+            for stage in backbone.stages:
+                examples.append(x)
+                x = stage(x)
+        self._stages = [fold_batchnorm(s, (ex,)) for s, ex in zip(backbone.stages, examples)]
         folded = StagedBackbone(self._stages, list(backbone.taps), None, backbone.preset, backbone.spec)
         self.batched = MultiExitNet(folded, list(model.exits), model.class_names).to(self.device).eval()
         self.batched.temperature.copy_(model.temperature)
@@ -259,7 +333,7 @@ class PreparedModel:
         crop = self.model.backbone.preset.crop
         self.input_shape = (1, 3, crop, crop)
         x = torch.randn(*self.input_shape, generator=torch.Generator().manual_seed(0)).to(self.device)
-        self._inputs, self._spatial = [], []
+        self._inputs, self._taps, self._spatial = [], [], []  # per stage: an example input and output
         cl = self._channels_last
         self._graph_stages = [copy.deepcopy(s).to(memory_format=torch.channels_last) if cl else s
                               for s in self._stages]
@@ -267,6 +341,7 @@ class PreparedModel:
             for s, stage in enumerate(self._graph_stages):
                 self._inputs.append(x)
                 x = stage(x.contiguous(memory_format=torch.channels_last) if cl and x.dim() == 4 else x)
+                self._taps.append(x)
                 # how many positions the pooled features average: h·w of a map, the tokens of a sequence
                 self._spatial.append(math.prod(x.shape[2:]) if x.dim() == 4 else x.shape[1] if x.dim() == 3 else 1)
         self._heads = folded_linear_heads(self.model, self._spatial)
@@ -305,7 +380,7 @@ class PreparedModel:
             inputs = inputs + [centre] if linear else [torch.empty(0), torch.empty(0), centre]
         key = (first, e, linear, centre is not None)
         if key not in self._made:
-            graph_head = _Calibrated(self.model.exits[e], float(self.model.temperature[e]))
+            graph_head = _Calibrated(self.model.exits[e], float(self.model.temperature[e]), (self._taps[s],))
             module = _Segment(stage, graph_head, linear, centre is not None, channels_last)
             self._made[key] = self._trace(module, (self._inputs[first], *inputs))
         return self._made[key], tuple(inputs), None

@@ -175,6 +175,94 @@ def test_weights_changed_in_place_are_noticed():
     _assert_same(model, prepare(model), policy, x)
 
 
+def test_a_learned_policy_edited_in_place_or_given_new_layers_gets_a_new_plan():
+    """The plan cache keys a learned policy on its tensors (listed again only after a module
+    registered one): an in-place edit, a replaced layer and a copy all decide as the policy does."""
+    model = build_tiny_model()
+    x = _images(8)
+    policy = _learned(model, x)["bolukbasi"]
+
+    def _each(model, form, policy, x):  # one image at a time: the prepared plan's path
+        return [int(_assert_same(model, form, policy, x[i:i + 1])[0]) for i in range(x.shape[0])]
+    form = prepare(model)
+    _each(model, form, policy, x)
+    first = form.plan(policy)
+    assert form.plan(policy) is first  # unchanged: found again
+    with torch.no_grad():
+        for net in policy.classifiers:
+            net.bias.add_(50.0)  # in place: every image leaves at exit 0
+    assert form.plan(policy) is not first
+    assert _each(model, form, policy, x) == [0] * x.shape[0]
+    edited = form.plan(policy)
+    fresh = torch.nn.Linear(policy.width, 1)
+    with torch.no_grad():
+        fresh.weight.zero_()
+        fresh.bias.fill_(-50.0)  # never fires at exit 0
+    policy.classifiers[0] = fresh
+    assert form.plan(policy) is not edited
+    assert 0 not in _each(model, form, policy, x)
+    twin = copy.deepcopy(policy)
+    with torch.no_grad():
+        twin.classifiers[0].bias.fill_(50.0)
+    assert _each(model, form, twin, x) == [0] * x.shape[0]
+    assert 0 not in _each(model, form, policy, x)
+
+
+def test_preparing_in_several_threads_leaves_the_others_running():
+    """Making a prepared form must not disturb modules other threads run meanwhile (torch.fx's
+    tracer, which folding once used, swaps nn.Module.__call__ for the whole process: seen as an
+    abort when two app workers prepared at once)."""
+    import threading
+    failures: list[BaseException] = []
+    x = _images(4)
+
+    def work() -> None:
+        try:
+            for _ in range(12):
+                model = build_tiny_model()
+                form = prepare(model)
+                with torch.inference_mode():
+                    model.run(x, ThresholdPolicy([0.5, 0.5, 1.0]))  # eager modules, as training and evaluation run
+                    form.run(x[:1], ThresholdPolicy([0.5, 0.5, 1.0]))
+        except BaseException as err:  # noqa: BLE001 - collected for the assertion
+            failures.append(err)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures[0]
+
+
+def test_batchnorm_is_folded_only_where_nothing_else_reads_the_convolution():
+    """A convolution whose output a BatchNorm and a skip both read keeps its BatchNorm; the folded
+    copy gives the module's output; a module that does not trace is kept whole."""
+    from engine.prepared import fold_batchnorm
+
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.BatchNorm2d(3)
+            self.conv2, self.bn2 = torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn2(self.conv2(self.bn(y) + y))
+
+    module = Shared().eval()
+    with torch.no_grad():
+        for bn in (module.bn, module.bn2):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 8, 8)
+    folded = fold_batchnorm(module, (x,))
+    assert isinstance(folded.bn, torch.nn.BatchNorm2d) and isinstance(folded.bn2, torch.nn.Identity)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), module(x), atol=1e-5)
+    assert isinstance(fold_batchnorm(module).bn2, torch.nn.BatchNorm2d)  # no example: a plain copy
+
+
 # -- the engine ---------------------------------------------------------------------------------------
 def _engine_bundle() -> Bundle:
     model = build_tiny_model()
