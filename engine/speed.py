@@ -134,19 +134,24 @@ def quantile_of(values: list[float], q: float) -> float:
 
 
 def exit_overhead(form: PreparedModel | MultiExitNet, policy: Policy, images: torch.Tensor, cost: CostTable, *,
-                  repeats: int = 300, seed: int = 0, quantile: float = 0.5) -> dict:
+                  repeats: int = 300, seed: int = 0, quantile: float = 0.5, block: int = 1) -> dict:
     """Per early exit, the µs an active exit that does not fire adds to a batch-1 staged run of
     `form` beyond its head's and decision's FLOPs (at the full model's ms per FLOP here), for
     `policy`'s kind of decision. Measured on the first of `images` (n, 3, h, w) on which no variant
     fires early; every variant `repeats` times, interleaved in a shuffled order, each read at the
     `quantile` of its times (0.5: the median; on a machine shared with busy processes a low one,
-    e.g. 0.1, leaves out the runs during which this process waited for a core).
+    e.g. 0.1, leaves out the runs during which this process waited for a core). With `block` > 1,
+    each variant runs `block` times in a row per turn (one untimed run first), as a live stream
+    runs one policy frame after frame: its graphs and weights are then in the caches, which
+    alternating variants run by run (block 1) evicts; `repeats` still counts the timed runs.
 
     Returns {"per_exit_us", "mean_us" (all early exits active, per exit: the least noisy figure),
-    "full_ms" (no early exit), "image", "quantile"}. Raises ValueError when every image makes a
+    "full_ms" (no early exit), "image", "quantile", "block"}. Raises ValueError when every image makes a
     variant fire, or for a quantile outside (0, 1)."""
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"quantile must lie between 0 and 1, not {quantile}")
+    if block < 1:
+        raise ValueError(f"block must be a whole number of runs ≥ 1, not {block}")
     n = cost.num_exits
     cost = with_policy_flops(cost, policy)  # the decision's own FLOPs (0 for thresholds)
     variants = [never_firing(policy, k, n) for k in range(n)]  # k = number of active early exits
@@ -164,15 +169,19 @@ def exit_overhead(form: PreparedModel | MultiExitNet, policy: Policy, images: to
         for v in variants:  # the graphs of every variant exist before timing starts
             for _ in range(3):
                 form.run(x, v)
-        for _ in range(repeats):
+        for _ in range(max(1, repeats // block)):
             rng.shuffle(order)
             for k in order:
-                start = time.perf_counter()
-                form.run(x, variants[k])
-                times[k].append(time.perf_counter() - start)
+                if block > 1:
+                    form.run(x, variants[k])
+                for _ in range(block):
+                    start = time.perf_counter()
+                    form.run(x, variants[k])
+                    times[k].append(time.perf_counter() - start)
     ms = [quantile_of(t, quantile) * 1e3 for t in times]
     per_flop = ms[0] / cost.full_flops  # ms per FLOP of the run with no early exit
     own = [(cost.exit_flops[e] + cost.policy_flops[e]) * per_flop for e in range(n - 1)]
     per_exit = [(ms[k + 1] - ms[k] - own[k]) * 1e3 for k in range(n - 1)]
     mean = ((ms[-1] - ms[0] - sum(own)) / max(n - 1, 1)) * 1e3
-    return {"per_exit_us": per_exit, "mean_us": mean, "full_ms": ms[0], "image": pick, "quantile": quantile}
+    return {"per_exit_us": per_exit, "mean_us": mean, "full_ms": ms[0], "image": pick, "quantile": quantile,
+            "block": block}

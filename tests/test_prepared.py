@@ -319,3 +319,19 @@ def test_engine_follows_retrained_weights():
         bundle.model.exits[-1].post[-1].weight.neg_()
     engine.set_thresholds([None, None, 1.0])
     assert _probe(engine, x)[1] == before
+
+
+def test_exit_overhead_in_blocks_times_every_variant_and_refuses_a_bad_block():
+    """`engine.speed.exit_overhead` with `block`: the same per-exit figures, each variant run in
+    blocks (one policy frame after frame), and a block below 1 refused in one sentence."""
+    from engine.speed import exit_overhead
+    model = build_tiny_model()
+    form = prepare(model)
+    cost = measure_costs(model, ThresholdPolicy([0.5, 0.5, 1.0]))
+    x = _images(4)
+    policy = ThresholdPolicy([0.5, 0.5, 1.0])
+    o = exit_overhead(form, policy, x, cost, repeats=12, block=4)
+    assert o["block"] == 4 and len(o["per_exit_us"]) == model.num_exits - 1
+    assert all(np.isfinite(o["per_exit_us"])) and o["full_ms"] > 0
+    with pytest.raises(ValueError, match="block must be"):
+        exit_overhead(form, policy, x, cost, repeats=12, block=0)
