@@ -43,7 +43,7 @@ from engine.bundle import Bundle, default_bundle_path, load_bundle  # noqa: E402
 from engine.cost import measure_costs, with_policy_flops  # noqa: E402
 from engine.model import MultiExitNet  # noqa: E402
 from engine.policies import BolukbasiPolicy, StructurePolicy, ThresholdPolicy  # noqa: E402
-from engine.prepared import prepare  # noqa: E402
+from engine.prepared import _Calibrated, _Segment, prepare  # noqa: E402
 from engine.speed import exit_overhead, quantile_of  # noqa: E402
 
 RESULTS: list[tuple[str, bool, str]] = []
@@ -178,8 +178,9 @@ def check_points(label: str, model: MultiExitNet, form, cost, points: dict, imag
 
 def overhead_parts(label: str, form, images: torch.Tensor, repeats: int) -> None:
     """Per early exit (linear heads), where the time an exit that does not fire adds goes: the full
-    model as one graph; cut at the exit into two graphs; and with the head's products on the host
-    between them (`_pooled_products`; the decision itself is a few Python float operations)."""
+    model as one graph; cut at the exit into two graphs; with the head's products on the host
+    between them (`_pooled_products`, what runs; the decision itself is a few Python float operations);
+    and, the alternative not kept, with the head (pool + Linear) inside the first graph."""
     n = form.num_exits
     full, _, _ = form.exit_step(n - 1, first=0)
     x = images[:1].contiguous()
@@ -192,12 +193,17 @@ def overhead_parts(label: str, form, images: torch.Tensor, repeats: int) -> None
         rest, _, _ = form.exit_step(n - 1, first=s + 1)
         runs[f"cut{e}"] = (lambda a, b: lambda i: b(a(x)))(head_fn, rest)
         runs[f"host{e}"] = (lambda a, b, h: lambda i: _host_then(a, b, h, x))(head_fn, rest, host)
+        inside = form._trace(_Segment(torch.nn.Sequential(*form._graph_stages[:s + 1]),
+                                      _Calibrated(form.model.exits[e], float(form.model.temperature[e]),
+                                                  (form._taps[s],)), channels_last=True), (x,))
+        runs[f"graph{e}"] = (lambda a, b: lambda i: (lambda out: (out[1].tolist(), b(out[0])))(a(x)))(inside, rest)
         cuts.append(e)
     if not cuts:
         return
     ms = interleaved_ms(runs, 1, repeats=repeats)
     parts = ", ".join(f"E{e} {1e3 * (ms[f'cut{e}'] - ms['full']):+.0f} cut, "
-                      f"{1e3 * (ms[f'host{e}'] - ms[f'cut{e}']):+.0f} host" for e in cuts)
+                      f"{1e3 * (ms[f'host{e}'] - ms[f'cut{e}']):+.0f} host "
+                      f"({1e3 * (ms[f'graph{e}'] - ms[f'cut{e}']):+.0f} in the graph instead)" for e in cuts)
     print(f"{label}: where an exit's overhead goes, µs against the full model's one graph ({ms['full']:.3f} ms): "
           f"{parts}", flush=True)
 
