@@ -50,6 +50,12 @@ from .model import MultiExitNet, StagedOutput
 from .policies import Evidence, Policy
 
 log = logging.getLogger(__name__)
+# TorchScript's deprecation notices and tracer warnings say nothing a user can act on here. They
+# are filtered once, by category and message, rather than in `warnings.catch_warnings()` blocks
+# around each trace: those swap the process's filters, so blocks left in two threads at once can
+# restore each other's filters (and leave everything ignored for good).
+warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
 _TRACE_LOCK = threading.Lock()  # oneDNN fusion is a process-wide switch, on only while graphs are made
 
 
@@ -69,8 +75,7 @@ def fold_batchnorm(module: nn.Module, example: tuple[torch.Tensor, ...] | None =
     if example is None:
         return module
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings
+        with torch.no_grad():
             want = module(*example)
             graph = torch.jit.trace(module, example, check_trace=False).inlined_graph
         pairs = _foldable_pairs(module, graph)
@@ -231,8 +236,7 @@ def _graph(module: nn.Module, example: tuple[torch.Tensor, ...], fuse: bool) -> 
     failure = None
     for fused in ((True, False) if fuse else (False,)):
         try:
-            with _onednn_fusion(fused), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # TorchScript's deprecation and tracer warnings
+            with _onednn_fusion(fused):
                 with torch.no_grad():
                     graph = torch.jit.freeze(torch.jit.trace(module, example, check_trace=False))
                 with torch.inference_mode():  # the profiling executor optimises on the first runs
