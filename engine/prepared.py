@@ -60,6 +60,8 @@ _TRACE_LOCK = threading.Lock()  # oneDNN fusion is a process-wide switch, on onl
 
 
 _CONV = {"aten::_convolution", "aten::conv1d", "aten::conv2d", "aten::conv3d"}
+_FOLDABLE = {(nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d),
+             (nn.Linear, nn.BatchNorm1d)}  # (layer, BatchNorm) module types folded, exactly these
 
 
 def fold_batchnorm(module: nn.Module, example: tuple[torch.Tensor, ...] | None = None) -> nn.Module:
@@ -71,6 +73,7 @@ def fold_batchnorm(module: nn.Module, example: tuple[torch.Tensor, ...] | None =
     the module it ran in), not with torch.fx: fx's tracer swaps `nn.Module.__call__` for the whole
     process while it runs, so a module another thread runs meanwhile fails or aborts (seen: an app
     window's worker preparing a model while another worker did). A TorchScript trace is per thread."""
+    original = module
     module = copy.deepcopy(module).eval()
     if example is None:
         return module
@@ -81,7 +84,7 @@ def fold_batchnorm(module: nn.Module, example: tuple[torch.Tensor, ...] | None =
         pairs = _foldable_pairs(module, graph)
         if not pairs:
             return module
-        folded = copy.deepcopy(module)
+        folded = module  # folded in place; a fresh copy of `original` only when the check fails
         for producer, norm in pairs:
             layer, bn = folded.get_submodule(producer), folded.get_submodule(norm)
             fused = (torch.nn.utils.fusion.fuse_linear_bn_eval(layer, bn) if isinstance(layer, nn.Linear)
@@ -95,7 +98,7 @@ def fold_batchnorm(module: nn.Module, example: tuple[torch.Tensor, ...] | None =
         log.info("BatchNorm left unfolded: the folded copy computes other values")
     except Exception as err:  # noqa: BLE001 - a module TorchScript cannot trace keeps its BatchNorms
         log.info("BatchNorm left unfolded: %s", " ".join(str(err).split())[:200])
-    return module
+    return copy.deepcopy(original).eval()
 
 
 def _module_path(scope: str) -> str:
@@ -123,9 +126,7 @@ def _foldable_pairs(module: nn.Module, graph) -> list[tuple[str, str]]:
         if not layer or not norm or calls[layer] != 1 or calls[norm] != 1 or len(source.output().uses()) != 1:
             continue
         a, b = module.get_submodule(layer), module.get_submodule(norm)
-        kinds = ((nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d),
-                 (nn.Linear, nn.BatchNorm1d))
-        if any(type(a) is c and type(b) is n for c, n in kinds) and b.track_running_stats \
+        if (type(a), type(b)) in _FOLDABLE and b.track_running_stats \
                 and b.running_mean is not None:
             pairs.append((layer, norm))
     return pairs
