@@ -368,13 +368,12 @@ class PreparedModel:
         s = self.exit_stages[e]
         first = s if first is None else first
         head = self._heads[e]
-        stages = self._graph_stages[first:s + 1]
-        stage = stages[0] if len(stages) == 1 else nn.Sequential(*stages)
         channels_last = self._channels_last and first == 0
         if head is not None:  # the stages alone; the head on the host
             key = ("stages", first, s)
             if key not in self._made:
-                self._made[key] = self._trace(_Segment(stage, channels_last=channels_last), (self._inputs[first],))
+                self._made[key] = self._trace(_Segment(self._span(first, s), channels_last=channels_last),
+                                              (self._inputs[first],))
             rows, b = head
             if columns is not None:
                 rows, b = torch.cat([rows, columns]).contiguous(), torch.cat([b, bias])
@@ -386,9 +385,14 @@ class PreparedModel:
         key = (first, e, linear, centre is not None)
         if key not in self._made:
             graph_head = _Calibrated(self.model.exits[e], float(self.model.temperature[e]), (self._taps[s],))
-            module = _Segment(stage, graph_head, linear, centre is not None, channels_last)
+            module = _Segment(self._span(first, s), graph_head, linear, centre is not None, channels_last)
             self._made[key] = self._trace(module, (self._inputs[first], *inputs))
         return self._made[key], tuple(inputs), None
+
+    def _span(self, first: int, last: int) -> nn.Module:
+        """Stages first..last (their graph copies) as one module."""
+        stages = self._graph_stages[first:last + 1]
+        return stages[0] if len(stages) == 1 else nn.Sequential(*stages)
 
     def is_current(self) -> bool:
         """False when the model's weights changed in place since it was prepared (prepare it again)."""

@@ -53,19 +53,37 @@ def _learned(model: MultiExitNet, images: torch.Tensor, seed: int = 0) -> dict[s
         logits, feats = model.forward_all(images, with_features=True, calibrated=True)
         structure = StructurePolicy([f.shape[1] for f in feats], k, proj_dim=4, hidden=8)
         structure.set_prototypes(feats, torch.arange(images.shape[0]) % k)
-        h = structure.halting_probabilities(torch.stack(logits, 1), feats)[:, 0].sort().values
-        m = h.shape[0] // 2
-        structure.tau = float((h[m - 1] + h[m]) / 2)  # about half the images halt at exit 0
+        sparse = copy.deepcopy(structure)  # hidden units with output weight 0: the fast rows leave them out
+        sparse.trunk[2].weight[0, ::2] = 0.0
+        for policy in (structure, sparse):
+            h = policy.halting_probabilities(torch.stack(logits, 1), feats)[:, 0].sort().values
+            m = h.shape[0] // 2
+            policy.tau = float((h[m - 1] + h[m]) / 2)  # about half the images halt at exit 0
+        # a threshold on the margin at each early exit's median, as a structure network (one unit, one
+        # measure read), with a novelty veto at exit 0 at its median atypicality (the prototype measures)
+        stacked = torch.stack(logits, 1)
+        top = torch.softmax(stacked, -1).topk(2, -1).values
+        margins = _between_middle(top[..., 0] - top[..., 1]).tolist()
+        from_threshold = StructurePolicy.from_thresholds(margins, "margin", [f.shape[1] for f in feats], k)
+        from_threshold.set_prototypes(feats, torch.arange(images.shape[0]) % k)
+        atypical = 1.0 - from_threshold.fixed_inputs(0, [logits[0]], feats[0])[1][:, 0]
+        from_threshold.veto = [float(_between_middle(atypical))] + [None] * (n - 2)
     with_hidden = BolukbasiPolicy(n, k, hidden=4, offset=0.1)
-    return {"bolukbasi": bolukbasi.eval(), "bolukbasi_mlp": with_hidden.eval(), "structure": structure.eval()}
+    return {"bolukbasi": bolukbasi.eval(), "bolukbasi_mlp": with_hidden.eval(), "structure": structure.eval(),
+            "structure_sparse": sparse.eval(), "structure_from_threshold": from_threshold.eval()}
+
+
+def _between_middle(values: torch.Tensor) -> torch.Tensor:
+    """Per column, halfway between the two middle values: no sample sits on it."""
+    c, m = values.sort(dim=0).values, values.shape[0] // 2
+    return (c[m - 1] + c[m]) / 2
 
 
 def _policies(model: MultiExitNet, images: torch.Tensor) -> dict[str, Policy]:
     n = model.num_exits
     with torch.no_grad():  # thresholds at each exit's median confidence: about half the images leave there
         conf = torch.softmax(torch.stack(model.forward_all(images, calibrated=True), 1), -1).amax(-1)
-    c, m = conf.sort(dim=0).values, images.shape[0] // 2
-    middle = ((c[m - 1] + c[m]) / 2).tolist()  # between two images: no image sits on a threshold
+    middle = _between_middle(conf).tolist()  # between two images: no image sits on a threshold
     return {"max_prob": ThresholdPolicy(middle),
             "entropy": ThresholdPolicy([0.05] * (n - 1) + [None], "entropy"),
             "margin": ThresholdPolicy([None] + [0.1] * (n - 1), "margin"),
@@ -95,7 +113,7 @@ def test_tiny_model_answers_as_the_plain_one_for_every_policy(head):
     for name, policy in _policies(model, images).items():
         exits = [int(_assert_same(model, form, policy, images[i:i + 1])[0]) for i in range(images.shape[0])]
         _assert_same(model, form, policy, images)  # batch > 1: the folded modules
-        if name in ("max_prob", "bolukbasi", "structure"):
+        if name in ("max_prob", "bolukbasi", "structure", "structure_sparse", "structure_from_threshold"):
             assert len(set(exits)) > 1, f"{name}: every image left at one exit; the test shows nothing"
 
 
@@ -335,3 +353,21 @@ def test_exit_overhead_in_blocks_times_every_variant_and_refuses_a_bad_block():
     assert all(np.isfinite(o["per_exit_us"])) and o["full_ms"] > 0
     with pytest.raises(ValueError, match="block must be"):
         exit_overhead(form, policy, x, cost, repeats=12, block=0)
+
+
+def test_structure_rows_compute_only_what_the_decision_reads():
+    """A structure network made from a threshold reads one hidden unit and one measure: its fast
+    rows ask the graph for that unit's product alone, and for the prototype products only at the
+    exit with a novelty veto; a dense network asks for everything. Answers: the tests above."""
+    model = build_tiny_model()
+    learned = _learned(model, _images(24))
+    k, spatial = model.num_classes, [16, 16, 16]
+    rows = learned["structure_from_threshold"].row_decider(k, spatial)
+    widths = learned["structure_from_threshold"].feature_widths
+    vetoed, plain = rows.columns(0), rows.columns(1)
+    assert plain[0].shape == (1, widths[1]) and plain[2] is None  # the one unit, no prototypes
+    assert vetoed[0].shape == (k + 1 + widths[0], widths[0])  # prototypes, the unit, the sum itself
+    dense = learned["structure"].row_decider(k, spatial)
+    assert dense.columns(1)[0].shape == (k + 8 + widths[1], widths[1])
+    sparse = learned["structure_sparse"].row_decider(k, spatial)
+    assert sparse.columns(1)[0].shape == (k + 4 + widths[1], widths[1])

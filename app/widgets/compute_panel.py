@@ -162,20 +162,24 @@ class ComputePanel(QWidget):
             self.total_label.setText(f"All {stats.frames} frames: FLOPs saved {signed_percent(stats.saved, 1)}")
             self.fps_label.setText(f"{rate}{mean_ms:.1f} ms per frame")
         else:
-            full = ""
-            if stats.full_ms:
+            # the totals in two short lines at most (the label keeps two); what they were measured
+            # against goes below, one line each, in the label that grows with its lines
+            times = ""
+            if stats.full_ms and live:
                 full_ms = stats.full_ms / stats.frames
                 typical = stats.typical_ms if stats.typical_ms is not None else mean_ms
-                full = (f" · time saved {signed_percent(stats.saved_ms, 1)} (a typical frame {typical:.2f} ms, the "
-                        f"full model {full_ms:.2f} ms, medians measured live)" if live else
-                        f" · {mean_ms:.2f} ms per frame (full model: {full_ms:.2f} ms profiled)")
+                full = f" · time saved {signed_percent(stats.saved_ms, 1)}"
+                times = f"a typical frame {typical:.2f} ms, the full model {full_ms:.2f} ms (medians measured live)"
+            elif stats.full_ms:
+                full = f" · {mean_ms:.2f} ms per frame"
+                times = f"the full model {stats.full_ms / stats.frames:.2f} ms (profiled)"
             else:
                 full = f" · {mean_ms:.2f} ms per frame"
             self.total_label.setText(f"All {stats.frames} frames: FLOPs saved {signed_percent(stats.saved, 1)}{full}")
             # which runtime the milliseconds are of, in its short form ("torch TorchScript + oneDNN Graph")
             runtime = (getattr(stats.last, "runtime", "") or "").split(",")[0] if stats.last is not None else ""
             line = " · ".join(p for p in (rate[:-3], f"timed on {runtime}" if runtime else "") if p)
-            self.fps_label.setText("\n".join(p for p in (line, _latency_text(stats)) if p))  # its own line: never cut
+            self.fps_label.setText("\n".join(p for p in (line, times, _latency_text(stats)) if p))  # never cut
         for label in (self.total_label, self.fps_label):
             label.setToolTip(label.text())
         n = len(stats.saved_history)

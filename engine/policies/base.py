@@ -8,6 +8,7 @@ can all build on it.
 """
 from __future__ import annotations
 
+import operator
 from typing import Callable, ClassVar, Protocol, Sequence
 
 import numpy as np
@@ -129,6 +130,7 @@ def list_policies() -> list[str]:
 # (an assignment or a `register_*` call): a policy makes its list of tensors again only then, not
 # on every frame (walking its modules cost 17-32 µs a frame for the built-in learned policies).
 _REGISTRATIONS = [0]
+_VERSION = operator.attrgetter("_version")  # a tensor's in-place edit count, read in one C call per tensor
 
 
 def _registered(*_args) -> None:
@@ -183,7 +185,8 @@ class Policy(nn.Module):
         (`engine.prepared`) is made again when it changes. By default every parameter's and
         buffer's storage and version (an in-place edit changes the version); a policy with other
         settings adds them."""
-        return tuple((t.data_ptr(), t._version) for t in self._state_tensors())
+        tensors = self._state_tensors()
+        return tuple(map(_VERSION, tensors)), tuple(map(torch.Tensor.data_ptr, tensors))
 
     def _state_tensors(self) -> list[torch.Tensor]:
         """Every parameter and buffer, listed again only after a module registered one (see

@@ -118,27 +118,36 @@ def structure_measures_one(history: Sequence[np.ndarray], features: np.ndarray, 
     return np.array(cols, dtype=np.float32)
 
 
-def structure_measures_row(row: Sequence[float], sims: Sequence[float], previous: Sequence[int],
-                           proto_temperature: float) -> tuple[list[float], int]:
+def structure_measures_row(row: Sequence[float], sims: Sequence[float] | None, previous: Sequence[int],
+                           proto_temperature: float, probs: bool = True,
+                           prototypes: bool = True) -> tuple[list[float], int]:
     """`structure_measures` of one sample in plain Python floats, for the prepared batch-1 path
     (engine.prepared): `row` its logits at this exit, `sims` its cosine similarities to the K
     prototypes, `previous` the argmax of every earlier evaluated exit. Returns (the same columns,
-    this exit's argmax); tests hold it to `structure_measures`."""
-    k = len(sims)
-    s1 = max(sims)
-    nearest = sims.index(s1)
-    s2 = sorted(sims)[-2] if k > 1 else 0.0
-    separability = 1.0 / sum([math.exp((v - s1) / proto_temperature) for v in sims])
+    this exit's argmax); tests hold it to `structure_measures`. A decision that reads only some
+    measures skips the rest, which stay 0.0: the six prototype measures with `sims` None, all but
+    sim_top1 and agree_prototype of them with `prototypes` False (a novelty veto reads sim_top1),
+    the three confidence measures with `probs` False."""
     m = max(row)
     answer = row.index(m)
-    e = [math.exp(v - m) for v in row]
-    total = sum(e)
-    entropy = math.log(total) + m - sum(map(operator.mul, e, row)) / total  # log-sum-exp − E[logit]
-    second = sorted(e)[-2] if k > 1 else 0.0
+    k = len(row)
     n = len(previous)
-    return [s1, s2, s1 - s2, separability, s1 - (sum(sims) - s1) / max(k - 1, 1), float(answer == nearest),
-            previous.count(answer) / n if n else 0.0, float(previous[-1] == answer) if n else 0.0,
-            1.0 / total, 1.0 - entropy / math.log(k) if k > 1 else 1.0, (1.0 - second) / total], answer
+    out = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, previous.count(answer) / n if n else 0.0,
+           float(previous[-1] == answer) if n else 0.0, 0.0, 0.0, 0.0]
+    if sims is not None:
+        s1 = max(sims)
+        out[0], out[5] = s1, float(answer == sims.index(s1))
+        if prototypes:
+            s2 = sorted(sims)[-2] if k > 1 else 0.0
+            out[1:5] = [s2, s1 - s2, 1.0 / sum([math.exp((v - s1) / proto_temperature) for v in sims]),
+                        s1 - (sum(sims) - s1) / max(k - 1, 1)]
+    if probs:
+        e = [math.exp(v - m) for v in row]
+        total = sum(e)
+        entropy = math.log(total) + m - sum(map(operator.mul, e, row)) / total  # log-sum-exp − E[logit]
+        second = sorted(e)[-2] if k > 1 else 0.0
+        out[8:] = [1.0 / total, 1.0 - entropy / math.log(k) if k > 1 else 1.0, (1.0 - second) / total]
+    return out, answer
 
 
 # -- the policy -----------------------------------------------------------------------------------
@@ -416,48 +425,71 @@ class StructureRows:
     gives, from the pooled sum, its products with the prototypes and with the folded projection and
     trunk layer (`StructurePolicy.folded`), and the sum itself for its distance from the centre (for
     a wide tap: that distance, from one more operation in the graph); the measures
-    (`structure_measures_row`), the novelty veto and the rest of the trunk run on the host."""
+    (`structure_measures_row`), the novelty veto and the rest of the trunk run on the host, in
+    Python floats (after a stage's graph has run, numpy's small calls cost more than the loops).
+
+    Only what the decision reads is computed, with the same answers: a hidden unit whose output
+    weight is 0 is left out, and so are the measures no kept unit reads (an exit with a novelty veto
+    still gets its prototype products, distance and sim_top1). A policy made from a threshold
+    (`StructurePolicy.from_thresholds`) thus reads one unit and one measure."""
 
     WIDE = 256  # channels from which the graph computes the distance rather than passing the sum on
 
     def __init__(self, policy: StructurePolicy, spatial: Sequence[int]):
         self.tau, self.temperature, self.k = policy.tau, policy.proto_temperature, policy.num_classes
         self.veto = policy.veto
-        self.folded = []
+        self.steps, self.graphs = [], []
         for e in range(policy.num_exits - 1):
             (centre, prototypes_t, fold, a), w, w2, b2 = policy.folded(e, spatial[e])
-            rows = [prototypes_t.T, fold.T]  # (K + hidden, C)
-            bias = [-(centre @ prototypes_t)[0], a]
+            keep = [j for j in range(len(w2)) if w2[j] != 0.0]
+            read = np.abs(w[keep]).sum(0) > 0 if keep else np.zeros(w.shape[1], dtype=bool)
+            prototypes = bool(read[1:5].any())  # sim_top2, sim_gap, separability, sim_margin
+            sims = prototypes or self.veto[e] is not None or bool(read[[0, 5]].any())  # + sim_top1, agree_prototype
+            probs = bool(read[8:].any())  # max_prob, entropy, margin
+            rows, bias = [fold.T[keep]], [a[keep]]
             wide = centre.shape[1] > self.WIDE
-            if not wide:  # the sum itself: the identity's rows cost less than a norm operation
-                rows.append(torch.eye(centre.shape[1]))
-                bias.append(torch.zeros(centre.shape[1]))
-            graph = (torch.cat(rows).contiguous(), torch.cat(bias), centre[0] if wide else None)
-            self.folded.append((graph, None if wide else centre[0].double().tolist(), w, w2.copy(), b2))
+            if sims:
+                rows.insert(0, prototypes_t.T)
+                bias.insert(0, -(centre @ prototypes_t)[0])
+                if not wide:  # the sum itself: the identity's rows cost less than a norm operation
+                    rows.append(torch.eye(centre.shape[1]))
+                    bias.append(torch.zeros(centre.shape[1]))
+            graph = torch.cat(rows).contiguous(), torch.cat(bias)
+            self.graphs.append((graph[0], graph[1], centre[0] if sims and wide else None)
+                               if graph[0].shape[0] else (None, None, None))
+            first = self.k if sims else 0  # where the kept units' values start in the products
+            units = [(first + i, w[j].tolist(), float(w2[j])) for i, j in enumerate(keep)]
+            host_centre = centre[0].double().tolist() if sims and not wide else None
+            self.steps.append((sims, probs, prototypes, host_centre, first + len(keep), units, float(b2)))
 
     def columns(self, e: int):
-        return self.folded[e][0]
+        return self.graphs[e]
 
     def start(self):
         previous: list[int] = []
+        k, temperature, tau, veto, steps = self.k, self.temperature, self.tau, self.veto, self.steps
+        mul = operator.mul
 
         def decide(e: int, row: list, more: list, distance: float, tap) -> bool:
-            k = self.k
-            _, centre, w, w2, b2 = self.folded[e]
-            h = len(w2)
-            if centre is not None:
-                distance = math.dist(more[k + h:], centre)
-            d = max(distance, 1e-12)
-            measures, answer = structure_measures_row(row, [v / d for v in more[:k]], previous, self.temperature)
+            sims, probs, prototypes, centre, rest, units, logit = steps[e]
+            if sims:
+                if centre is not None:
+                    distance = math.dist(more[rest:], centre)
+                d = max(distance, 1e-12)
+                sims = [v / d for v in more[:k]]
+            else:
+                sims = None
+            measures, answer = structure_measures_row(row, sims, previous, temperature, probs, prototypes)
             previous.append(answer)
-            cutoff = self.veto[e]
+            cutoff = veto[e]
             if cutoff is not None and 1.0 - measures[0] > cutoff:  # measures[0]: sim_top1
                 return False
-            hidden = np.array(more[k:k + h])
-            hidden += w @ np.array(measures)
-            logit = float(w2 @ np.maximum(hidden, 0.0, out=hidden)) + b2
+            for i, w, out in units:  # the trunk: relu(first layer) · output weights, kept units only
+                z = more[i] + sum(map(mul, w, measures))
+                if z > 0.0:
+                    logit += out * z
             z = math.exp(-abs(logit))  # a sigmoid that never overflows
-            return (1.0 / (1.0 + z) if logit >= 0 else z / (1.0 + z)) >= self.tau
+            return (1.0 / (1.0 + z) if logit >= 0 else z / (1.0 + z)) >= tau
         return decide
 
 

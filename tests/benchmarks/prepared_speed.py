@@ -20,7 +20,7 @@ operating points under both runtimes (torch's prepared form and onnxruntime, `--
 onnxruntime` in `offramp run` and the app), answers compared, interleaved in one run.
 
     .venv/bin/python tests/benchmarks/prepared_speed.py --data ../shared/data/cifar10-jpg.zip \
-        [--check-images 10000] [--timing-images 300] [--skip-mobilenet] [--quantile 0.1 --repeats 5]
+        [--check-images 10000] [--timing-images 300] [--skip-mobilenet | --skip-builtin] [--quantile 0.1 --repeats 5]
 
 Without --data the built-in model is checked on random images (its operating points then mean little).
 """
@@ -314,6 +314,7 @@ def main() -> int:
     p.add_argument("--overhead-repeats", type=int, default=300, help="runs of each variant for the per-exit overhead")
     p.add_argument("--mobilenet-images", type=int, default=64, help="random 224×224 images for mobilenet_v3_large")
     p.add_argument("--skip-mobilenet", action="store_true")
+    p.add_argument("--skip-builtin", action="store_true", help="mobilenet_v3_large only")
     p.add_argument("--quantile", type=float, default=0.5,
                    help="quantile of each run's times that is read (0.5: the median; on a machine shared with busy "
                         "processes e.g. 0.1, which leaves out the runs that waited for a core)")
@@ -324,7 +325,8 @@ def main() -> int:
     print(f"per image: the {args.quantile:g} quantile of its {REPEATS} interleaved runs (per exit: of the overhead "
           "variants' runs); torch threads 1", flush=True)
     torch.set_num_threads(1)
-    default_model(args)
+    if not args.skip_builtin:
+        default_model(args)
     if not args.skip_mobilenet:
         mobilenet(args)
     hits = sum(hit for _, hit, _ in RESULTS)
