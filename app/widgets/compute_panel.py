@@ -169,10 +169,10 @@ class ComputePanel(QWidget):
                 full_ms = stats.full_ms / stats.frames
                 typical = stats.typical_ms if stats.typical_ms is not None else mean_ms
                 full = f" · time saved {signed_percent(stats.saved_ms, 1)}"
-                times = f"a typical frame {typical:.2f} ms, the full model {full_ms:.2f} ms (medians measured live)"
+                times = f"typical frame {typical:.2f} ms · full model {full_ms:.2f} ms (live medians)"
             elif stats.full_ms:
                 full = f" · {mean_ms:.2f} ms per frame"
-                times = f"the full model {stats.full_ms / stats.frames:.2f} ms (profiled)"
+                times = f"full model {stats.full_ms / stats.frames:.2f} ms (profiled)"
             else:
                 full = f" · {mean_ms:.2f} ms per frame"
             self.total_label.setText(f"All {stats.frames} frames: FLOPs saved {signed_percent(stats.saved, 1)}{full}")
