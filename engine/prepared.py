@@ -72,7 +72,8 @@ def fold_batchnorm(module: nn.Module, example: tuple[torch.Tensor, ...] | None =
     The pairs are found in a TorchScript trace of the module on `example` (each operation carries
     the module it ran in), not with torch.fx: fx's tracer swaps `nn.Module.__call__` for the whole
     process while it runs, so a module another thread runs meanwhile fails or aborts (seen: an app
-    window's worker preparing a model while another worker did). A TorchScript trace is per thread."""
+    window's worker preparing a model while another worker did; `engine.backbones.cut`, which
+    needs fx, now passes other threads' modules through). A TorchScript trace is per thread."""
     original = module
     module = copy.deepcopy(module).eval()
     if example is None:

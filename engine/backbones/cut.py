@@ -13,6 +13,7 @@ The model's own classifier is the last Linear the graph calls; the last stage en
 from __future__ import annotations
 
 import inspect
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -22,17 +23,36 @@ from torch.utils.flop_counter import FlopCounterMode
 CONST_OPS = ("get_attr",)
 
 
+# torch.fx's tracer swaps `nn.Module.__call__` and `__getattr__` for the whole process while it
+# traces. Traces take turns (two at once could each restore the other's swap and leave it in place
+# for good), and a module another thread runs meanwhile (the app's live stream, a retraining) is
+# passed straight through: without that, its call became part of the trace or failed ("module is
+# not installed as a submodule", tests/test_cut_threads.py).
+_TRACE_LOCK = threading.Lock()
+
+
 class _Tracer(fx.Tracer):
     """torch.fx's tracer that also keeps timm's untraceable modules and functions whole (when timm is
-    imported), as timm's own feature extraction does."""
+    imported), as timm's own feature extraction does, and leaves other threads' modules alone."""
 
     def __init__(self):
         leaves, functions = _timm_notrace()
         super().__init__(autowrap_functions=tuple(functions))
         self._leaves = tuple(leaves)
+        self._thread = threading.get_ident()
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return (bool(self._leaves) and isinstance(m, self._leaves)) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        if threading.get_ident() != self._thread:  # another thread's module: run it as it is
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict):
+        if threading.get_ident() != self._thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
 
 def _timm_notrace() -> tuple[list, list]:
@@ -51,7 +71,8 @@ def trace(model: nn.Module, what: str) -> fx.GraphModule:
     was = model.training
     model.eval()
     try:
-        graph = _Tracer().trace(model, concrete_args=_defaults(model))
+        with _TRACE_LOCK:
+            graph = _Tracer().trace(model, concrete_args=_defaults(model))
     except Exception as err:  # noqa: BLE001 - fx raises many kinds (TraceError, TypeError, assertion errors)
         raise ValueError(f"cannot cut {what}: torch.fx cannot trace it ({' '.join(str(err).split())[:200]}); "
                          "cut it at the children of an nn.Sequential instead") from err
