@@ -442,7 +442,7 @@ class StructureRows:
         for e in range(policy.num_exits - 1):
             (centre, prototypes_t, fold, a), w, w2, b2 = policy.folded(e, spatial[e])
             keep = [j for j in range(len(w2)) if w2[j] != 0.0]
-            read = np.abs(w[keep]).sum(0) > 0 if keep else np.zeros(w.shape[1], dtype=bool)
+            read = (w[keep] != 0.0).any(0) if keep else np.zeros(w.shape[1], dtype=bool)  # NaN reads too
             prototypes = bool(read[1:5].any())  # sim_top2, sim_gap, separability, sim_margin
             sims = prototypes or self.veto[e] is not None or bool(read[[0, 5]].any())  # + sim_top1, agree_prototype
             probs = bool(read[8:].any())  # max_prob, entropy, margin
