@@ -5,7 +5,8 @@ on the same test images, interleaved in one process, one thread:
   graphs      the plan's stage graphs alone, up to the exit each image leaves at;
   +products   and each exit's pooled sum and products on the host (what the decision reads);
   +decisions  and the decisions, as `PreparedModel.run`'s loop makes them;
-  run         `PreparedModel.run` itself: also finding the plan and making the StagedOutput;
+  +plan lookup  and finding the policy's plan first (`PreparedModel.plan`: its state key);
+  run         `PreparedModel.run` itself: also making the StagedOutput;
 
 against the full model (`run_to`) and the point's FLOPs speed-up. Then the threshold point with
 each early exit that seldom fires switched off: what a search that charged an exit its time
@@ -54,16 +55,16 @@ def _parts(form, policy, images, fired):
                 return
             x = tap
 
-    def decisions(i):
+    def decisions(i, lookup: bool = False):
         x = images[i:i + 1]
-        decide = plan.decider.start()
+        decide = (form.plan(policy) if lookup else plan).decider.start()
         for fn, e, inputs, make, _s in plan.steps:
             tap, row, more, distance = make(fn(x, *inputs) if inputs else fn(x))
             if e == last or decide(e, row, more, distance, tap):
                 return
             x = tap
     return {"graphs": graphs, "+products": products, "+decisions": decisions,
-            "run": lambda i: form.run(images[i:i + 1], policy)}
+            "+plan lookup": lambda i: decisions(i, lookup=True), "run": lambda i: form.run(images[i:i + 1], policy)}
 
 
 def interleaved(runs: dict, n: int, repeats: int) -> dict[str, float]:
