@@ -471,14 +471,13 @@ class StructureRows:
         mul = operator.mul
 
         def decide(e: int, row: list, more: list, distance: float, tap) -> bool:
-            sims, probs, prototypes, centre, rest, units, logit = steps[e]
-            if sims:
+            reads_sims, probs, prototypes, centre, rest, units, logit = steps[e]
+            sims = None
+            if reads_sims:
                 if centre is not None:
                     distance = math.dist(more[rest:], centre)
                 d = max(distance, 1e-12)
                 sims = [v / d for v in more[:k]]
-            else:
-                sims = None
             measures, answer = structure_measures_row(row, sims, previous, temperature, probs, prototypes)
             previous.append(answer)
             cutoff = veto[e]
