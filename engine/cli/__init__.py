@@ -62,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     traceback is logged at debug level: set OFFRAMP_DEBUG=1, or give --log-level DEBUG, to see it)."""
     args = build_parser().parse_args(argv)
     setup_logging("DEBUG" if os.environ.get("OFFRAMP_DEBUG") else args.log_level)
+    code = _run(args)
+    from ..distributed import leave
+    leave(code)  # a torchrun rank ends here, before the interpreter's teardown (see `leave`)
+    return code
+
+
+def _run(args) -> int:
     try:
         return args.fn(args)
     except Cancelled:
