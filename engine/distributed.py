@@ -10,7 +10,9 @@ what the caller computes. Parts on disk: `engine.diskcache`.
 """
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -49,8 +51,6 @@ def leave(code: int) -> None:
     70 runs of a tests/test_distributed.py test even after `finish`'s barrier, and again in CI)."""
     if not _JOINED[0]:
         return
-    import logging
-    import sys
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -17,10 +17,8 @@ would trade.
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,7 +30,7 @@ from engine.bundle import default_bundle_path, load_bundle  # noqa: E402
 from engine.cost import with_policy_flops  # noqa: E402
 from engine.policies import ThresholdPolicy  # noqa: E402
 from engine.prepared import prepare  # noqa: E402
-from prepared_speed import test_images  # noqa: E402
+from prepared_speed import interleaved_ms, test_images  # noqa: E402
 
 
 def _parts(form, policy, images, fired):
@@ -67,22 +65,6 @@ def _parts(form, policy, images, fired):
             "+plan lookup": lambda i: decisions(i, lookup=True), "run": lambda i: form.run(images[i:i + 1], policy)}
 
 
-def interleaved(runs: dict, n: int, repeats: int) -> dict[str, float]:
-    """Per run, the mean over images of each image's fastest of `repeats` runs (ms), all interleaved."""
-    names, rng = list(runs), random.Random(0)
-    times = {k: [[] for _ in range(n)] for k in names}
-    with torch.inference_mode():
-        for k in names:
-            runs[k](0)
-        for r in range(n * repeats):
-            rng.shuffle(names)
-            for k in names:
-                start = time.perf_counter()
-                runs[k](r % n)
-                times[k][r % n].append((time.perf_counter() - start) * 1e3)
-    return {k: statistics.fmean(min(t) for t in per) for k, per in times.items()}
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="the CIFAR-10 zip or folder (default: random images)")
@@ -95,25 +77,25 @@ def main() -> int:
     form, n = prepare(model), model.num_exits
     images = test_images(model, args.data, args.images, seed=1)
     policies = {k: p for k, p in bundle.policies.items() if not p.evaluation_only}
-    threshold = next(p for p in policies.values() if p.kind == "threshold")
-    with torch.inference_mode():
-        exits = {k: [int(form.run(images[i:i + 1], p).exit_index[0]) for i in range(images.shape[0])]
-                 for k, p in policies.items()}
-    rare = sorted(range(n - 1), key=lambda e: exits[next(k for k in policies if policies[k] is threshold)].count(e))[:2]
+    name, threshold = next((k, p) for k, p in policies.items() if p.kind == "threshold")
+
+    def exits_of(policy) -> list[int]:
+        with torch.inference_mode():
+            return [int(form.run(images[i:i + 1], policy).exit_index[0]) for i in range(images.shape[0])]
+    exits = {k: exits_of(p) for k, p in policies.items()}
+    rare = sorted(range(n - 1), key=exits[name].count)[:2]  # the threshold point's exits that fire least
     variants = {}
     for off in ([rare[0]], rare):
         limits = list(threshold.thresholds)
         for e in off:
             limits[e] = None
         variants[f"threshold, E{' and E'.join(map(str, off))} off"] = ThresholdPolicy(limits, threshold.measure)
-    with torch.inference_mode():
-        exits.update({k: [int(form.run(images[i:i + 1], p).exit_index[0]) for i in range(images.shape[0])]
-                      for k, p in variants.items()})
+    exits.update({k: exits_of(p) for k, p in variants.items()})
     runs = {"full": lambda i: form.run_to(images[i:i + 1])}
     for k, p in {**policies, **variants}.items():
         parts = _parts(form, p, images, exits[k]) if k in policies else {"run": lambda i, p=p: form.run(images[i:i + 1], p)}
         runs.update({f"{k}: {part}": fn for part, fn in parts.items()})
-    ms = interleaved(runs, images.shape[0], args.repeats)
+    ms = interleaved_ms(runs, images.shape[0], repeats=args.repeats, warmup=1, statistic=min)
     print(f"{images.shape[0]} images, each its fastest of {args.repeats} interleaved runs; full model {ms['full']:.3f} ms")
     for k, p in {**policies, **variants}.items():
         table = with_policy_flops(bundle.cost, p)

@@ -58,11 +58,13 @@ QUANTILE = 0.5  # which quantile of each image's repeated times is read (--quant
 REPEATS = 1  # runs of every image (--repeats)
 
 
-def interleaved_ms(runs: dict, n: int, *, repeats: int = 1, seed: int = 0, warmup: int = 3) -> dict[str, float]:
+def interleaved_ms(runs: dict, n: int, *, repeats: int = 1, seed: int = 0, warmup: int = 3,
+                   statistic=None) -> dict[str, float]:
     """Per run, the mean over images 0..n−1 of each image's ms (with repeats: the QUANTILE of its
-    repeats), all interleaved as `offramp bench` times: each round runs every run once on one
-    image, in a shuffled order. The mean over images, not a quantile over them: images that exit
-    at different depths cost differently, and an operating point costs their mean."""
+    repeats, or `statistic` of them), all interleaved as `offramp bench` times: each round runs
+    every run once on one image, in a shuffled order. The mean over images, not a quantile over
+    them: images that exit at different depths cost differently, and an operating point costs their mean."""
+    statistic = statistic or _quantile
     names, rng = list(runs), random.Random(seed)
     times: dict[str, list[list[float]]] = {k: [[] for _ in range(n)] for k in names}
     with torch.inference_mode():
@@ -75,7 +77,7 @@ def interleaved_ms(runs: dict, n: int, *, repeats: int = 1, seed: int = 0, warmu
                 start = time.perf_counter()
                 runs[k](r % n)
                 times[k][r % n].append((time.perf_counter() - start) * 1e3)
-    return {k: statistics.fmean(_quantile(t) for t in per_image) for k, per_image in times.items()}
+    return {k: statistics.fmean(statistic(t) for t in per_image) for k, per_image in times.items()}
 
 
 def _quantile(values: list[float]) -> float:
