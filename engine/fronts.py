@@ -1,8 +1,7 @@
 """Policy fronts fitted on a calibration split, and the bundles `offramp search` and
 `offramp train-policy` write from them.
 
-A front is a list of points (policy JSON, accuracy, mean flops, saved), cheapest first, none
-beaten by another; every family fits one across the accuracy / cost trade-off: DyCE per-exit
+A front is a list of points (policy JSON, accuracy, mean flops, saved), cheapest first; every family fits one across the accuracy / cost trade-off: DyCE per-exit
 configurations here, and each family registered in `engine.train` (a shared threshold swept,
 Bolukbasi classifiers and structure networks over λ, ...) by its trainer. A user's target (the
 cheapest point within some accuracy loss of the last exit, or the most accurate within a compute
@@ -24,6 +23,7 @@ from .progress import CancelFlag, ProgressFn
 from .records import Records
 from .search import search_front
 from .train import get_trainer, list_trainers
+from .train.dyce import crossfit_dyce_front
 
 
 def policy_kinds() -> list[str]:
@@ -54,13 +54,14 @@ def fit_front(kind: str, records: Records, cost: CostTable, *, lambdas: Sequence
     cost trade-off, and their points (policy, accuracy, flops, saved; decision FLOPs counted) on
     `scored_on(kind, records)`: the Pareto front, cheapest first, with the policies aligned.
 
-    kind: "dyce" per-exit threshold configurations from the DyCE circular search (`search_front`),
+    kind: "dyce" per-exit threshold configurations from the DyCE circular search per λ, scored out
+    of fold (`engine.train.dyce.crossfit_dyce_front`),
     or a registered trainer's kind (`policy_kinds()`: e.g. "threshold", one confidence threshold
     shared by every exit; "bolukbasi" and "structure", λ sweeps), fitted by `Trainer.front` with
     `lambdas` and `epochs` (None: the family's own) and `prototype_records` (a recording of the
     train split; default `records`). Raises ValueError for an unknown kind."""
     if kind == "dyce":
-        points = search_front(records, cost, "circular")
+        points = crossfit_dyce_front(records, cost, progress=progress, cancel=cancel)
         return points, [ThresholdPolicy(p["policy"]["thresholds"], p["policy"]["measure"]) for p in points]
     if kind not in policy_kinds():
         raise ValueError(f"unknown policy kind {kind!r}; choose one of {', '.join((*policy_kinds(), 'dyce'))}")
@@ -82,7 +83,9 @@ def search_bundle(bundle: Bundle, records: Records, *, max_loss: float = 0.005, 
                   measure: str = "max_prob", split: dict | None = None,
                   test_records: Records | None = None) -> tuple[Bundle, dict]:
     """DyCE search on calibration `records`: a copy of `bundle` whose meta["front"] is the circular
-    search's front (what the app's budget slider walks), meta["default_point"] the chosen point
+    search's front, each point's figures out of fold (`crossfit_dyce_front`: what the search does
+    on images it did not see; what the app's budget slider walks and shows), meta["default_point"]
+    the chosen point
     (the cheapest within `max_loss` of the last exit, or, with `budget`, the most accurate whose
     mean FLOPs are within that fraction of the full model's) and whose default policy "threshold"
     is that configuration. meta["search"] keeps the one-pass and shared-threshold fronts for
@@ -93,7 +96,8 @@ def search_bundle(bundle: Bundle, records: Records, *, max_loss: float = 0.005, 
         budget = check_budget(budget)
     t0 = time.perf_counter()
     cost = model_cost(bundle)
-    fronts = {m: search_front(records, cost, m, measure=measure) for m in ("circular", "one_pass", "shared")}
+    fronts = {"circular": crossfit_dyce_front(records, cost, measure=measure),
+              **{m: search_front(records, cost, m, measure=measure) for m in ("one_pass", "shared")}}
     full = accuracy_per_exit(records)[-1]
     target = {"max_loss": None if budget is not None else max_loss, "budget": budget, "full_flops": cost.full_flops}
     index = target_index(fronts["circular"], full, **target)
@@ -104,7 +108,7 @@ def search_bundle(bundle: Bundle, records: Records, *, max_loss: float = 0.005, 
     meta = copy.deepcopy(bundle.meta)
     meta.update(front=fronts["circular"], default_point=index)
     meta.setdefault("evaluation", {})["default_point"] = point
-    meta["search"] = {"method": "DyCE circular search from one-pass, with budget-constrained refinement",
+    meta["search"] = {"method": "DyCE circular search from one-pass for each λ, scored out of fold (4 folds, 3 deals)",
                       "measure": measure, "split": split or {}, "samples": records.num_samples,
                       "full_accuracy": full, "target": {"max_loss": target["max_loss"], "budget": budget},
                       "budget": checked, "chosen": point, "one_pass_front": fronts["one_pass"],

@@ -263,7 +263,8 @@ def test_guarded_front_keeps_a_learned_point_only_where_it_clearly_wins():
     cheap = right.clone()
     cheap[:100] = True  # cheaper than any reference point: nothing to compare with
     front = guarded_front(ref, [({"flops": 2.0, "accuracy": 0.75}, clear), ({"flops": 0.5, "accuracy": 0.1}, cheap)])
-    assert [(p["flops"], p["accuracy"]) for p in front] == [(0.5, 0.1), (1.0, 0.5), (2.0, 0.75)]  # (3, 0.7) beaten
+    # (3, 0.7) is beaten here but stays: on new data the learned point's cost may move away from it
+    assert [(p["flops"], p["accuracy"]) for p in front] == [(0.5, 0.1), (1.0, 0.5), (2.0, 0.75), (3.0, 0.7)]
     assert guarded_front(ref, [({"flops": 2.0, "accuracy": 0.605}, barely)], margin_z=1.0) == [p for p, _ in ref]
     assert len(guarded_front(ref, [({"flops": 2.0, "accuracy": 0.605}, barely)], margin_z=0.0)) == 3
 

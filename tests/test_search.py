@@ -290,3 +290,43 @@ def test_circular_front_is_never_worse_than_the_one_pass_front():
         one, front = search_front(records, cost, "one_pass"), search_front(records, cost, "circular")
         for p in one:
             assert max(q["accuracy"] for q in front if q["flops"] <= p["flops"]) >= p["accuracy"], (seed, p)
+
+
+# -- cross-fitted front ---------------------------------------------------------------------------
+def test_the_cross_fitted_front_scores_each_search_on_records_it_did_not_see():
+    """A point's figures: each record decided by the configuration searched at that λ on the
+    other folds (recomputed here by hand), averaged over the deals; its configuration: the search
+    on all the records, with those in-sample figures kept beside."""
+    from engine.evaluate import _correct
+    from engine.train.dyce import crossfit_dyce_front
+    from engine.train.sweep import fold_of
+    from engine.policies import simulate
+    records, cost = _random_records(n=300, seed=3), _cost(latency=True)
+    lam = 0.1
+    front = crossfit_dyce_front(records, cost, [lam], folds=3, repeats=2, seed=5)
+    assert [p["method"] for p in front if p["method"] != "full"] == ["circular"]
+    point = next(p for p in front if p["method"] == "circular")
+    policy = circular(records, cost, lam)
+    assert point["policy"] == policy.to_json() and point["lambdas"] == [lam]
+    own = evaluate_policy(records, policy, cost)
+    assert point["in_sample"] == pytest.approx({"accuracy": own["accuracy"], "flops": own["mean_flops"]})
+    correct = _correct(records)
+    right, flops = torch.zeros(300, dtype=torch.float64), torch.zeros(300, dtype=torch.float64)
+    for deal in range(2):
+        fold = fold_of(records.labels, 3, 5 + deal)
+        for k in range(3):
+            held = (fold == k).nonzero().squeeze(1)
+            fitted = circular(records.subset((fold != k).nonzero().squeeze(1)), cost, lam)
+            exits = simulate(fitted, records.logits[held])
+            right[held] += correct[held, exits].double()
+            flops[held] += torch.tensor(cost.cumulative_flops(fitted.active_exits(4)), dtype=torch.float64)[exits]
+    assert point["accuracy"] == pytest.approx(right.mean().item() / 2)
+    assert point["flops"] == pytest.approx(flops.mean().item() / 2)
+    assert point["saved"] == pytest.approx(1 - point["flops"] / cost.full_flops)
+    assert point["folds"] == 3 and point["repeats"] == 2 and 0 < point["loss_se"] < 0.1 and "ms" in point
+
+
+def test_too_few_records_to_hold_out_give_the_in_sample_front():
+    from engine.train.dyce import crossfit_dyce_front
+    few, cost = _random_records(n=3, seed=0), _cost()
+    assert crossfit_dyce_front(few, cost) == search_front(few, cost, "circular")

@@ -140,13 +140,15 @@ def _search(args) -> int:
                                   measure=args.measure, split=splits.describe(), test_records=test)
     full, flops = rep["full_accuracy"], rep["full_flops"]
     print(f"DyCE front on {records.num_samples} calibration images ({len(rep['front'])} configurations; "
-          f"last exit {pct(full)}); * = the default configuration:")
+          f"last exit {pct(full)}), scored out of fold (each image decided by the search run without it); "
+          "* = the default configuration:")
     print("\n".join(front_table(rep["front"], rep["index"], flops, full)))
     target = (f"≤ {pct(args.budget)} of the full model's FLOPs" if args.budget is not None
               else f"≤ {args.max_loss:g}-point loss")
-    for method, label in (("circular", "DyCE circular"), ("one_pass", "DyCE one-pass"), ("shared", "shared threshold")):
+    for method, label in (("circular", "DyCE circular, out of fold"), ("one_pass", "DyCE one-pass, in sample"),
+                          ("shared", "shared threshold, in sample")):
         p = rep["at_target"][method]
-        print(f"{label + ':':<18} {pct(p['accuracy'])} accuracy, {pct(1 - p['flops'] / flops)} of FLOPs saved "
+        print(f"{label + ':':<29} {pct(p['accuracy'])} accuracy, {pct(1 - p['flops'] / flops)} of FLOPs saved "
               f"at {target}")
     print("\n".join(budget_lines(rep["budget"])))
     out = args.out or args.bundle

@@ -239,8 +239,8 @@ def crossfit_front(records: Records, cost: CostTable, lambdas: Sequence[float] =
     (`out_of_fold`, `folds` folds): a candidate's point is what it does on each fold when fitted on
     the others, so its accuracy, cost and loss_se are estimates for new data, not its fit; its
     policy is then fitted on all `records`. `guarded_front` keeps those of them that beat the
-    reference's front by more than `margin_z` standard errors at their cost, and the Pareto front
-    of the reference and those is returned, cheapest first, with the policies aligned. Each point:
+    reference's front by more than `margin_z` standard errors at their cost, and the reference's
+    points with the Pareto front of those are returned, cheapest first, with the policies aligned. Each point:
     origin ("threshold", "dyce" or "learned"), lambda / offset / measure / threshold where they
     apply, policy (to_json), accuracy, loss_se, flops, saved, in_sample {accuracy, flops} (the final
     policy on all `records`), folds. Raises Cancelled when cancelled."""

@@ -134,11 +134,15 @@ def guarded_front(reference: Sequence[tuple[dict, torch.Tensor]], candidates: Se
     A candidate is kept when its accuracy less `margin_z` standard errors of its paired difference
     with the reference point nearest in FLOPs reaches the reference front's accuracy at its mean
     FLOPs (read between the front's points by straight lines, as mixing two of them reaches; beyond
-    the front's cheapest point nothing is compared), and no other kept candidate beats it. A
-    reference point is dropped only when a kept candidate beats it (no more FLOPs, more accuracy),
-    never because of noise among the reference's own points. So where learning does not clearly
-    help the result holds the reference's points, and on new data it is no worse than the reference
-    there by construction. Returns the points, cheapest first."""
+    the front's cheapest point nothing is compared), and no other kept candidate beats it. Every
+    reference point stays, even one a kept candidate beats on these records: a candidate's cost
+    moves on new data (a policy refitted on all the records exits elsewhere than its folds did;
+    seen: 57.7 % FLOPs saved out of fold, 55.5 % on test), and the reference points it had pushed
+    out left a stretch of the cost axis where only a straight line between the survivors stood
+    for the thresholds (0.36 point below them on test). A target (`pick_point`, `within_budget`)
+    prefers the cheaper, more accurate point to the one it beats. So where
+    learning does not clearly help the result holds the reference's points, and on new data it
+    is no worse than the reference anywhere by construction. Returns the points, cheapest first."""
     front = pareto([p for p, _ in reference])
     xs = np.array([p["flops"] for p in front])
     ys = np.array([p["accuracy"] for p in front])
@@ -153,9 +157,5 @@ def guarded_front(reference: Sequence[tuple[dict, torch.Tensor]], candidates: Se
             if point["accuracy"] - margin_z * se < float(np.interp(f, xs, ys)) - 1e-12:
                 continue
         kept.append(point)
-    kept = pareto(kept)
-
-    def beaten(p: dict) -> bool:
-        return any(k["flops"] <= p["flops"] and k["accuracy"] > p["accuracy"] for k in kept)
-    out = [p for p, _ in reference if not beaten(p)] + kept
+    out = [p for p, _ in reference] + pareto(kept)
     return sorted(out, key=lambda p: (p["flops"], -p["accuracy"]))
