@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="torch threads (default 1: one frame at a time gains nothing from more, and the "
                         "window and capture need the other cores); 0 = torch's default")
     p.add_argument("--timeout", type=float, default=120.0, help="scripted run: give up after this many seconds")
+    p.add_argument("--fps", type=float, help="scripted run: read files at this many frames/s, as a camera "
+                   "would deliver them (default: as fast as inference takes them)")
     from engine.logs import LEVELS  # no torch
     p.add_argument("--log-level", type=str.upper, choices=LEVELS, default="WARNING",
                    help="log records of this level and above go to stderr (and --log-file); default WARNING")
@@ -51,6 +53,10 @@ def _check(args: argparse.Namespace) -> str | None:
         return "--frames, --screenshot and --stats need --source PATH"
     if args.frames is not None and args.frames < 1:
         return f"--frames must be at least 1, not {args.frames}"
+    if args.fps is not None and not (0 < args.fps <= 10000):  # also refuses nan
+        return f"--fps must be a number of frames per second above 0 (at most 10000), not {args.fps:g}"
+    if args.fps is not None and not scripted:
+        return "--fps paces a scripted run (--frames, --screenshot or --stats)"
     source = args.source or (args.path if scripted else None)
     if source:
         try:
@@ -134,7 +140,7 @@ def _run_scripted(app, window, args) -> int:
     from .remember import remembered_bundle, user_settings
     bundle = args.bundle or remembered_bundle(user_settings())  # as --help says, like the window's start
     run = ScriptedRun(window, source=args.source or args.path, frames=args.frames or 1, screenshot=args.screenshot,
-                      stats=args.stats, bundle=bundle, timeout_s=args.timeout)
+                      stats=args.stats, bundle=bundle, timeout_s=args.timeout, fps=args.fps)
     run.done.connect(on_done)
     run.start()
     app.exec()

@@ -68,11 +68,13 @@ class ScriptedRun(QObject):
     done = Signal(int, str)
 
     def __init__(self, window: MainWindow, *, source: str, frames: int, screenshot: str | None = None,
-                 stats: str | None = None, bundle: str | None = None, timeout_s: float = 120.0):
+                 stats: str | None = None, bundle: str | None = None, timeout_s: float = 120.0,
+                 fps: float | None = None):
         super().__init__(window)
         self.window, self.session = window, window.session
         self.source, self.frames, self.bundle = source, frames, bundle
         self.screenshot, self.stats_path, self.timeout_s = screenshot, stats, timeout_s
+        self.pace = 1.0 / fps if fps else 0.0  # seconds per file frame; 0: as fast as inference takes them
         self.shown = 0
         window.fallback_to_builtin = False  # a scripted run fails on a bundle that does not load
         self.rss_mb_at: float | None = None  # resident memory at frame MEMORY_AT_FRAME
@@ -96,7 +98,7 @@ class ScriptedRun(QObject):
     def _on_model_loaded(self, info: ModelInfo) -> None:
         if not self._opened:
             self._opened = True
-            self.session.set_pace(0.0)  # full speed: as fast as inference takes frames
+            self.session.set_pace(self.pace)
             self.session.open_source(self.source)
 
     def _on_result(self, result, frame) -> None:
@@ -135,6 +137,7 @@ class ScriptedRun(QObject):
         self.snapshot = {
             "source": self.source, "bundle": info.path or info.name, "model": info.name, "device": info.device,
             "runtime": getattr(stats.last, "runtime", "") if stats.last is not None else "",
+            "clock": getattr(stats.last, "clock", "") if stats.last is not None else "",
             **stats.to_json(),
             "exit_fractions": [c / stats.frames for c in stats.exit_counts] if stats.frames else [],
             "gui_lateness_max_ms": round(meter.max_ms, 3), "gui_lateness_mean_ms": round(meter.mean_ms, 3),

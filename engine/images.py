@@ -31,6 +31,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
+# the files a folder's listing reads as images, everywhere (training data, `offramp run`, the app's
+# folder source): torchvision's list and GIF (its first frame, as a single GIF file is read)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 MAX_PIXELS = 80_000_000  # 80 megapixels: above the default output of any common camera; 240 MB as RGB
 
 # Our limit is below Pillow's warning threshold, so every image Pillow would warn about is refused

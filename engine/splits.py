@@ -23,12 +23,12 @@ from typing import Callable, Sequence
 
 import torch
 from torch.utils.data import Subset
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .backbones import InputPreset
 from .data.checks import FolderReport, UnlabelledReport, check_folder
 from .data.folders import UNLABELLED, ImageFolderData, open_dataset, open_unlabelled
 from .data.layout import dataset_splits
+from .images import IMAGE_EXTENSIONS
 from .preprocess import eval_transform
 
 DEFAULT_VAL_FRACTION = 0.1  # what train-exits and train-backbone hold out by default
@@ -217,7 +217,7 @@ def unlabelled_parts(path: str | os.PathLike, split: str | None = None, *, val_f
     skip = {src for src, _ in report.skipped} if report is not None else set()
     kept = [(src, y) for src, y in labelled.samples if labelled._name(src) not in skip]
     if not kept:
-        raise ValueError(f"{labelled.root} has no readable images; image files end in {', '.join(IMG_EXTENSIONS)}.")
+        raise ValueError(f"{labelled.root} has no readable images; image files end in {', '.join(IMAGE_EXTENSIONS)}.")
     images = ImageFolderData([(src, UNLABELLED) for src, _ in kept], [], root=labelled.root,
                              archive=labelled.archive, split=split, transform=transform)
     return (images, *split_indices([y for _, y in kept], val_fraction=val_fraction, seed=0))

@@ -27,6 +27,9 @@ FPS_STALE_S = 2.0  # no frame for this long: the stream stopped, and so did the 
 EXIT_MS_FRAMES = 256  # per exit, the latest frames' times whose median `typical_ms` reads
 PERCENTILES = (50, 95, 99)  # of a per-frame (per-image) time: reported as p50_ms, p95_ms, p99_ms
 LATENCY_KEYS = tuple(f"p{q}_ms" for q in PERCENTILES)
+# what timed a frame's milliseconds (`engine.runtime.Engine`, `InferenceResult.clock`)
+THREAD_CLOCK = "thread CPU time"
+WALL_CLOCK = "wall clock"
 
 
 def percentiles_ms(times_ms) -> dict[str, float | None]:
@@ -74,12 +77,14 @@ class RunningTotals:
         and full_ms); with `rerun` (the last frame run again after a setting changed) it replaces the
         last frame's figures instead, and is not a new frame for frames/s."""
         self.count(result.exit_index, result.num_exits, result.flops, result.full_flops, result.ms,
-                   result.full_ms or 0.0, now=now, rerun=rerun)
+                   result.full_ms or 0.0, now=now, rerun=rerun, typical=not getattr(result, "warm", False))
         self.last = result
 
     def count(self, exit_index: int, num_exits: int, flops: float, full_flops: float, ms: float, full_ms: float,
-              now: float | None = None, rerun: bool = False) -> None:
-        """`add` from the figures of one frame (the engine counts before it makes the result)."""
+              now: float | None = None, rerun: bool = False, typical: bool = True) -> None:
+        """`add` from the figures of one frame (the engine counts before it makes the result).
+        typical=False: its time is not one `typical_ms` reads (the frame ran on caches the full
+        model's reference run had just warmed, `InferenceResult.warm`); it counts everywhere else."""
         if rerun and self._counted is not None:
             self._take_back(*self._counted)
             if self.saved_history:  # empty when no history is kept
@@ -105,16 +110,18 @@ class RunningTotals:
         self.saved_history.append(100 * (1.0 - flops / full_flops if full_flops else 0.0))
         self.cumulative_history.append(100 * self.saved)
         self.frame_ms.append(ms)
-        self.exit_ms[exit_index].append(ms)
-        self._counted = (exit_index, flops, full_flops, ms, full_ms)
+        if typical:
+            self.exit_ms[exit_index].append(ms)
+        self._counted = (exit_index, flops, full_flops, ms, full_ms, typical)
 
-    def _take_back(self, exit_index: int, flops: float, full_flops: float, ms: float, full_ms: float) -> None:
+    def _take_back(self, exit_index: int, flops: float, full_flops: float, ms: float, full_ms: float,
+                   typical: bool) -> None:
         self.flops -= flops
         self.full_flops -= full_flops
         self.ms -= ms
         self.full_ms -= full_ms
         self.exit_counts[exit_index] -= 1
-        if self.exit_ms[exit_index]:
+        if typical and self.exit_ms[exit_index]:
             self.exit_ms[exit_index].pop()
 
     def snapshot(self) -> "RunningTotals":

@@ -31,6 +31,20 @@ def test_scripted_run_writes_screenshot_and_stats(qapp, tmp_path, bundle_path, i
     # per-frame inference latency: percentiles of the recorded times of the frames shown
     assert data["latency_frames"] == data["frames"] and 0 < data["p50_ms"] <= data["p95_ms"] <= data["p99_ms"]
     assert data["runtime"].startswith("torch")  # which runtime the time figures were measured on
+    assert data["clock"] in ("thread CPU time", "wall clock")  # and which clock timed them
+
+
+def test_a_paced_scripted_run_reads_files_as_a_camera_delivers_frames(qapp, tmp_path, bundle_path, image_folder,
+                                                                       capsys):
+    stats = tmp_path / "stats.json"
+    code = main(["--source", str(image_folder), "--frames", "12", "--fps", "25", "--stats", str(stats),
+                 "--bundle", str(bundle_path), "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    data = json.loads(stats.read_text())
+    # one file every 40 ms: the stream cannot run faster than that (at full speed this tiny model
+    # runs hundreds of frames a second)
+    assert data["frames"] >= 12 and 0 < data["fps"] <= 27
+    assert data["clock"] == "thread CPU time" or os.name == "nt"  # one thread on the CPU: its CPU time
 
 
 def test_bad_input_fails_with_one_line(tmp_path, capsys):
@@ -39,6 +53,13 @@ def test_bad_input_fails_with_one_line(tmp_path, capsys):
     assert err.count("\n") == 0 and "does not exist" in err
     assert main(["--frames", "3"]) == 2
     assert main(["--source", str(tmp_path), "--frames", "0"]) == 2
+    capsys.readouterr()
+    for fps in ("0", "-5", "nan"):
+        assert main(["--source", str(tmp_path), "--frames", "3", "--fps", fps]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "--fps must be" in err, err
+    assert main(["--source", str(tmp_path), "--fps", "30"]) == 2  # pacing is for scripted runs
+    assert "--fps paces a scripted run" in capsys.readouterr().err
 
 
 def test_scripted_run_reports_a_bundle_that_fails(qtbot, tmp_path, image_folder):

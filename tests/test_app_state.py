@@ -172,3 +172,20 @@ def test_time_saved_compares_medians_on_both_sides():
     assert stats.frames == 100 and stats.exit_counts == [49, 1, 50] and len(stats.exit_ms[0]) == 49
     assert stats.snapshot().typical_ms == pytest.approx(stats.typical_ms)
     assert RunningTotals(3).typical_ms is None and RunningTotals(3).saved_ms == 0.0
+
+
+def test_a_warm_frame_counts_everywhere_but_in_the_typical_frame():
+    """A frame the full model's reference run had just warmed the caches for is faster than the
+    frames it stands among: it counts in the totals and latencies, not in `typical_ms`; a rerun
+    that replaces it takes back only what it added."""
+    stats = RunningTotals(3)
+    for i in range(10):
+        stats.add(_result(0, 25.0, ms=1.0, full_ms=2.0), now=i * 0.1)
+    warm = SimpleNamespace(**vars(_result(0, 25.0, ms=0.1, full_ms=2.0)), warm=True)
+    stats.add(warm, now=1.0)
+    assert stats.frames == 11 and stats.ms == pytest.approx(10.1)
+    assert len(stats.exit_ms[0]) == 10 and stats.typical_ms == pytest.approx(1.0)
+    stats.add(_result(0, 25.0, ms=3.0, full_ms=2.0), rerun=True)  # replaces the warm frame
+    assert stats.frames == 11 and stats.ms == pytest.approx(13.0) and len(stats.exit_ms[0]) == 11
+    stats.add(warm, rerun=True)  # and back: the typical frame's times lose the 3.0 ms one again
+    assert len(stats.exit_ms[0]) == 10 and stats.typical_ms == pytest.approx(1.0)

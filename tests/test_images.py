@@ -90,6 +90,21 @@ def test_exif_orientation_is_applied_on_every_path(rotated_jpeg: Path):
     assert torch.equal(preprocess(bgr, CIFAR_PRESET), preprocess(rotated_jpeg, CIFAR_PRESET))
 
 
+def test_a_gif_is_read_as_its_first_frame_on_every_path_folders_included(tmp_path: Path):
+    """A folder's GIFs were left out of every listing (training data, `offramp run` on a folder, the
+    app's slideshow), while a GIF given by name was read: a folder of GIFs was refused."""
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    (tmp_path / "data" / "b").mkdir()
+    Image.new("RGB", (4, 4), (0, 200, 0)).save(tmp_path / "data" / "b" / "x.png")
+    path = tmp_path / "data" / "a" / "moving.GIF"
+    frames = [Image.new("RGB", (9, 6), colour) for colour in ((250, 0, 0), (0, 0, 250))]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    got = _assert_all_equal(_every_path(path))
+    assert got.shape == (6, 9, 3) and got[..., 0].min() > 200 and got[..., 2].max() < 50  # the red first frame
+    assert media.list_images(tmp_path / "data") == [path, tmp_path / "data" / "b" / "x.png"]
+    assert check_folder(tmp_path / "data").counts == {"a": 1, "b": 1}
+
+
 @pytest.mark.parametrize("layout", ["grey", "colour"])
 def test_sixteen_bit_images_scale_the_same_on_every_path(tmp_path: Path, layout: str):
     (tmp_path / "data" / "a").mkdir(parents=True)

@@ -1,6 +1,7 @@
 """Engine: devices, preprocessing, staged inference that really stops, running totals, threads."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,9 @@ from engine.bundle import Bundle, BundleError, save_bundle
 from engine.cost import CostTable, measure_costs
 from engine.model import MultiExitNet
 from engine.policies import OraclePolicy, Policy, ThresholdPolicy, confidence, register_policy
+from engine import runtime as engine_runtime
 from engine.runtime import Engine, InferenceResult, RunningTotals
+from engine.totals import THREAD_CLOCK, WALL_CLOCK
 
 CLASSES = [f"class{i}" for i in range(10)]
 REPEATS = 2  # latency profile repeats: enough to fill the table, quick on a shared machine
@@ -277,6 +280,10 @@ def test_reference_runs_time_the_full_model_live_and_count_nowhere_else(bundle_p
     assert all(r.exit_index == 0 and r.full_ms_live and r.full_ms > 0 for r in results)
     assert results[-1].totals.frames == 7 and results[-1].totals.exit_counts[0] == 7
     assert results[-1].totals.flops == pytest.approx(7 * results[0].flops)
+    # the full model ran first on those frames; their staged runs, on the caches it warmed, are not
+    # what a typical frame costs
+    assert [r.warm for r in results] == [True, False, False, True, False, False, True]
+    assert len(results[-1].totals.exit_ms[0]) == 4 and results[-1].totals.frames == 7
     with pytest.raises(ValueError, match="reference_every"):
         Engine(bundle_path, device="cpu", reference_every=-1)
     assert not Engine(bundle_path, device="cpu", latency_repeats=2).infer(frame).full_ms_live
@@ -290,3 +297,42 @@ def test_one_stalled_reference_run_does_not_claim_time_saved(bundle_path):
     cost = engine.bundle.cost
     full_ms, live = engine._full_ms(cost)
     assert live and full_ms == pytest.approx(1.05)
+
+
+@pytest.mark.skipif(not engine_runtime._THREAD_CLOCK_FINE, reason="this platform's thread clock is too coarse")
+def test_one_thread_on_the_cpu_is_timed_by_its_cpu_time(bundle_path, monkeypatch):
+    """With clock="auto", one intra-op thread on the CPU, frames and the full model's reference runs
+    are timed by the inference thread's CPU time: time the thread spends not computing (here a
+    sleep, in the window the GUI thread holding the interpreter lock) is not the model's. With
+    clock="wall" the same frames count it."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    frame = np.zeros((32, 32, 3), dtype=np.uint8)
+    ms = {}
+    for clock in ("auto", "wall"):
+        engine = Engine(bundle_path, device="cpu", latency_repeats=2, reference_every=1, clock=clock)
+        engine.infer(frame)  # makes the graphs and the reference's
+        prepared = engine._prepared
+        run, run_to = prepared.run, prepared.run_to
+
+        def idle_run(*a, run=run):
+            time.sleep(0.05)  # not computing: no CPU time
+            return run(*a)
+
+        def idle_run_to(*a, run_to=run_to):
+            time.sleep(0.05)
+            return run_to(*a)
+        prepared.run, prepared.run_to = idle_run, idle_run_to
+        result = engine.infer(frame)
+        ms[clock] = (result.ms, result.full_ms, result.clock)
+    assert ms["auto"][2] == THREAD_CLOCK and ms["wall"][2] == WALL_CLOCK
+    assert ms["wall"][0] >= 50 and ms["auto"][0] < 25, ms  # the 50 ms asleep count only on the wall clock
+    # the full model's reference: the median of one run awake and one asleep, on the same clock
+    assert ms["auto"][1] < 25 <= ms["wall"][1], ms
+
+
+def test_more_threads_or_a_wrong_clock_name(bundle_path, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # other threads' work would not count
+    frame = np.zeros((32, 32, 3), dtype=np.uint8)
+    assert Engine(bundle_path, device="cpu", latency_repeats=2).infer(frame).clock == WALL_CLOCK
+    with pytest.raises(ValueError, match="unknown clock 'cpu'"):
+        Engine(bundle_path, device="cpu", clock="cpu")

@@ -13,7 +13,7 @@ import pyqtgraph as pg
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QGridLayout, QLabel, QSizePolicy, QVBoxLayout, QWidget
 
-from engine.totals import percentiles_ms
+from engine.totals import THREAD_CLOCK, percentiles_ms
 
 from ..state import ModelInfo, RunningTotals, format_flops, signed_percent
 from .theme import NORMAL, Theme
@@ -169,7 +169,8 @@ class ComputePanel(QWidget):
                 full_ms = stats.full_ms / stats.frames
                 typical = stats.typical_ms if stats.typical_ms is not None else mean_ms
                 full = f" · time saved {signed_percent(stats.saved_ms, 1)}"
-                times = f"typical frame {typical:.2f} ms · full model {full_ms:.2f} ms (live medians)"
+                how = "live medians" if getattr(stats.last, "clock", "") != THREAD_CLOCK else "medians, CPU time"
+                times = f"typical frame {typical:.2f} ms · full model {full_ms:.2f} ms ({how})"
             elif stats.full_ms:
                 full = f" · {mean_ms:.2f} ms per frame"
                 times = f"full model {stats.full_ms / stats.frames:.2f} ms (profiled)"

@@ -9,10 +9,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from torchvision.datasets.folder import IMG_EXTENSIONS
-
 from .. import images
-from ..images import ImageError
+from ..images import IMAGE_EXTENSIONS, ImageError
 from ..progress import CancelFlag, ProgressFn, report
 from .layout import Location, all_images, class_names, list_classes, locate
 from .zips import read_member, zip_entry, zip_members
@@ -49,7 +47,7 @@ class FolderReport:
                              "skipped (see the report).")
         if self.total == 0:
             raise ValueError(f"{self.path} has no images in its class folders; image files end in "
-                             f"{', '.join(IMG_EXTENSIONS)}.")
+                             f"{', '.join(IMAGE_EXTENSIONS)}.")
         usable = [c for c, n in self.counts.items() if n > 0]
         if len(usable) < 2:
             raise ValueError(f"{self.path} has images of only one class ({usable[0]!r}); a classifier needs at "
@@ -178,7 +176,7 @@ class UnlabelledReport:
         if self.count < minimum:
             why = f" (all {len(self.skipped)} image files were skipped)" if self.skipped else ""
             raise ValueError(f"{self.path} has {self.count} readable images{why}; distilling exits needs at least "
-                             f"{minimum}, in any sub-folders, ending in {', '.join(IMG_EXTENSIONS)}.")
+                             f"{minimum}, in any sub-folders, ending in {', '.join(IMAGE_EXTENSIONS)}.")
 
 
 def _relative(src: str, root: str) -> str:

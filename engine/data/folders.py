@@ -18,9 +18,8 @@ from typing import Callable, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from ..images import load_image
+from ..images import IMAGE_EXTENSIONS, load_image
 from .checks import FolderReport, UnlabelledReport, failure_reason
 from .layout import Listing, Location, all_images, class_names, list_classes, locate
 from .zips import read_member, zip_entry, zip_members
@@ -145,7 +144,7 @@ def _raise_no_images(loc: Location, listing: Listing):
         raise ValueError(f"{loc.display} has no class sub-folders{hint}; put each class's images in its own "
                          f"folder, e.g. {loc.display.rstrip('/')}/cat/1.jpg.")
     raise ValueError(f"{loc.display} has no images in its class folders ({', '.join(listing.files)}); "
-                     f"image files end in {', '.join(IMG_EXTENSIONS)}.")
+                     f"image files end in {', '.join(IMAGE_EXTENSIONS)}.")
 
 
 # -- unlabelled images --------------------------------------------------------------------------
@@ -158,7 +157,7 @@ def open_unlabelled(path: str | os.PathLike, split: str | None = None, *, report
     skip = {src for src, _ in report.skipped} if report is not None else set()
     samples = [(src, UNLABELLED) for src, size in all_images(loc, []) if size > 0 and loc.name(src) not in skip]
     if not samples:
-        raise ValueError(f"{loc.display} has no images; image files end in {', '.join(IMG_EXTENSIONS)}.")
+        raise ValueError(f"{loc.display} has no images; image files end in {', '.join(IMAGE_EXTENSIONS)}.")
     return ImageFolderData(samples, [], root=loc.display, archive=loc.archive, split=split, transform=transform)
 
 

@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from torchvision.datasets.folder import IMG_EXTENSIONS
-
+from ..images import IMAGE_EXTENSIONS
 from ..walk import TreeWalker, hidden, real_first
 from .zips import zip_members
 
@@ -18,8 +17,8 @@ SPLITS = ("train", "test", "val")
 
 
 def is_image_name(name: str) -> bool:
-    """True when `name` ends in an image extension torchvision knows (any case)."""
-    return name.lower().endswith(IMG_EXTENSIONS)
+    """True when `name` ends in an image extension Offramp reads (`engine.images.IMAGE_EXTENSIONS`, any case)."""
+    return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,80 @@
+"""Benchmark: the time a staged run saves when frames come paced, as from a camera, against back to
+back. The built-in bundle's default policy runs on CIFAR-10 test images through `Engine.infer`,
+exactly as the window's inference thread runs it (one thread; every 10th frame the full model is
+timed first, on the caches the frame meets; frames timed by the thread's CPU time where that is
+the model's whole compute, `Engine`'s clock="auto"). Between frames the thread sleeps `gap` ms.
+Prints, per gap and clock, the typical frame's time (`RunningTotals.typical_ms`), the full model's
+live median and the time and FLOPs saved that the window's compute panel shows.
+
+    .venv/bin/python tests/benchmarks/paced_time_saved.py --data ../shared/data/cifar10-jpg.zip \
+        [--frames 1000 --gaps 0 5 33]
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from engine.runtime import Engine  # noqa: E402
+
+REFERENCE_EVERY = 10  # as app.workers runs the engine
+
+
+def frames_from(data: str | None, n: int, seed: int = 0) -> list[np.ndarray]:
+    """n BGR test images from the CIFAR-10 zip or folder (its test/ part), else random 32×32 ones."""
+    rng = random.Random(seed)
+    if data is None:
+        gen = np.random.default_rng(seed)
+        return [gen.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(n)]
+    if zipfile.is_zipfile(data):
+        with zipfile.ZipFile(data) as z:
+            names = sorted(m for m in z.namelist() if "/test/" in f"/{m}" and m.lower().endswith((".jpg", ".png")))
+            return [cv2.imdecode(np.frombuffer(z.read(m), np.uint8), cv2.IMREAD_COLOR)
+                    for m in rng.sample(names, min(n, len(names)))]
+    files = sorted(p for p in Path(data, "test").rglob("*") if p.suffix.lower() in (".jpg", ".png"))
+    return [cv2.imread(str(p)) for p in rng.sample(files, min(n, len(files)))]
+
+
+def run(images: list[np.ndarray], frames: int, gap_ms: float, clock: str) -> dict:
+    engine = Engine(None, device="cpu", reference_every=REFERENCE_EVERY, clock=clock)
+    engine.infer(images[0])  # graphs made before the count starts, as the window's load does
+    engine.reset_totals()
+    result = None
+    for i in range(frames):
+        result = engine.infer(images[i % len(images)])
+        if gap_ms:
+            time.sleep(gap_ms / 1000.0)
+    t = result.totals
+    return {"clock": result.clock, "typical_ms": t.typical_ms, "full_ms": result.full_ms, "saved_ms": t.saved_ms,
+            "saved": t.saved}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", help="the CIFAR-10 zip or folder (default: random images)")
+    p.add_argument("--frames", type=int, default=1000, help="frames per gap and clock")
+    p.add_argument("--gaps", type=float, nargs="+", default=[0.0, 5.0, 33.0], help="ms between frames")
+    p.add_argument("--clocks", nargs="+", default=["auto", "wall"], choices=["auto", "wall"])
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    images = frames_from(args.data, 200)
+    for gap in args.gaps:
+        for clock in args.clocks:
+            r = run(images, args.frames, gap, clock)
+            print(f"gap {gap:4.0f} ms, {r['clock']:15s}: typical frame {r['typical_ms']:.3f} ms, full model "
+                  f"{r['full_ms']:.3f} ms: time saved {100 * r['saved_ms']:5.1f} % (FLOPs saved {100 * r['saved']:.1f} %)",
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
