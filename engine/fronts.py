@@ -81,7 +81,8 @@ def target_index(points: Sequence[dict], full_accuracy: float, *, max_loss: floa
 
 def search_bundle(bundle: Bundle, records: Records, *, max_loss: float = 0.005, budget: float | None = None,
                   measure: str = "max_prob", split: dict | None = None,
-                  test_records: Records | None = None) -> tuple[Bundle, dict]:
+                  test_records: Records | None = None, progress: ProgressFn | None = None,
+                  cancel: CancelFlag | None = None) -> tuple[Bundle, dict]:
     """DyCE search on calibration `records`: a copy of `bundle` whose meta["front"] is the circular
     search's front, each point's figures out of fold (`crossfit_dyce_front`: what the search does
     on images it did not see; what the app's budget slider walks and shows), meta["default_point"]
@@ -91,12 +92,13 @@ def search_bundle(bundle: Bundle, records: Records, *, max_loss: float = 0.005, 
     is that configuration. meta["search"] keeps the one-pass and shared-threshold fronts for
     comparison, and meta["search"]["budget"] the chosen configuration's figures against the budget
     (`budget_report`) on calibration and on `test_records` (a split the choice never saw).
-    Returns (bundle, summary). Raises ValueError for empty records or a budget outside (0, 1]."""
+    Returns (bundle, summary). Raises ValueError for empty records or a budget outside (0, 1],
+    Cancelled when `cancel` is set during the cross-fitting (`progress` hears of it)."""
     if budget is not None:
         budget = check_budget(budget)
     t0 = time.perf_counter()
     cost = model_cost(bundle)
-    fronts = {"circular": crossfit_dyce_front(records, cost, measure=measure),
+    fronts = {"circular": crossfit_dyce_front(records, cost, measure=measure, progress=progress, cancel=cancel),
               **{m: search_front(records, cost, m, measure=measure) for m in ("one_pass", "shared")}}
     full = accuracy_per_exit(records)[-1]
     target = {"max_loss": None if budget is not None else max_loss, "budget": budget, "full_flops": cost.full_flops}

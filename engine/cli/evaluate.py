@@ -137,7 +137,8 @@ def _search(args) -> int:
     if records is None:  # another rank than 0 under torchrun: its parts are recorded
         return 0
     searched, rep = search_bundle(bundle, records, max_loss=args.max_loss / 100, budget=args.budget,
-                                  measure=args.measure, split=splits.describe(), test_records=test)
+                                  measure=args.measure, split=splits.describe(), test_records=test,
+                                  progress=progress)
     full, flops = rep["full_accuracy"], rep["full_flops"]
     print(f"DyCE front on {records.num_samples} calibration images ({len(rep['front'])} configurations; "
           f"last exit {pct(full)}), scored out of fold (each image decided by the search run without it); "
