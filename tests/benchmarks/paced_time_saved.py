@@ -6,8 +6,12 @@ the model's whole compute, `Engine`'s clock="auto"). Between frames the thread s
 Prints, per gap and clock, the typical frame's time (`RunningTotals.typical_ms`), the full model's
 live median and the time and FLOPs saved that the window's compute panel shows.
 
+`--off E [E ...]` also runs the default policy with those early exits switched off (an exit that
+seldom fires still costs every frame that passes it a graph call and a decision, which cost most
+after a pause), and prints each variant's accuracy on the whole test split.
+
     .venv/bin/python tests/benchmarks/paced_time_saved.py --data ../shared/data/cifar10-jpg.zip \
-        [--frames 1000 --gaps 0 5 33]
+        [--frames 1000 --gaps 0 5 33 --runtime torch|onnxruntime --off 0 1 3]
 """
 from __future__ import annotations
 
@@ -24,7 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from engine.bundle import default_bundle_path, load_bundle  # noqa: E402
+from engine.evaluate import accuracy_per_exit, evaluate_policy, record_outputs  # noqa: E402
+from engine.fronts import model_cost  # noqa: E402
+from engine.policies import ThresholdPolicy  # noqa: E402
 from engine.runtime import Engine  # noqa: E402
+from engine.splits import open_splits  # noqa: E402
 
 REFERENCE_EVERY = 10  # as app.workers runs the engine
 
@@ -44,8 +53,11 @@ def frames_from(data: str | None, n: int, seed: int = 0) -> list[np.ndarray]:
     return [cv2.imread(str(p)) for p in rng.sample(files, min(n, len(files)))]
 
 
-def run(images: list[np.ndarray], frames: int, gap_ms: float, clock: str) -> dict:
-    engine = Engine(None, device="cpu", reference_every=REFERENCE_EVERY, clock=clock)
+def run(images: list[np.ndarray], frames: int, gap_ms: float, clock: str, runtime: str = "torch",
+        policy=None) -> dict:
+    engine = Engine(None, device="cpu", reference_every=REFERENCE_EVERY, clock=clock, runtime=runtime)
+    if policy is not None:
+        engine.set_policy(policy)
     engine.infer(images[0])  # graphs made before the count starts, as the window's load does
     engine.reset_totals()
     result = None
@@ -64,16 +76,41 @@ def main() -> int:
     p.add_argument("--frames", type=int, default=1000, help="frames per gap and clock")
     p.add_argument("--gaps", type=float, nargs="+", default=[0.0, 5.0, 33.0], help="ms between frames")
     p.add_argument("--clocks", nargs="+", default=["auto", "wall"], choices=["auto", "wall"])
+    p.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime"])
+    p.add_argument("--off", type=int, nargs="+", help="also the default policy with these early exits off")
     args = p.parse_args()
     torch.set_num_threads(1)
     images = frames_from(args.data, 200)
-    for gap in args.gaps:
-        for clock in args.clocks:
-            r = run(images, args.frames, gap, clock)
-            print(f"gap {gap:4.0f} ms, {r['clock']:15s}: typical frame {r['typical_ms']:.3f} ms, full model "
-                  f"{r['full_ms']:.3f} ms: time saved {100 * r['saved_ms']:5.1f} % (FLOPs saved {100 * r['saved']:.1f} %)",
-                  flush=True)
+    bundle = load_bundle(default_bundle_path())
+    default = bundle.policies[bundle.default_policy]
+    variants = {"default policy": None}
+    if args.off:
+        if default.thresholds is None or not all(0 <= e < len(default.thresholds) - 1 for e in args.off):
+            p.error(f"--off takes early exits of the default threshold policy, 0..{bundle.model.num_exits - 2}")
+        limits = [None if e in args.off else t for e, t in enumerate(default.thresholds)]
+        variants[f"exits {', '.join(map(str, args.off))} off"] = ThresholdPolicy(limits, default.measure)
+        if args.data:
+            accuracy_on_test(bundle, args.data, {k: v or default for k, v in variants.items()})
+    for name, policy in variants.items():
+        for gap in args.gaps:
+            for clock in args.clocks:
+                r = run(images, args.frames, gap, clock, args.runtime, policy)
+                print(f"{name}, gap {gap:4.0f} ms, {r['clock']:15s}: typical frame {r['typical_ms']:.3f} ms, full "
+                      f"model {r['full_ms']:.3f} ms: time saved {100 * r['saved_ms']:5.1f} % (FLOPs saved "
+                      f"{100 * r['saved']:.1f} %)", flush=True)
     return 0
+
+
+def accuracy_on_test(bundle, data: str, policies: dict) -> None:
+    """Each policy's accuracy and FLOPs saved on the whole test split, against the last exit's."""
+    model = bundle.model.eval()
+    test = record_outputs(model, open_splits(data, model.backbone.preset, classes=model.class_names).test)
+    cost = model_cost(bundle)
+    full = accuracy_per_exit(test)[-1]
+    for name, policy in policies.items():
+        ev = evaluate_policy(test, policy, cost)
+        print(f"{name}: test accuracy {100 * ev['accuracy']:.2f} % ({100 * (ev['accuracy'] - full):+.2f} points), "
+              f"{100 * ev['saved']:.1f} % of the FLOPs saved", flush=True)
 
 
 if __name__ == "__main__":
