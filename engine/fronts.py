@@ -10,9 +10,12 @@ budget: a fraction of the full model's FLOPs, `engine.budget`) picks the point a
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 from dataclasses import replace
 from typing import Sequence
+
+import torch
 
 from .budget import budget_check, check_budget, within_budget
 from .bundle import Bundle
@@ -81,8 +84,8 @@ def target_index(points: Sequence[dict], full_accuracy: float, *, max_loss: floa
 
 def search_bundle(bundle: Bundle, records: Records, *, max_loss: float = 0.005, budget: float | None = None,
                   measure: str = "max_prob", split: dict | None = None,
-                  test_records: Records | None = None, progress: ProgressFn | None = None,
-                  cancel: CancelFlag | None = None) -> tuple[Bundle, dict]:
+                  test_records: Records | None = None, exit_cost_ms: float = 0.0,
+                  progress: ProgressFn | None = None, cancel: CancelFlag | None = None) -> tuple[Bundle, dict]:
     """DyCE search on calibration `records`: a copy of `bundle` whose meta["front"] is the circular
     search's front, each point's figures out of fold (`crossfit_dyce_front`: what the search does
     on images it did not see; what the app's budget slider walks and shows), meta["default_point"]
@@ -92,13 +95,19 @@ def search_bundle(bundle: Bundle, records: Records, *, max_loss: float = 0.005, 
     is that configuration. meta["search"] keeps the one-pass and shared-threshold fronts for
     comparison, and meta["search"]["budget"] the chosen configuration's figures against the budget
     (`budget_report`) on calibration and on `test_records` (a split the choice never saw).
-    Returns (bundle, summary). Raises ValueError for empty records or a budget outside (0, 1],
+    `exit_cost_ms` > 0: the search charges every active early exit that many milliseconds more (its
+    graph call and decision, which cost most when frames come paced:
+    tests/benchmarks/paced_time_saved.py), as FLOPs at the full model's rate (`full_model_ms`);
+    the front's FLOPs are still those that run.
+    Returns (bundle, summary). Raises ValueError for empty records or a budget outside (0, 1];
     Cancelled when `cancel` is set during the cross-fitting (`progress` hears of it)."""
     if budget is not None:
         budget = check_budget(budget)
     t0 = time.perf_counter()
     cost = model_cost(bundle)
-    fronts = {"circular": crossfit_dyce_front(records, cost, measure=measure, progress=progress, cancel=cancel),
+    step_flops = exit_cost_ms * cost.full_flops / full_model_ms(bundle) if exit_cost_ms > 0 else 0.0
+    fronts = {"circular": crossfit_dyce_front(records, cost, measure=measure, step_flops=step_flops,
+                                              progress=progress, cancel=cancel),
               **{m: search_front(records, cost, m, measure=measure) for m in ("one_pass", "shared")}}
     full = accuracy_per_exit(records)[-1]
     target = {"max_loss": None if budget is not None else max_loss, "budget": budget, "full_flops": cost.full_flops}
@@ -113,12 +122,36 @@ def search_bundle(bundle: Bundle, records: Records, *, max_loss: float = 0.005, 
     meta["search"] = {"method": "DyCE circular search from one-pass for each λ, scored out of fold (4 folds, 3 deals)",
                       "measure": measure, "split": split or {}, "samples": records.num_samples,
                       "full_accuracy": full, "target": {"max_loss": target["max_loss"], "budget": budget},
+                      "exit_cost_ms": exit_cost_ms, "exit_cost_flops": step_flops,
                       "budget": checked, "chosen": point, "one_pass_front": fronts["one_pass"],
                       "shared_front": fronts["shared"], "seconds": round(time.perf_counter() - t0, 2)}
     searched = replace(bundle, policies={**bundle.policies, "threshold": policy}, default_policy="threshold",
                        meta=meta)
     return searched, {"front": fronts["circular"], "index": index, "full_accuracy": full, "at_target": at_target,
                       "full_flops": cost.full_flops, "budget": checked}
+
+
+def full_model_ms(bundle: Bundle, repeats: int = 50) -> float:
+    """The full model's median ms for one image on the CPU with one thread, run as the app runs it
+    (`engine.prepared`): the rate at which `search_bundle` turns an exit's milliseconds into FLOPs."""
+    from .prepared import prepare
+    model = bundle.model.eval()
+    crop = model.backbone.preset.crop
+    x = torch.zeros(1, 3, crop, crop)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        form = prepare(model)
+        times = []
+        with torch.inference_mode():
+            for i in range(repeats + 5):
+                start = time.perf_counter()
+                form.run_to(x)
+                if i >= 5:  # the first runs make and specialise the graph
+                    times.append((time.perf_counter() - start) * 1000.0)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times)
 
 
 def budget_report(point: dict, policy: ThresholdPolicy, cost: CostTable, budget: float | None,

@@ -330,3 +330,25 @@ def test_too_few_records_to_hold_out_give_the_in_sample_front():
     from engine.train.dyce import crossfit_dyce_front
     few, cost = _random_records(n=3, seed=0), _cost()
     assert crossfit_dyce_front(few, cost) == search_front(few, cost, "circular")
+
+
+def test_charging_each_active_exit_switches_seldom_firing_ones_off():
+    """An exit's graph call and decision cost time beyond its head's FLOPs on every frame that
+    passes it; a search charged for that (`step_flops`) keeps fewer exits on, and its points still
+    carry the FLOPs that run."""
+    from engine.train.dyce import charged, crossfit_dyce_front
+    records, cost = _random_records(n=400, seed=2, e=5), _cost(e=5)
+    lambdas = [0.02, 0.05, 0.1, 0.2, 0.5]
+
+    def active(front):
+        searched = [p for p in front if p["method"] == "circular"]
+        return sum(sum(t is not None for t in p["policy"]["thresholds"][:-1]) for p in searched) / len(searched)
+    plain = crossfit_dyce_front(records, cost, lambdas, folds=2, repeats=1)
+    dear = crossfit_dyce_front(records, cost, lambdas, folds=2, repeats=1, step_flops=cost.full_flops / 4)
+    assert active(dear) < active(plain), (active(dear), active(plain))
+    for p in dear:  # the FLOPs that run, not the charged ones
+        if p["method"] == "circular":
+            assert p["in_sample"]["flops"] == pytest.approx(evaluate_policy(
+                records, ThresholdPolicy(p["policy"]["thresholds"], p["policy"]["measure"]), cost)["mean_flops"])
+    table = charged(cost, 3.0)
+    assert table.policy_flops == [3.5, 3.5, 3.5, 3.5, 0.5] and charged(cost, 0.0) is cost

@@ -11,14 +11,15 @@ those of the *search at that λ* on images it did not see (there: 0.44 point los
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import torch
 
 from ..cost import CostTable
-from ..evaluate import _correct, full_model_point, loss_standard_error, pareto
+from ..evaluate import _correct, evaluate_policy, full_model_point, loss_standard_error, pareto
 from ..files import json_text
-from ..policies import simulate
+from ..policies import ThresholdPolicy, simulate
 from ..progress import CancelFlag, ProgressFn, report
 from ..records import Records
 from ..search import circular, default_lambdas, search_front
@@ -32,7 +33,7 @@ CROSSFIT_LAMBDAS = tuple(default_lambdas(64))
 
 def crossfit_dyce_front(records: Records, cost: CostTable, lambdas: Sequence[float] = CROSSFIT_LAMBDAS, *,
                         measure: str = "max_prob", folds: int = CROSSFIT_FOLDS, repeats: int = CROSSFIT_REPEATS,
-                        seed: int = 0, progress: ProgressFn | None = None,
+                        seed: int = 0, step_flops: float = 0.0, progress: ProgressFn | None = None,
                         cancel: CancelFlag | None = None) -> list[dict]:
     """Pareto front (cheapest first) of the circular search's configuration for each of
     `lambdas`, searched on all `records`, each scored out of fold: accuracy, loss_se, flops,
@@ -43,11 +44,18 @@ def crossfit_dyce_front(records: Records, cost: CostTable, lambdas: Sequence[flo
     lambda (the first), in_sample {accuracy, flops} (the configuration on the records it was
     searched on), folds and repeats. The full model's point
     (method "full") is on the front. With fewer than 4 records there is nothing to hold out: the
-    in-sample `search_front`. Raises Cancelled when cancelled."""
+    in-sample `search_front`.
+
+    `step_flops` > 0: the search charges every active early exit that much more (`charged`), as the
+    price of the graph call and decision it adds to every frame that passes it, in FLOPs at the
+    full model's rate; so an exit that seldom fires is switched off. The points still carry the
+    FLOPs that run (`cost`). Raises Cancelled when cancelled."""
     n, e = records.num_samples, records.num_exits
     folds = min(folds, n // 2)
+    searched = charged(cost, step_flops)
     if folds < 2:
-        return search_front(records, cost, "circular", measure=measure)
+        points = search_front(records, searched, "circular", measure=measure)
+        return pareto([{**p, **_true_cost(records, cost, p)} for p in points]) if step_flops > 0 else points
     correct = _correct(records).double()
     lambdas = [float(lam) for lam in lambdas]
     right = torch.zeros(len(lambdas), n, dtype=torch.float64)
@@ -62,7 +70,7 @@ def crossfit_dyce_front(records: Records, cost: CostTable, lambdas: Sequence[flo
             held = (fold == k).nonzero().squeeze(1)
             fit = records.subset((fold != k).nonzero().squeeze(1))
             for i, lam in enumerate(lambdas):
-                policy = circular(fit, cost, lam, measure=measure)
+                policy = circular(fit, searched, lam, measure=measure)
                 exits = simulate(policy, records.logits[held])
                 active = policy.active_exits(e)  # each fold's configuration pays for its own heads
                 right[i, held] += correct[held, exits]
@@ -77,7 +85,7 @@ def crossfit_dyce_front(records: Records, cost: CostTable, lambdas: Sequence[flo
     same: dict[str, list[int]] = {}
     final = {}
     for i, lam in enumerate(lambdas):
-        policy = circular(records, cost, lam, measure=measure)
+        policy = circular(records, searched, lam, measure=measure)
         key = json_text(policy.to_json())
         same.setdefault(key, []).append(i)
         final[key] = policy
@@ -100,3 +108,20 @@ def crossfit_dyce_front(records: Records, cost: CostTable, lambdas: Sequence[flo
                                 "flops": torch.tensor(mine, dtype=torch.float64)[own].mean().item()})
         points.append(point)
     return pareto([full, *points])  # the full model first: it wins exact ties
+
+
+def charged(cost: CostTable, step_flops: float) -> CostTable:
+    """`cost` with `step_flops` more decision cost at every early exit (the last decides nothing)."""
+    if step_flops <= 0:
+        return cost
+    return replace(cost, policy_flops=[p + step_flops for p in cost.policy_flops[:-1]] + cost.policy_flops[-1:])
+
+
+def _true_cost(records: Records, cost: CostTable, point: dict) -> dict:
+    """A searched point's flops, saved[, ms, speedup] under `cost` (what runs), not the charged table."""
+    policy = ThresholdPolicy(point["policy"]["thresholds"], point["policy"].get("measure", "max_prob"))
+    ev = evaluate_policy(records, policy, cost)
+    out = {"flops": ev["mean_flops"], "saved": ev["saved"]}
+    if "mean_ms" in ev:
+        out.update(ms=ev["mean_ms"], speedup=ev["speedup"])
+    return out

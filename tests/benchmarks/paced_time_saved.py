@@ -1,5 +1,5 @@
 """Benchmark: the time a staged run saves when frames come paced, as from a camera, against back to
-back. The built-in bundle's default policy runs on CIFAR-10 test images through `Engine.infer`,
+back. The built-in bundle's (or --bundle's) default policy runs on CIFAR-10 test images through `Engine.infer`,
 exactly as the window's inference thread runs it (one thread; every 10th frame the full model is
 timed first, on the caches the frame meets; frames timed by the thread's CPU time where that is
 the model's whole compute, `Engine`'s clock="auto"). Between frames the thread sleeps `gap` ms.
@@ -54,8 +54,8 @@ def frames_from(data: str | None, n: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def run(images: list[np.ndarray], frames: int, gap_ms: float, clock: str, runtime: str = "torch",
-        policy=None) -> dict:
-    engine = Engine(None, device="cpu", reference_every=REFERENCE_EVERY, clock=clock, runtime=runtime)
+        policy=None, bundle=None) -> dict:
+    engine = Engine(bundle, device="cpu", reference_every=REFERENCE_EVERY, clock=clock, runtime=runtime)
     if policy is not None:
         engine.set_policy(policy)
     engine.infer(images[0])  # graphs made before the count starts, as the window's load does
@@ -78,10 +78,11 @@ def main() -> int:
     p.add_argument("--clocks", nargs="+", default=["auto", "wall"], choices=["auto", "wall"])
     p.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime"])
     p.add_argument("--off", type=int, nargs="+", help="also the default policy with these early exits off")
+    p.add_argument("--bundle", default=str(default_bundle_path()), help="default: the built-in bundle")
     args = p.parse_args()
     torch.set_num_threads(1)
     images = frames_from(args.data, 200)
-    bundle = load_bundle(default_bundle_path())
+    bundle = load_bundle(args.bundle)
     default = bundle.policies[bundle.default_policy]
     variants = {"default policy": None}
     if args.off:
@@ -89,12 +90,12 @@ def main() -> int:
             p.error(f"--off takes early exits of the default threshold policy, 0..{bundle.model.num_exits - 2}")
         limits = [None if e in args.off else t for e, t in enumerate(default.thresholds)]
         variants[f"exits {', '.join(map(str, args.off))} off"] = ThresholdPolicy(limits, default.measure)
-        if args.data:
-            accuracy_on_test(bundle, args.data, {k: v or default for k, v in variants.items()})
+    if args.data:
+        accuracy_on_test(bundle, args.data, {k: v or default for k, v in variants.items()})
     for name, policy in variants.items():
         for gap in args.gaps:
             for clock in args.clocks:
-                r = run(images, args.frames, gap, clock, args.runtime, policy)
+                r = run(images, args.frames, gap, clock, args.runtime, policy, bundle)
                 print(f"{name}, gap {gap:4.0f} ms, {r['clock']:15s}: typical frame {r['typical_ms']:.3f} ms, full "
                       f"model {r['full_ms']:.3f} ms: time saved {100 * r['saved_ms']:5.1f} % (FLOPs saved "
                       f"{100 * r['saved']:.1f} %)", flush=True)
