@@ -4,7 +4,8 @@ exactly as the window's inference thread runs it (one thread; every 10th frame t
 timed first, on the caches the frame meets; frames timed by the thread's CPU time where that is
 the model's whole compute, `Engine`'s clock="auto"). Between frames the thread sleeps `gap` ms.
 Prints, per gap and clock, the typical frame's time (`RunningTotals.typical_ms`), the full model's
-live median and the time and FLOPs saved that the window's compute panel shows.
+live median and the time and FLOPs saved that the window's compute panel shows, and each exit's
+median time (of the latest frames that left there).
 
 `--off E [E ...]` also runs the default policy with those early exits switched off (an exit that
 seldom fires still costs every frame that passes it a graph call and a decision, which cost most
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import sys
 import time
 import zipfile
@@ -66,8 +68,9 @@ def run(images: list[np.ndarray], frames: int, gap_ms: float, clock: str, runtim
         if gap_ms:
             time.sleep(gap_ms / 1000.0)
     t = result.totals
+    per_exit = [(len(times), statistics.median(times)) if times else (0, None) for times in t.exit_ms]
     return {"clock": result.clock, "typical_ms": t.typical_ms, "full_ms": result.full_ms, "saved_ms": t.saved_ms,
-            "saved": t.saved}
+            "saved": t.saved, "per_exit": per_exit}
 
 
 def main() -> int:
@@ -99,6 +102,8 @@ def main() -> int:
                 print(f"{name}, gap {gap:4.0f} ms, {r['clock']:15s}: typical frame {r['typical_ms']:.3f} ms, full "
                       f"model {r['full_ms']:.3f} ms: time saved {100 * r['saved_ms']:5.1f} % (FLOPs saved "
                       f"{100 * r['saved']:.1f} %)", flush=True)
+                print("    per exit, median ms (frames): " + ", ".join(
+                    f"E{e} {ms:.3f} ({n})" for e, (n, ms) in enumerate(r["per_exit"]) if n), flush=True)
     return 0
 
 
