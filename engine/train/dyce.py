@@ -42,9 +42,8 @@ def crossfit_dyce_front(records: Records, cost: CostTable, lambdas: Sequence[flo
     λ values whose searches on all the records end in the same configuration make one point, with
     the mean of their figures. Each point also has policy, method "circular", lambdas (those λ),
     lambda (the first), in_sample {accuracy, flops} (the configuration on the records it was
-    searched on), folds and repeats. The full model's point
-    (method "full") is on the front. With fewer than 4 records there is nothing to hold out: the
-    in-sample `search_front`.
+    searched on), folds and repeats. The full model's point (method "full") is on the front. With
+    fewer than 4 records there is nothing to hold out: the in-sample `search_front`.
 
     `step_flops` > 0: the search charges every active early exit that much more (`charged`), as the
     price of the graph call and decision it adds to every frame that passes it, in FLOPs at the
