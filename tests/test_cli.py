@@ -59,6 +59,7 @@ def test_run_on_a_folder_prints_exit_label_and_cost(trained_bundle, ten_class_fo
     assert len(lines) == 3
     for r in lines:
         assert 0 <= r["exit"] <= 2 and r["flops"] <= r["full_flops"] * 1.5 and r["label"]
+        assert r["ms"] > 0 and r["clock"] in ("thread CPU time", "wall clock")  # what timed it
     assert main(["run", str(trained_bundle), str(images[0]), "--threshold", "0"]) == 0
     assert "at exit E0 of 3" in capsys.readouterr().out
 

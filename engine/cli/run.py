@@ -78,7 +78,7 @@ def cmd_run(args) -> int:
         classified += 1
         if args.json:
             print(json_text({"source": source, "exit": r.exit_index, "label": r.label, "confidence": r.confidence,
-                              "flops": r.flops, "full_flops": r.full_flops, "saved": r.saved, "ms": r.ms,
+                              "flops": r.flops, "full_flops": r.full_flops, "saved": r.saved, "ms": r.ms, "clock": r.clock,
                               "exits": [{"exit": x.exit_index, "confidence": x.confidence, "top": x.top_k[0][0]}
                                         for x in r.exits]}))
         else:
