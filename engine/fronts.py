@@ -10,7 +10,6 @@ budget: a fraction of the full model's FLOPs, `engine.budget`) picks the point a
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 from dataclasses import replace
 from typing import Sequence
@@ -20,11 +19,13 @@ import torch
 from .budget import budget_check, check_budget, within_budget
 from .bundle import Bundle
 from .cost import CostTable, measure_costs
+from .cost import _median_ms as median_ms
 from .evaluate import accuracy_per_exit, evaluate_policy, pick_point
 from .policies import Policy, ThresholdPolicy
 from .progress import CancelFlag, ProgressFn
 from .records import Records
 from .search import search_front
+from .speed import prepared_form
 from .train import get_trainer, list_trainers
 from .train.dyce import crossfit_dyce_front
 
@@ -134,24 +135,16 @@ def search_bundle(bundle: Bundle, records: Records, *, max_loss: float = 0.005, 
 def full_model_ms(bundle: Bundle, repeats: int = 50) -> float:
     """The full model's median ms for one image on the CPU with one thread, run as the app runs it
     (`engine.prepared`): the rate at which `search_bundle` turns an exit's milliseconds into FLOPs."""
-    from .prepared import prepare
     model = bundle.model.eval()
     crop = model.backbone.preset.crop
-    x = torch.zeros(1, 3, crop, crop)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        form = prepare(model)
-        times = []
-        with torch.inference_mode():
-            for i in range(repeats + 5):
-                start = time.perf_counter()
-                form.run_to(x)
-                if i >= 5:  # the first runs make and specialise the graph
-                    times.append((time.perf_counter() - start) * 1000.0)
+        with torch.inference_mode():  # warm-up runs make and specialise the graph
+            return median_ms(prepared_form(model).run_to, torch.zeros(1, 3, crop, crop), torch.device("cpu"),
+                             repeats, warmup=5)[0]
     finally:
         torch.set_num_threads(threads)
-    return statistics.median(times)
 
 
 def budget_report(point: dict, policy: ThresholdPolicy, cost: CostTable, budget: float | None,

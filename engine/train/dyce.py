@@ -81,16 +81,13 @@ def crossfit_dyce_front(records: Records, cost: CostTable, lambdas: Sequence[flo
     full.pop("threshold", None)
     # λ values whose searches on all the records end in the same configuration are one point: its
     # figures are the mean of theirs (each an estimate of what that configuration's search does)
-    same: dict[str, list[int]] = {}
-    final = {}
+    same: dict[str, tuple[ThresholdPolicy, list[int]]] = {}
     for i, lam in enumerate(lambdas):
         policy = circular(records, searched, lam, measure=measure)
-        key = json_text(policy.to_json())
-        same.setdefault(key, []).append(i)
-        final[key] = policy
+        same.setdefault(json_text(policy.to_json()), (policy, []))[1].append(i)
     points = []
-    for key, idx in same.items():
-        policy, m = final[key], len(idx) * repeats
+    for policy, idx in same.values():
+        m = len(idx) * repeats
         picked = right[idx].sum(0) / m
         flops = spent[idx].sum(0).mean().item() / m
         point = {"policy": policy.to_json(), "accuracy": picked.mean().item(),
