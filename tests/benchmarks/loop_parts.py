@@ -6,7 +6,8 @@ on the same test images, interleaved in one process, one thread:
   +products   and each exit's pooled sum and products on the host (what the decision reads);
   +decisions  and the decisions, as `PreparedModel.run`'s loop makes them;
   +plan lookup  and finding the policy's plan first (`PreparedModel.plan`: its state key);
-  run         `PreparedModel.run` itself: also making the StagedOutput;
+  run         `PreparedModel.run` itself: the answer, its StagedOutput's tensors made when first read;
+  run + its tensors read  and every tensor of that StagedOutput (what `Engine` does after the clock);
 
 against the full model (`run_to`) and the point's FLOPs speed-up. Then the threshold point with
 each early exit that seldom fires switched off: what a search that charged an exit its time
@@ -62,7 +63,14 @@ def _parts(form, policy, images, fired):
                 return
             x = tap
     return {"graphs": graphs, "+products": products, "+decisions": decisions,
-            "+plan lookup": lambda i: decisions(i, lookup=True), "run": lambda i: form.run(images[i:i + 1], policy)}
+            "+plan lookup": lambda i: decisions(i, lookup=True), "run": lambda i: form.run(images[i:i + 1], policy),
+            "run + its tensors read": lambda i: _read(form.run(images[i:i + 1], policy))}
+
+
+def _read(out) -> None:
+    """Every tensor of a StagedOutput: a batch-1 run's are made on first read (`OneImageOutput`)."""
+    for name in ("exit_index", "logits", "exit_logits", "ran", "stages_run", "stage_calls"):
+        getattr(out, name)
 
 
 def main() -> int:
