@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 PROG = "offramp-app"
+MAX_TIMEOUT_S = (2**31 - 1) // 1000  # QTimer takes a 32-bit count of milliseconds
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,6 +47,30 @@ def _fail(message: str) -> int:
     return 2
 
 
+def max_threads() -> int:
+    """The most torch threads --threads takes: beyond a few per core they only wait for each other, and
+    a huge count makes OpenMP try to start that many threads, which can take the process down."""
+    return 4 * (os.cpu_count() or 1)
+
+
+def _check_output(args: argparse.Namespace, option: str) -> str | None:
+    """A one-line complaint about where `option` (--screenshot, --stats) would write, or None; said
+    before the run, which can take minutes, by the rule the CLI's outputs follow (`check_output_path`:
+    no folder, FIFO, device or broken link, and the folder must exist). A usable path is stored back
+    with `~` expanded, as it will be written."""
+    from engine.files import OutputPathError, check_output_path
+    dest = option.lstrip("-")
+    text = getattr(args, dest)
+    if text is None:
+        return None
+    try:
+        path = check_output_path(text, what=f"{dest} file", option=option)
+    except OutputPathError as e:
+        return str(e)
+    setattr(args, dest, str(path))
+    return None
+
+
 def _check(args: argparse.Namespace) -> str | None:
     """A one-line complaint about the arguments, or None when they are usable."""
     from .sources import SourceError, SourceSpec
@@ -57,6 +83,14 @@ def _check(args: argparse.Namespace) -> str | None:
         return f"--fps must be a number of frames per second above 0 (at most 10000), not {args.fps:g}"
     if args.fps is not None and not scripted:
         return "--fps paces a scripted run (--frames, --screenshot or --stats)"
+    if not (0 < args.timeout <= MAX_TIMEOUT_S):  # also refuses nan; Qt's timers count ms in 32 bits
+        return f"--timeout must be a number of seconds above 0 (at most {MAX_TIMEOUT_S}), not {args.timeout:.15g}"
+    if not (0 <= args.threads <= max_threads()):
+        return f"--threads must be 0 (torch's default) or 1 to {max_threads()}, not {args.threads}"
+    for option in ("--screenshot", "--stats"):
+        problem = _check_output(args, option)
+        if problem:
+            return problem
     source = args.source or (args.path if scripted else None)
     if source:
         try:

@@ -7,7 +7,11 @@ arrive in between), the figures are read and the window is grabbed. The JSON is 
 that is not a finite number is written as null.
 
 The JSON's frame figures are the session's running totals (`RunningTotals.to_json`): FLOPs and
-time saved, mean_ms and the p50_ms / p95_ms / p99_ms of the per-frame inference time.
+time saved, mean_ms and the p50_ms / p95_ms / p99_ms of the per-frame inference time;
+skipped_files counts the files of a folder left out as unreadable, and skipped names the first few.
+
+Folders and videos start again at their end, so any N can be reached; a still image gives one
+frame, and a run asking for more fails as soon as the image was read, not at its timeout.
 
 GUI-thread lateness is measured with a 10 ms timer: how much later than due each tick came is
 how long the GUI thread was busy or blocked.
@@ -27,6 +31,7 @@ from .session import Session
 from .state import LatenessMeter, ModelInfo
 
 PROBE_MS = 10
+SKIPPED_LISTED = 10  # unreadable files named in the JSON (all are counted)
 MEMORY_AT_FRAME = 500  # resident memory is read here and at the end: a long run must not grow
 
 
@@ -87,6 +92,9 @@ class ScriptedRun(QObject):
         session.model_loaded.connect(self._on_model_loaded)
         session.result.connect(self._on_result)
         session.error.connect(self._on_error)
+        session.source_position.connect(self._on_position)
+        session.source_ended.connect(self._on_source_ended)
+        self._read = 0  # frames the source handed out
         self._timeout = QTimer(self)
         self._timeout.setSingleShot(True)
         self._timeout.timeout.connect(self._on_timeout)
@@ -114,6 +122,19 @@ class ScriptedRun(QObject):
             self.probe.start()  # measure the GUI thread while frames flow, not while the model loads
         if self.shown >= self.frames:
             self._finish()
+
+    def _on_position(self, index: int, count: int, name: str) -> None:
+        self._read += 1
+
+    def _on_source_ended(self) -> None:
+        """A still image gives one frame and ends (folders and videos start again): with fewer frames
+        read than asked for, no more will come, so the run fails now instead of at its timeout. The
+        results of the frames read are still on their way, so `shown` cannot tell."""
+        if self.finished or self._read >= self.frames:
+            return
+        n = self._read
+        self._fail(f"{self.source} ended after {n} frame{'s' if n != 1 else ''}, fewer than the {self.frames} "
+                   f"asked for (a still image gives one): ask for {n} or open a folder or video, which play on")
 
     def _on_error(self, message: str) -> None:
         self._fail(message)
@@ -145,21 +166,25 @@ class ScriptedRun(QObject):
             "last": {"label": last.label, "confidence": last.confidence, "exit": last.exit_index} if last else None,
             "rss_mb_at_frame": MEMORY_AT_FRAME, "rss_mb_at": _round(self.rss_mb_at), "rss_mb_end": _round(resident_mb()),
             "presentation": self.window.presentation, "wall_s": round(time.perf_counter() - self._t0, 3),
+            # a slideshow leaves out files it cannot read: the figures above are over the others
+            "skipped_files": len(self.session.skipped),
+            "skipped": [{"file": f, "why": why} for f, why in self.session.skipped[:SKIPPED_LISTED]],
         }
 
     def _write(self) -> None:
         self._take_snapshot()
         try:
             if self.screenshot:
-                path = Path(self.screenshot)
-                path.parent.mkdir(parents=True, exist_ok=True)
+                path = _into_existing_folder(self.screenshot)
                 if self.window.save_screenshot(path) is None:
-                    raise OSError(f"could not write the screenshot {path}")
+                    raise OSError(f"could not write the screenshot {path}: check the folder exists and is writable")
                 self.snapshot["screenshot"] = str(path)
             if self.stats_path:
-                path = Path(self.stats_path)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                write_json(path, self.snapshot, indent=2)  # strict: a NaN becomes null, atomically
+                path = _into_existing_folder(self.stats_path)
+                try:
+                    write_json(path, self.snapshot, indent=2)  # strict: a NaN becomes null, atomically
+                except OSError as e:  # os.replace names the temporary too: say the one the user gave
+                    raise OSError(f"could not write the stats {path} ({e.strerror or e})") from e
         except OSError as e:
             self._end(2, str(e))
             return
@@ -174,6 +199,16 @@ class ScriptedRun(QObject):
     def _end(self, code: int, message: str) -> None:
         self._timeout.stop()
         self.done.emit(code, message)
+
+
+def _into_existing_folder(text: str) -> Path:
+    """`text` as a Path; OSError naming the folder when it does not exist. No folder is made up:
+    `offramp-app` checked both paths before the run, so a folder missing now was removed meanwhile
+    or misspelt by a caller."""
+    path = Path(text)
+    if not path.parent.is_dir():
+        raise OSError(f"the folder {path.parent} for {path} does not exist; create it or choose another path")
+    return path
 
 
 def _round(mb: float | None) -> float | None:

@@ -28,6 +28,7 @@ class Session(QObject):
     source_info = Signal(object)  # dict from CaptureWorker.opened
     source_position = Signal(int, int, str)
     source_ended = Signal()
+    source_skipped = Signal(str, str)  # a slideshow file that cannot be read (left out), why
     source_failed = Signal(str)
     paused_changed = Signal(bool)
     loading = Signal(str)  # a bundle started loading (what, for display)
@@ -52,6 +53,7 @@ class Session(QObject):
         self.mirror = False
         self.loop = True  # folders and videos start again at the end
         self.resolution: tuple[int, int] | None = None
+        self.skipped: list[tuple[str, str]] = []  # (file, why) left out of the open slideshow as unreadable
         self._slot = FrameSlot()
         self._capture: tuple[CaptureWorker, QThread] | None = None
         self._stopping: list[tuple[CaptureWorker, QThread]] = []  # capture workers asked to stop
@@ -215,11 +217,13 @@ class Session(QObject):
         self.close_source()
         self.spec = spec
         self.stats.reset()
+        self.skipped = []
         worker = CaptureWorker(spec, self._slot, pace=self.pace, mirror=self.mirror,
                                loop=self.loop and spec.kind != "image")
         worker.opened.connect(self._on_source_info)
         worker.position.connect(self.source_position)
         worker.ended.connect(self._on_source_ended)
+        worker.skipped.connect(self._on_source_skipped)
         worker.error.connect(self._on_source_error)
         self._capture = (worker, start_worker(worker, "offramp-capture"))
         self._set_paused(False)
@@ -253,6 +257,13 @@ class Session(QObject):
         still = self.spec is not None and self.spec.kind == "image"
         self.status.emit("showing a still image: change thresholds to see their effect" if still
                          else "end of the source: paused (play starts it again)")
+
+    def _on_source_skipped(self, path: str, why: str) -> None:
+        if self._capture is None or self.sender() is not self._capture[0]:
+            return  # a file of a source closed since
+        self.skipped.append((path, why))
+        self.source_skipped.emit(path, why)
+        self.status.emit(f"skipped: {why} ({len(self.skipped)} unreadable so far)")
 
     def _on_source_error(self, message: str) -> None:
         if self._capture is None or self.sender() is not self._capture[0]:

@@ -191,7 +191,7 @@ class ImageListSource(FrameSource):
                 raise SourceError(f"folder {spec.target} contains no images ({', '.join(IMAGE_SUFFIXES[:5])}, …)")
         else:
             self.files = [spec.target]
-        self.skipped: list[tuple[str, str]] = []  # (file, why) of images that could not be read
+        self.skipped: list[tuple[str, str]] = []  # (file, why) of images that could not be read, each once
         self._pos = 0
         if spec.kind == "image":
             self._first = read_image(spec.target)  # raises SourceError: a still that cannot be read is fatal
@@ -211,7 +211,8 @@ class ImageListSource(FrameSource):
             try:
                 image = self._first if self.spec.kind == "image" else read_image(path)
             except SourceError as e:
-                self.skipped.append((path, str(e)))
+                if not any(f == path for f, _ in self.skipped):  # a looping slideshow meets it every pass
+                    self.skipped.append((path, str(e)))
                 continue
             return Frame(image, index, len(self.files), Path(path).name, time.perf_counter())
         raise SourceError(f"none of the {len(self.files)} images in {self.spec.target} could be read")

@@ -45,6 +45,7 @@ class CaptureWorker(QObject):
     opened = Signal(object)  # dict: kind, count, interval, live, seekable
     position = Signal(int, int, str)  # index, count (-1 = live), name
     ended = Signal()
+    skipped = Signal(str, str)  # a file of a slideshow that cannot be read (left out, once), why
     error = Signal(str)
     finished = Signal()
 
@@ -119,6 +120,7 @@ class CaptureWorker(QObject):
     def _loop(self, source) -> None:
         default_pace = source.interval if self.spec.kind == "video" else 1.0
         next_due = time.perf_counter()
+        told = 0  # of source.skipped
         while True:
             with self._cond:
                 if self._stop:
@@ -139,6 +141,11 @@ class CaptureWorker(QObject):
             if seek is not None and source.seekable:
                 source.seek(seek)
             frame = source.read()
+            skipped = getattr(source, "skipped", ())
+            for path, why in skipped[told:]:  # before the frame: a window showing it knows what was left out
+                log.info("skipped %s", why)
+                self.skipped.emit(path, why)
+            told = len(skipped)
             if frame is None:
                 with self._cond:
                     self._paused = self._ended = True
@@ -226,10 +233,7 @@ class InferenceWorker(QObject):
         lower_thread_priority()
         self.started.emit()
         if self.threads:
-            # one frame at a time gains nothing from intra-op threads, and on a busy machine their
-            # spin-waiting costs more than the work (and starves the GUI and capture threads)
-            import torch
-            torch.set_num_threads(self.threads)
+            self._set_threads(self.threads)
         try:
             while not self._stop.is_set():
                 self._run_commands()
@@ -240,6 +244,19 @@ class InferenceWorker(QObject):
         finally:
             self.finished.emit()
             finish_thread()
+
+    def _set_threads(self, threads: int) -> None:
+        """torch's intra-op threads for the process. A count torch refuses (or a broken torch) is said
+        through `error` and torch keeps its own count: an exception here would end this thread, and
+        the window would wait for frames that never come."""
+        try:
+            # one frame at a time gains nothing from intra-op threads, and on a busy machine their
+            # spin-waiting costs more than the work (and starves the GUI and capture threads)
+            import torch
+            torch.set_num_threads(threads)
+        except Exception as e:  # noqa: BLE001 - RuntimeError for a count below 1; ImportError
+            log.exception("cannot set %s torch threads", threads)
+            self.error.emit(f"cannot run torch with {threads} threads ({e}); it keeps its default")
 
     def _run_commands(self) -> None:
         ran = False

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import unicodedata
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -34,6 +36,25 @@ HEAD_KINDS = ("linear", "conv", "deep", "original")
 
 class BundleError(ValueError):
     """A bundle file is missing, damaged, or not one this version of Offramp can read."""
+
+
+def class_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a class name, else None: empty or only spaces, longer than
+    MAX_NAME_CHARS, or holding a control character (a newline splits every line `offramp run`
+    prints; an escape sequence reaches the terminal) or half of a surrogate pair (not text: it cannot
+    be printed or written as UTF-8). The same rule for a bundle's manifest and for the class folders
+    training reads, so a folder cannot make a bundle that is refused later."""
+    if not name.strip():
+        return "it is empty"
+    if len(name) > MAX_NAME_CHARS:
+        return f"it is longer than {MAX_NAME_CHARS} characters"
+    for ch in name:
+        kind = unicodedata.category(ch)
+        if kind == "Cc":
+            return f"it holds the control character {ch!r}"
+        if kind == "Cs":
+            return f"it holds {ch!r}, half of a surrogate pair, which is not text"
+    return None
 
 
 # -- the file's header and manifest ---------------------------------------------------------------
@@ -60,6 +81,8 @@ def parse_manifest(text: str, path: Path):
         manifest = json.loads(text)
     except json.JSONDecodeError as e:
         raise BundleError(f"{path} has an Offramp manifest that is not valid JSON ({e})") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise BundleError(f"{path} has an Offramp manifest that cannot be read ({' '.join(str(e).split())[:120]})") from None
     except RecursionError:
         raise BundleError(f"{path} has a manifest nested deeper than the {MAX_DEPTH} levels a bundle may have") from None
     if _depth(manifest) > MAX_DEPTH:
@@ -124,8 +147,13 @@ def check_sections(manifest: dict, path: Path) -> None:
         raise bad("class_names must be a list of strings")
     if not 1 <= len(names) <= MAX_CLASSES:
         raise bad(f"it names {len(names)} classes; a bundle has 1 to {MAX_CLASSES}")
-    if any(len(n) > MAX_NAME_CHARS for n in names):
-        raise bad(f"a class name is longer than {MAX_NAME_CHARS} characters")
+    for i, n in enumerate(names):
+        problem = class_name_problem(n)
+        if problem is not None:
+            raise bad(f"class name {i} ({ascii(n[:40])}) cannot be used: {problem}")
+    if len(set(names)) != len(names):
+        twice = sorted(n for n, count in Counter(names).items() if count > 1)
+        raise bad(f"class names {', '.join(map(ascii, twice[:5]))} appear more than once")
     _check_exits(manifest["exits"], len(names), bad)
     if "preset" in manifest:
         _check_preset(manifest["preset"], bad)
@@ -265,13 +293,17 @@ def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
 def check_weights(manifest: dict, tensors: dict[str, torch.Tensor], path: Path,
                   temperature_key: str = "model.temperature") -> None:
     """Refuse weights that differ from the manifest's checksum (when it has one; older bundles do not),
-    that hold NaN or ±inf, or temperatures that are not positive."""
+    that hold NaN or ±inf, BatchNorm variances below 0 (every output would be NaN), or temperatures
+    that are not positive."""
     want = manifest.get(CHECKSUM_KEY)
     if want is not None and want != tensors_checksum(tensors):
         raise BundleError(f"bundle {path} is damaged: its weights do not match their checksum")
     for key, t in tensors.items():
         if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
             raise BundleError(f"bundle {path} has NaN or infinite values in tensor {key}; it cannot be used")
+    for key, t in tensors.items():
+        if key.endswith("running_var") and t.is_floating_point() and bool((t < 0).any()):
+            raise BundleError(f"bundle {path} has negative variances in tensor {key}; it cannot be used")
     temperature = tensors.get(temperature_key)
     if temperature is not None and temperature.numel() and not bool((temperature > 0).all()):
         raise BundleError(f"bundle {path} has exit temperatures {[round(float(x), 4) for x in temperature]}; "

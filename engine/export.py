@@ -16,7 +16,9 @@ graphs let the runtime stop. The manifest ("offramp-onnx/1"):
     algorithm    the loop, in words (see `OnnxRunner.run`, which implements it with onnxruntime)
 
 `export_bundle` writes the folder atomically (a temp folder renamed into place) and, unless told
-not to, checks every graph against torch with onnxruntime (`check_export`).
+not to, checks every graph against torch with onnxruntime (`check_export`). Overwriting replaces
+only an earlier export (a folder whose manifest says FORMAT) or an empty folder, never a folder of
+anything else: `--out ~ --overwrite` must not delete a home folder.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from torch import nn
 
 from . import __version__
 from .bundle import Bundle
-from .files import check_output_path, json_text, replacing
+from .files import OutputPathError, check_output_path, json_text, replacing
 from .policies import Evidence, Policy
 from .progress import CancelFlag, ProgressFn, report
 
@@ -145,7 +147,8 @@ def export_bundle(bundle: Bundle, folder: str | os.PathLike, *, policy: str | No
     with onnxruntime against torch on `check_inputs` (default: 8 random images) and put the result
     into the manifest under "check"; ExportError when outputs differ beyond tolerance or an exit
     decision differs. The folder appears complete or not at all; an existing folder is replaced
-    only with `overwrite`. Raises ValueError for an unknown policy or an existing folder, ExportError
+    only with `overwrite`, and only when it is an earlier export or empty (`check_export_folder`).
+    Raises ValueError for an unknown policy or a folder that cannot be written, ExportError
     when no exporter is available, Cancelled when cancelled (nothing is left behind).
     """
     name = policy or bundle.default_policy
@@ -154,17 +157,15 @@ def export_bundle(bundle: Bundle, folder: str | os.PathLike, *, policy: str | No
     chosen = bundle.policies[name]
     if getattr(chosen, "evaluation_only", False):
         raise ValueError(f"the policy {name!r} needs the labels, so it cannot run outside evaluation")
-    folder = Path(folder)
-    if folder.exists() and not overwrite:
-        raise ValueError(f"{folder} already exists; choose a new folder or allow overwriting it")
-    check_output_path(folder, what="export folder", folder=True)
+    folder = check_export_folder(folder, overwrite=overwrite)
     if importlib.util.find_spec("onnx") is None:
         raise ExportError("ONNX export needs the onnx package: pip install 'offramp[export]'")
     model = bundle.model
     was_training, home = model.training, next(model.parameters()).device
     model.eval().cpu()
     try:
-        with replacing(folder, folder=True) as tmp:  # the folder appears complete or not at all
+        # the folder appears complete or not at all; what is there is checked again when it is replaced
+        with replacing(folder, folder=True, check_old=_check_replaceable) as tmp:
             manifest = _write_graphs(bundle, name, chosen, tmp, opset, progress, cancel)
             (tmp / MANIFEST).write_text(json_text(manifest, indent=1))
             if check:
@@ -176,6 +177,40 @@ def export_bundle(bundle: Bundle, folder: str | os.PathLike, *, policy: str | No
     finally:
         model.to(home).train(was_training)
     return manifest
+
+
+def check_export_folder(folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Check before any work that an export can be written to `folder`: it does not exist or, with
+    `overwrite`, it is an earlier export or empty; its parent folder takes new files
+    (`check_output_path`). Returns the folder; raises OutputPathError (a ValueError), one sentence
+    naming the folder."""
+    folder = check_output_path(folder, what="export folder", folder=True)
+    if os.path.lexists(folder):
+        if not overwrite:
+            raise OutputPathError(f"{folder} already exists; choose a new folder or allow overwriting it")
+        _check_replaceable(folder)
+    return folder
+
+
+def _check_replaceable(folder: Path) -> None:
+    """Raise OutputPathError unless `folder` is empty or an earlier export: overwriting replaces
+    (removes) the whole folder, so it must hold nothing but what an export wrote there."""
+    if not any(folder.iterdir()) or _is_export(folder):
+        return
+    raise OutputPathError(f"{folder} is not an Offramp export folder (no {MANIFEST} of format {FORMAT}); "
+                          "choose a new folder or remove it yourself")
+
+
+def _is_export(folder: Path) -> bool:
+    """Whether `folder` holds our manifest: by its format, since manifest.json is a common name."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():  # never open a FIFO: it would wait for a writer
+        return False
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT
 
 
 def _random_inputs(bundle: Bundle, n: int = 8) -> torch.Tensor:

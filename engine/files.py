@@ -7,6 +7,11 @@ process is gone or that are older than STALE_AFTER_S. Commands check where they 
 any work starts (`check_output_path`), and a result that still cannot be written is kept in a
 spare folder (`save_or_keep`) rather than thrown away. JSON is always written strictly
 (`json_text`: non-finite numbers become null, never a bare NaN).
+
+Only a regular file is replaced by a file, and only an empty folder or one its writer recognises
+as its own by a folder (`target_problem`): a FIFO, a device, a folder of the user's files is never
+written over. A write through a symbolic link replaces the file (or folder) the link names, and the
+link stays, as the shell's `>` and cp do: a link is how a user says where the file lives.
 """
 from __future__ import annotations
 
@@ -109,30 +114,93 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+# -- what a write may replace ----------------------------------------------------------------------
+class NotReplaceable(OSError):
+    """What is at a path being written is not something to replace (a FIFO, a device, a folder of
+    someone's files). An OSError, as a failed write is, so that `save_or_keep` keeps the result."""
+
+
+def target_problem(path: str | os.PathLike, *, folder: bool = False) -> str | None:
+    """Why what is at `path` must not be replaced by a new file (with `folder`: by a new folder), as
+    the end of a sentence that starts with the path ("is a folder"); None when nothing is there or
+    it may be replaced. Links are followed (see the module's docstring), so a link to a regular file
+    is fine, and a link that leads nowhere is refused: where it was meant to lead is unknown."""
+    path = Path(path)
+    if os.path.islink(path) and not path.exists():
+        return "is a broken link or a link loop"
+    if folder:
+        return "is a file, not a folder" if path.exists() and not path.is_dir() else None
+    if path.is_dir():
+        return "is a folder"
+    if path.exists() and not path.is_file():
+        return "exists and is not a regular file (a FIFO, a device or a socket)"
+    return None
+
+
+def followed(path: Path) -> Path:
+    """`path`, or the path a symbolic link at `path` leads to: where a write really goes."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def _swap_folder(tmp: Path, path: Path, check_old: Callable[[Path], None] | None) -> None:
+    """Put the finished folder `tmp` in the place of `path`. An existing `path` is moved aside first
+    and removed only once `tmp` is in its place (a folder cannot be renamed over a full one): if the
+    rename fails, the old folder goes back. Only an empty folder, or one `check_old` accepts (it
+    raises when the folder is not its writer's own), is replaced: never a folder of other files."""
+    if not os.path.lexists(path):
+        os.replace(tmp, path)
+        return
+    if any(path.iterdir()):
+        if check_old is None:
+            raise NotReplaceable(f"{path} is a folder that is not empty; choose a new folder or remove it yourself")
+        check_old(path)
+    aside = temp_path(path)  # recognisably ours: a kill between the two renames leaves it for clean_stale_temps
+    os.rename(path, aside)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.rename(aside, path)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 @contextmanager
-def replacing(path: str | os.PathLike, *, folder: bool = False) -> Iterator[Path]:
+def replacing(path: str | os.PathLike, *, folder: bool = False,
+              check_old: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Yield a temporary path next to `path` to write (a file, or with `folder` a folder that is
     created); when the block ends, the temporary is flushed to disk and renamed over `path`.
     If anything fails, the temporary is removed and a previous `path` is left untouched.
-    The result gets the usual permissions (0666 / 0777 less the umask), not a temporary's."""
+    The result gets the usual permissions (0666 / 0777 less the umask), not a temporary's.
+
+    Only a regular file is replaced by a file; with `folder`, only an empty folder or one that
+    `check_old(path)` accepts (it raises, in one sentence, when the folder is not one to replace).
+    Through a symbolic link, the file or folder the link names is replaced and the link stays.
+    Raises NotReplaceable, naming `path`, for anything else (before and again after the block:
+    what is there may change while the block writes)."""
     path = Path(path)
+    problem = target_problem(path, folder=folder)
+    if problem:
+        raise NotReplaceable(f"{path} {problem}, so it was not replaced; choose another path")
+    path = followed(path)
     clean_stale_temps(path.parent)
     tmp = temp_path(path)
     if folder:
         tmp.mkdir()
     try:
         yield tmp
+        problem = target_problem(path, folder=folder)
+        if problem:
+            raise NotReplaceable(f"{path} {problem}, so it was not replaced; choose another path")
         umask = current_umask()
         if folder:
             os.chmod(tmp, 0o777 & ~umask)
             for f in tmp.iterdir():
                 os.chmod(f, 0o666 & ~umask)
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
+            _swap_folder(tmp, path, check_old)
         else:
             _fsync(tmp)
             os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+            os.replace(tmp, path)
     except BaseException:
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -185,32 +253,35 @@ class OutputPathError(ValueError):
 
 def check_output_path(path: str | os.PathLike, *, suffixes: Sequence[str] = (), what: str = "file",
                       option: str = "--out", folder: bool = False) -> Path:
-    """Check that `path` can be written before any work starts: it is not a folder (or, with
-    `folder`, not a file), its parent folder exists and takes new files, and it ends in one of
-    `suffixes` (case-insensitive; none = any). Returns the path; raises OutputPathError, one
-    sentence naming the path and what to do."""
+    """Check that `path` can be written before any work starts: nothing is there that `replacing`
+    would refuse (`target_problem`: a folder, or with `folder` a file; a FIFO, a device, a broken
+    link), its parent folder exists and takes new files, and it ends in one of `suffixes`
+    (case-insensitive; none = any). Returns the path; raises OutputPathError, one sentence naming
+    the path and what to do."""
     text = os.fspath(path)
     if not text.strip():
         raise OutputPathError(f"{option} is empty; give the {what} to write")
     path = Path(text).expanduser()
-    if folder:
-        if path.exists() and not path.is_dir():
-            raise OutputPathError(f"{path} is a file, not a folder; give {option} a new folder name for the {what}")
-    else:
-        if path.is_dir():
+    problem = target_problem(path, folder=folder)  # the same rule `replacing` keeps when it writes
+    if problem:
+        if folder:
+            hint = f"give {option} a new folder name for the {what}"
+        elif path.is_dir():
             example = path / f"model{suffixes[0]}" if suffixes else path / "NAME"
-            raise OutputPathError(f"{path} is a folder; give {option} a file name for the {what}, e.g. {example}")
-        if path.exists() and not path.is_file():
-            raise OutputPathError(f"{path} exists and is not a regular file; choose another {option}")
-        if suffixes and path.suffix.lower() not in [s.lower() for s in suffixes]:
-            raise OutputPathError(f"{path} does not end in {' or '.join(suffixes)}; name the {what} "
-                                  f"{path.with_suffix(suffixes[0]).name} (or choose another {option})")
-    parent = path.parent
+            hint = f"give {option} a file name for the {what}, e.g. {example}"
+        else:
+            hint = f"choose another {option}"
+        raise OutputPathError(f"{path} {problem}; {hint}")
+    if not folder and suffixes and path.suffix.lower() not in [s.lower() for s in suffixes]:
+        raise OutputPathError(f"{path} does not end in {' or '.join(suffixes)}; name the {what} "
+                              f"{path.with_suffix(suffixes[0]).name} (or choose another {option})")
+    real = followed(path)  # through a link, the write lands next to what it names
+    parent = real.parent
     if not parent.exists():
         raise OutputPathError(f"the folder {parent} for {path} does not exist; create it or choose another {option}")
     if not parent.is_dir():
         raise OutputPathError(f"{parent} is not a folder, so {path} cannot be written; choose another {option}")
-    probe = temp_path(path)
+    probe = temp_path(real)
     try:  # os.access says nothing of read-only file systems, ACLs or quotas: try it
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         os.unlink(probe)

@@ -7,6 +7,8 @@ layout the app's frames use, with the same pixel values.
 """
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -14,7 +16,7 @@ import cv2
 import numpy as np
 
 from . import images
-from .walk import TreeWalker
+from .walk import BROKEN_LINK, LINK_LOOP, NOT_REGULAR, TreeWalker
 
 IMAGE_EXTENSIONS = images.IMAGE_EXTENSIONS
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
@@ -32,10 +34,18 @@ def is_video(path: str | Path) -> bool:
     return Path(path).suffix.lower() in VIDEO_EXTENSIONS
 
 
-def list_images(folder: str | Path) -> list[Path]:
+def list_images(folder: str | Path, on_problem: Callable[[str], None] | None = None) -> list[Path]:
     """Image files in `folder` and its sub-folders, sorted, hidden files left out; each real file
-    once, links followed but never round a loop (`engine.walk`)."""
-    files = TreeWalker(folder).files()
+    once, links followed but never round a loop (`engine.walk`). An entry named like an image that
+    the walk left out (a broken link, a link loop, a FIFO or device) is told to `on_problem` in one
+    sentence naming it, as an unreadable image would be: a caller that promises every image was
+    read must know of it. Links to folders it did not follow are not problems: nothing is missed."""
+    walker = TreeWalker(folder)
+    files = walker.files()
+    if on_problem is not None:
+        for path, why in walker.problems:
+            if why in (BROKEN_LINK, LINK_LOOP, NOT_REGULAR) and is_image(path):
+                on_problem(str(images.ImageError(path, why)))
     return sorted(Path(p) for p, _ in files if is_image(p))
 
 
@@ -71,11 +81,28 @@ def iter_video(path: str | Path) -> Iterator[np.ndarray]:
         cap.release()
 
 
+def _missing(path: Path) -> str:
+    """Why `path`, which does not exist as far as `Path.exists` can tell, cannot be read: a link
+    that leads nowhere or round a loop is named as such, since the link itself is right there."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "is a link loop (a link that leads back to itself)"
+        if os.path.islink(path):
+            return f"is a broken link (it points to {os.readlink(path)}, which does not exist)"
+        if err.errno != errno.ENOENT:
+            return f"is unreadable ({err.strerror or err})"
+    return "does not exist"
+
+
 def iter_frames(paths, on_error: Callable[[str], None] | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """(source name, (h, w, 3) uint8 RGB frame) for every image, every image in a folder, every
     video frame (converted by `images.from_opencv`, as the image files are decoded).
 
     A bad file is reported through `on_error` and skipped; without `on_error` it raises MediaError.
+    Image-named entries a folder walk left out (broken links, link loops, FIFOs) are reported
+    through `on_error` too; without it they are left out, as `list_images` leaves them out.
     """
     def fail(msg: str):
         if on_error is None:
@@ -85,7 +112,7 @@ def iter_frames(paths, on_error: Callable[[str], None] | None = None) -> Iterato
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files = list_images(path)
+            files = list_images(path, on_problem=on_error)
             if not files:
                 fail(f"{path} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
             for f in files:
@@ -94,7 +121,7 @@ def iter_frames(paths, on_error: Callable[[str], None] | None = None) -> Iterato
                 except MediaError as exc:
                     fail(str(exc))
         elif not path.exists():
-            fail(f"{path} does not exist")
+            fail(f"{path} {_missing(path)}")
         elif is_video(path):
             if not path.is_file():  # a FIFO or a device: opening it would wait forever
                 fail(f"{path} is not a regular file")

@@ -4,6 +4,7 @@ policy, and keep running totals. What it returns (`InferenceResult`) is all the 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import weakref
@@ -508,6 +509,11 @@ class Engine:
         ran, fired_at, stages = out.ran.cpu().tolist(), out.exit_index.cpu().tolist(), out.stages_run.cpu().tolist()
         names = model.class_names
         results = []
+        broken = next((f for i, f in enumerate(fired_at) if not math.isfinite(top_p[i][f][0])), None)
+        if broken is not None:  # e.g. weights that overflow: "ship (nan %)" would mislead; nothing is counted
+            raise ValueError(f"the model {self.bundle.meta.get('name', '')!r} gave no finite answer at exit "
+                             f"E{broken} (NaN or infinite logits); its weights are broken: retrain it or load "
+                             "another bundle.")
         for i, fired in enumerate(fired_at):
             readings = [ExitReading(e, model.exit_stages[e], conf[i][e],
                                     [(names[c], p) for c, p in zip(top_i[i][e], top_p[i][e])],

@@ -57,6 +57,24 @@ def split_indices(targets: int | Sequence[int] | torch.Tensor, val_fraction: flo
     return sorted(train), sorted(val)
 
 
+def usable_split(targets: int | Sequence[int], val_fraction: float, where: str) -> tuple[list[int], list[int]]:
+    """`split_indices(targets, val_fraction, seed=0)`, refused in one sentence naming `where` when
+    either part is empty: training then stops far later, with a message about an empty dataset
+    that names neither the folder nor the cause."""
+    train, held = split_indices(targets, val_fraction=val_fraction, seed=0)
+    n = targets if isinstance(targets, int) else len(targets)
+    if not held:
+        if val_fraction == 0:
+            raise ValueError(f"{where}: a validation fraction of 0 holds out no image to calibrate and check the "
+                             "exits on; give a fraction above 0.")
+        raise ValueError(f"{where} has too few readable images ({n}) to hold any out for calibrating and checking "
+                         "the exits: a class gives one only from 2 images; add images.")
+    if not train:
+        raise ValueError(f"{where}: a validation fraction of {val_fraction:g} holds out all {n} readable images and "
+                         "leaves none to train on; add images or lower the validation fraction.")
+    return train, held
+
+
 def stratified_subset(subset: Subset, limit: int, seed: int = 0) -> Subset:
     """At most `limit` images of `subset`, every class in proportion (all of it when smaller)."""
     if len(subset) <= limit:
@@ -138,7 +156,7 @@ def open_splits(data: str | Path, preset: InputPreset, *, val_fraction: float = 
     if len(set(ds.targets)) < 2:
         raise ValueError(f"{data} has a single class; exits need at least two classes to tell apart")
     ds.transform = eval_transform(preset)
-    tr, va = split_indices(ds.targets, val_fraction=val_fraction, seed=0)
+    tr, va = usable_split(ds.targets, val_fraction, str(data))
     train, validation = Subset(ds, tr), Subset(ds, va)
     if layout == "split":
         try:
@@ -213,14 +231,14 @@ def unlabelled_parts(path: str | os.PathLike, split: str | None = None, *, val_f
         labelled = None
     if labelled is None or len(labelled.classes) < 2:
         images = open_unlabelled(path, split, report=report, transform=transform)
-        return (images, *split_indices(len(images), val_fraction=val_fraction, seed=0))
+        return (images, *usable_split(len(images), val_fraction, str(path)))
     skip = {src for src, _ in report.skipped} if report is not None else set()
     kept = [(src, y) for src, y in labelled.samples if labelled._name(src) not in skip]
     if not kept:
         raise ValueError(f"{labelled.root} has no readable images; image files end in {', '.join(IMAGE_EXTENSIONS)}.")
     images = ImageFolderData([(src, UNLABELLED) for src, _ in kept], [], root=labelled.root,
                              archive=labelled.archive, split=split, transform=transform)
-    return (images, *split_indices([y for _, y in kept], val_fraction=val_fraction, seed=0))
+    return (images, *usable_split([y for _, y in kept], val_fraction, str(path)))
 
 
 class UnlabelledSplits:

@@ -6,16 +6,20 @@ own root or a folder above it, and never into a folder already walked: a link lo
 nor grows memory, and a link to its own folder adds nothing. Every real file is listed once
 (deduplicated by (st_dev, st_ino), so hard links and links to files count once too). Hidden entries
 (names starting with "." and __MACOSX) are left out. Only regular files are listed; broken links,
-FIFOs, devices and unreadable folders are reported as problems, never opened.
+link loops, FIFOs, devices and unreadable folders are reported as problems, never opened.
 """
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
 
 LOOP = "a link back into a folder above it (not followed)"
 REPEAT = "a link to a folder already read (not followed)"
+BROKEN_LINK = "broken link"
+LINK_LOOP = "link loop"  # a link that leads, through other links, back to itself
+NOT_REGULAR = "not a regular file"
 
 
 def hidden(name: str) -> bool:
@@ -94,13 +98,13 @@ class TreeWalker:
                 continue
             try:
                 st = entry.stat()  # follows links
-            except OSError:
-                self.problems.append((entry.path, "broken link"))
+            except OSError as err:
+                self.problems.append((entry.path, LINK_LOOP if err.errno == errno.ELOOP else BROKEN_LINK))
                 continue
             if stat.S_ISDIR(st.st_mode):
                 subdirs.append(entry.path)
             elif not stat.S_ISREG(st.st_mode):
-                self.problems.append((entry.path, "not a regular file"))
+                self.problems.append((entry.path, NOT_REGULAR))
             elif (st.st_dev, st.st_ino) not in self._files:
                 self._files.add((st.st_dev, st.st_ino))
                 found.append((entry.path, st.st_size))

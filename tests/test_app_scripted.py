@@ -18,6 +18,7 @@ from qt_helpers import bundle_path, image_folder, no_leaked_threads  # noqa: E40
 
 def test_scripted_run_writes_screenshot_and_stats(qapp, tmp_path, bundle_path, image_folder, capsys):
     shot, stats = tmp_path / "out" / "shot.png", tmp_path / "out" / "stats.json"
+    shot.parent.mkdir()  # a missing folder is refused, not made (test_app_options)
     code = main(["--source", str(image_folder), "--frames", "8", "--screenshot", str(shot), "--stats", str(stats),
                  "--bundle", str(bundle_path), "--device", "cpu", "--presentation", "--threads", "0"])
     assert code == 0, capsys.readouterr().err

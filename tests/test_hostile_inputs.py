@@ -123,6 +123,10 @@ def _hostile_bundles(root: Path, good: Path) -> dict[str, tuple[Path, bool]]:
         "negative-cost": lambda m: m["cost"].update(stage_flops=[-1.0] * len(m["cost"]["stage_flops"])),
         "newer-format": lambda m: m.update(format_version=99),
         "deep-nesting": lambda m: m["meta"].update(x=json.loads("[" * 500 + "]" * 500)),
+        "control-class-name": lambda m: m["class_names"].__setitem__(0, "red\n\x1b[31mink"),
+        "surrogate-class-name": lambda m: m["class_names"].__setitem__(0, "\ud800"),
+        "empty-class-name": lambda m: m["class_names"].__setitem__(0, " "),
+        "duplicate-class-names": lambda m: m["class_names"].__setitem__(1, m["class_names"][0]),
     }
     found_on_load = {"huge-conv-head", "unknown-policy"}  # the manifest reads; the model cannot be built
     for name, edit in edits.items():
@@ -132,8 +136,20 @@ def _hostile_bundles(root: Path, good: Path) -> dict[str, tuple[Path, bool]]:
                        "zero-temperature": _set_first("model.temperature", 0.0),
                        "negative-temperature": _set_first("model.temperature", -2.0)}.items():
         out[name] = (_rewrite(good, b / f"{name}.offramp", tensors=edit), False)
+    out["negative-variance"] = (_rewrite(good, b / "negative-variance.offramp", tensors=_negative_variance), False)
     out["flipped-bytes"] = (_flip_bytes(good, b / "flipped-bytes.offramp"), False)
+    # an integer of more digits than Python turns into an int from text: written by hand, json.dumps refuses it
+    text = json.dumps({**read_manifest(good), "top_k": "BIG"}).replace('"BIG"', "9" * 5000)
+    save_file(load_file(str(good)), str(b / "huge-integer.offramp"), metadata={"offramp": text})
+    out["huge-integer"] = (b / "huge-integer.offramp", True)
     return out
+
+
+def _negative_variance(t: dict) -> dict:
+    """A BatchNorm's running variance negated: every output would be NaN (a "nan %" answer before)."""
+    key = next(k for k in sorted(t) if k.endswith("running_var"))
+    t[key] = -t[key].abs() - 1.0
+    return t
 
 
 def _hostile_images(root: Path, good_jpeg: Path) -> dict[str, Path]:
@@ -218,7 +234,9 @@ BUNDLE_CASES = ["truncated", "zero-bytes", "garbage", "header-claims-1TB", "json
                 "zip", "directory", "no-manifest", "dangling-link", "wrong-types", "backbone-not-object",
                 "string-sizes", "huge-classes", "huge-conv-head", "huge-crop", "missing-exits", "unknown-policy",
                 "nan-threshold", "negative-cost", "newer-format", "deep-nesting", "nan-weights", "inf-weights",
-                "zero-temperature", "negative-temperature", "flipped-bytes"]
+                "zero-temperature", "negative-temperature", "flipped-bytes", "control-class-name",
+                "surrogate-class-name", "empty-class-name", "duplicate-class-names", "negative-variance",
+                "huge-integer"]
 
 
 def _bundle(world, case) -> tuple[Path, bool]:
@@ -345,3 +363,43 @@ def test_inputs_that_could_hang(world, capsys, unaltered):
         assert code != 0, (name, stderr)
         lines = [line for line in stderr.splitlines() if line.startswith("offramp ")]
         assert len(lines) == 1 and str(path) in stderr, (name, stderr)
+
+
+# -- names that cannot be class names -------------------------------------------------------------
+@pytest.mark.skipif(not POSIX, reason="a newline in a folder name is POSIX")
+def test_a_class_folder_whose_name_breaks_lines_is_refused_before_training(world, capsys, unaltered):
+    """A class folder named with a newline and an escape would become a class name that splits every
+    line `offramp run` prints and writes to the terminal; training refuses it up front, naming it."""
+    folder = world["root"] / "odd-class-names"
+    make_image_folder(folder, ["red", "green"], per_class=4, seed=5)
+    os.rename(folder / "green", folder / "gr\neen\x1b[0m")
+    line = _sweep(["train-exits", "--backbone", "cifar_resnet_small", "--data", folder, "--epochs", "1",
+                   "--out", world["prev"]], capsys, folder)
+    assert "rename the folder" in line and "\\n" in line and "\x1b" not in line
+
+
+def test_too_few_images_to_hold_any_out_is_said_before_training(world, tmp_path, capsys, unaltered):
+    """One image per class leaves nothing to calibrate on, and a validation fraction that takes every
+    image leaves nothing to train on: both are said naming the folder, not as an empty dataset."""
+    one_each = make_image_folder(tmp_path / "one-each", SYNTH_CLASSES, per_class=1, seed=6)
+    line = _sweep(["train-exits", "--backbone", "cifar_resnet_small", "--data", one_each, "--epochs", "1",
+                   "--out", world["prev"]], capsys, one_each)
+    assert "too few readable images" in line
+    two_each = make_image_folder(tmp_path / "two-each", SYNTH_CLASSES, per_class=2, seed=6)
+    line = _sweep(["train-exits", "--backbone", "cifar_resnet_small", "--data", two_each, "--epochs", "1",
+                   "--val-fraction", "0.99", "--out", world["prev"]], capsys, two_each)
+    assert "leaves none to train on" in line
+
+
+def test_non_finite_logits_are_an_error_not_an_answer(world):
+    """Weights that pass every check and still overflow: the engine says so instead of "nan %"."""
+    import numpy as np
+
+    from engine.runtime import Engine
+    bundle = load_bundle(world["good"])
+    with torch.no_grad():
+        for p in bundle.model.exits[-1].parameters():
+            p.fill_(3e38)  # finite, but its products overflow to inf and then NaN
+    engine = Engine(bundle, device="cpu", latency_repeats=1)
+    with pytest.raises(ValueError, match="no finite answer"):
+        engine.infer(np.zeros((32, 32, 3), dtype=np.uint8))

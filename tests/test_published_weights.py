@@ -209,12 +209,13 @@ def test_train_backbone_refuses_an_init_that_does_not_fit_before_decoding(case, 
         words = "classifies 10 classes"
     else:
         extra = ["--init", str(hostile)]
-        words = "cannot be read as plain tensors"
+        words = "is not a PyTorch checkpoint of plain tensors"
     out = tmp_path / "n.offramp"
     assert main(["train-backbone", "--arch", arch, "--data", str(data), "--epochs", "1", *extra,
                  "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("offramp train-backbone: ") and words in err, err
+    assert "weights_only=False" not in err  # torch's advice would run the file's code
     assert not out.exists() and not out.with_suffix(".ckpt").exists()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -49,11 +50,15 @@ def read_state_dict(path: str | Path, *, sha256: str | None = None) -> dict[str,
             raise CheckpointError(f"checkpoint {path} has SHA-256 {got[:16]}…, not the expected {sha256[:16]}…: "
                                   "it is another or a damaged file")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - UnpicklingError, zip errors, EOF: all mean "not usable"
-        log.debug("reading checkpoint %s", path, exc_info=True)
-        first = " ".join(str(e).split())[:160]
-        raise CheckpointError(f"checkpoint {path} cannot be read as plain tensors (weights_only): {first}") from None
+        with warnings.catch_warnings():  # torch's notes on foreign pickles would only add lines to the one error
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - UnpicklingError, zip errors, EOF: all mean "not usable"
+        # torch's own text is not shown: it suggests weights_only=False, which would run the file's code
+        log.info("reading checkpoint %s", path, exc_info=True)
+        raise CheckpointError(f"checkpoint {path} cannot be read: it is not a PyTorch checkpoint of plain tensors "
+                              "(another kind of file, a damaged one, or one holding objects Offramp will not "
+                              "unpickle)") from None
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), dict):

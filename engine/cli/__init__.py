@@ -70,7 +70,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        sys.stdout.flush()  # a reader gone (`| head`) shows here, not at exit where Python would print it
+        return code
+    except BrokenPipeError:
+        return _reader_gone()
     except Cancelled:
         print("\ncancelled; nothing was written", file=sys.stderr)
         return 130
@@ -86,6 +90,19 @@ def _run(args) -> int:
         print(f"offramp {args.command}: unexpected {type(exc).__name__}: {exc} (set OFFRAMP_DEBUG=1 for the "
               "details)", file=sys.stderr)
         return 1
+
+
+def _reader_gone() -> int:
+    """Stop quietly when whatever read our output has gone (`offramp info B | head -3`), with the
+    status of a program ended by SIGPIPE (128 + 13), as the Python docs' "Note on SIGPIPE" does:
+    stdout now points at devnull, so the flush at exit cannot fail a second time and say so."""
+    log.debug("offramp: stdout was closed by its reader", exc_info=True)
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file (captured, replaced): nothing will flush it at exit
+        pass
+    return 141
 
 
 if __name__ == "__main__":

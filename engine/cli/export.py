@@ -21,15 +21,15 @@ def add_export(sub) -> None:
                    "has one) instead of random inputs, and time the exported loop")
     s.add_argument("--check-images", type=num.positive_int, default=64, metavar="N", help="how many images to check on (default 64)")
     s.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    s.add_argument("--overwrite", action="store_true", help="replace an earlier export in FOLDER (only a folder "
+                   "holding an export's manifest.json, or an empty one)")
     s.set_defaults(fn=cmd_export)
 
 
 def cmd_export(args) -> int:
-    from ..export import OnnxRunner, export_bundle
+    from ..export import OnnxRunner, check_export_folder, export_bundle
     import torch
-    from ..files import check_output_path
-    check_output_path(args.out, what="export folder", folder=True)
+    check_export_folder(args.out, overwrite=args.overwrite)  # before the bundle is even loaded
     torch.set_num_threads(1)
     bundle = load(args.bundle)
     inputs = _check_images(args.images, bundle, args.check_images) if args.images else None

@@ -12,7 +12,7 @@ from pathlib import Path
 from .. import images
 from ..images import IMAGE_EXTENSIONS, ImageError
 from ..progress import CancelFlag, ProgressFn, report
-from .layout import Location, all_images, class_names, list_classes, locate
+from .layout import Location, all_images, check_class_folders, class_names, list_classes, locate
 from .zips import read_member, zip_entry, zip_members
 
 
@@ -88,11 +88,13 @@ def check_folder(path: str | os.PathLike, split: str | None = None, *, progress:
     """Open every image of a folder or zip once and report what is usable.
 
     Bad files are reported, never raised; call `.raise_if_unusable()` to refuse unusable data.
-    Raises ValueError only when the path itself is missing or not a folder/zip; Cancelled if asked.
+    Raises ValueError only when the path itself is missing or not a folder/zip, or a class folder's
+    name cannot be a class name (`check_class_folders`); Cancelled if asked.
     """
     loc, split_locs = locate(path, split)
     listings = [list_classes(s) for s in split_locs]
     listing = listings[split_locs.index(loc)]
+    check_class_folders(loc.display, [c for c in listing.files if listing.files[c]])
     counts: dict[str, int] = {}
     skipped, converted = [], []
     with _ImageChecker(loc, sum(len(f) for f in listing.files.values()), progress, cancel) as checker:

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..images import IMAGE_EXTENSIONS, load_image
 from .checks import FolderReport, UnlabelledReport, failure_reason
-from .layout import Listing, Location, all_images, class_names, list_classes, locate
+from .layout import Listing, Location, all_images, check_class_folders, class_names, list_classes, locate
 from .zips import read_member, zip_entry, zip_members
 
 SKIPPED = -100  # the label of an item whose own file could not be read (see ImageFolderData)
@@ -116,6 +116,7 @@ def open_dataset(path: str | os.PathLike, split: str | None = None, *, classes: 
     listing = listings[split_locs.index(loc)]
     names = list(classes) if classes is not None else (
         report.classes if report is not None else class_names(listings, split is not None))
+    check_class_folders(loc.display, [c for c in listing.files if listing.files[c]])
     unknown = [c for c in listing.files if listing.files[c] and c not in names]
     if classes is not None and unknown:
         raise ValueError(_unknown_classes(loc.display, unknown, names, classes_of))

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..bundle_checks import class_name_problem
 from ..images import IMAGE_EXTENSIONS
 from ..walk import TreeWalker, hidden, real_first
 from .zips import zip_members
@@ -173,6 +174,17 @@ def _zip_base(names: list[str]) -> str:
     # top/<class>/<image>: the classes sit one level down (a single class at the top is no dataset)
     nested = any(n.count("/") >= 2 and not n.endswith("/") for n in names)
     return f"{top}/" if nested else ""
+
+
+def check_class_folders(folder: str, names) -> None:
+    """Raise ValueError naming `folder` and the class folder whose name cannot be a class name
+    (`engine.bundle_checks.class_name_problem`: control characters, an empty name...): a bundle
+    trained on it would be refused, and its name would break every line that prints it."""
+    for name in names:
+        problem = class_name_problem(name)
+        if problem is not None:
+            raise ValueError(f"{folder} has the class folder {ascii(name)}, whose name cannot be a class name "
+                             f"({problem}); rename the folder.")
 
 
 def class_names(listings: list[Listing], split_layout: bool) -> list[str]:

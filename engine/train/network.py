@@ -123,6 +123,9 @@ def read_checkpoint(path: str | Path, cfg: NetworkConfig, device: str = "cpu") -
             state = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for damaged or hostile files
         logger.debug("cannot load checkpoint %s", path, exc_info=True)
+        if path.suffix == ".offramp" or _looks_like_safetensors(path):  # never advise deleting a bundle
+            raise ValueError(f"checkpoint {path} is an Offramp bundle, not a training checkpoint; give another "
+                             "--checkpoint (a new name, or a file train-backbone wrote)") from None
         raise ValueError(f"checkpoint {path} is not a readable training checkpoint ({type(err).__name__}); {fix}") from None
     try:
         config = json.loads(state["config"])
@@ -284,3 +287,13 @@ def train_network(cfg: NetworkConfig, images: torch.Tensor, labels: torch.Tensor
                 log(f"could not write the checkpoint {ckpt} ({e.strerror or e}); training goes on without it")
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
     return model, history
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """Whether `path` starts as a safetensors file does (a bundle): 8 bytes of header length, then "{"."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size

@@ -23,7 +23,7 @@ from ..policies import ThresholdPolicy
 from ..preprocess import eval_transform
 from ..progress import CancelFlag, ProgressFn, report
 from ..records import Records
-from ..splits import split_indices, unlabelled_parts
+from ..splits import unlabelled_parts, usable_split
 from .calibrate import calibrate_with_report
 from .exits import train_exits
 
@@ -146,7 +146,7 @@ def distil_exits(model: MultiExitNet, images, *, val_fraction: float = 0.1, epoc
         raise ValueError("the model has a single exit, so there is no early exit to distil")
     if len(images) < 2:
         raise ValueError(f"distilling exits needs at least 2 images, got {len(images)}")
-    train_idx, val_idx = parts or split_indices(len(images), val_fraction=val_fraction, seed=0)
+    train_idx, val_idx = parts or usable_split(len(images), val_fraction, str(getattr(images, "root", "the images")))
     train_set = torch.utils.data.Subset(images, train_idx)
     val_set = torch.utils.data.Subset(images, val_idx)
     bundle, rep = fit_exits(model, train_set, val_set, epochs=epochs, max_loss=max_loss, distill=distill,
@@ -186,7 +186,7 @@ def retrain_on_folder(bundle: Bundle, folder: str | Path, *, head: str = "linear
     model.temperature.fill_(1.0)
     dataset = open_dataset(folder, report=check, classes=model.class_names)  # label i = the model's class i
     dataset.transform = eval_transform(model.backbone.preset)
-    train_idx, val_idx = split_indices(dataset.targets, val_fraction=val_fraction, seed=0)
+    train_idx, val_idx = usable_split(dataset.targets, val_fraction, str(folder))
     train_set = torch.utils.data.Subset(dataset, train_idx)
     val_set = torch.utils.data.Subset(dataset, val_idx)
     meta = {"source": {"retrained_from": bundle.meta.get("name", "bundle"), "folder": str(folder)},
