@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Subset
 
 from .backbones import InputPreset
-from .data.checks import FolderReport, UnlabelledReport, check_folder
+from .data.checks import FolderReport, UnlabelledReport, check_folder, held_out_count, split_problem
 from .data.folders import UNLABELLED, ImageFolderData, open_dataset, open_unlabelled
 from .data.layout import dataset_splits
 from .images import IMAGE_EXTENSIONS
@@ -51,7 +51,7 @@ def split_indices(targets: int | Sequence[int] | torch.Tensor, val_fraction: flo
     for c in torch.unique(labels).tolist():
         idx = torch.nonzero(labels == c).flatten()
         idx = idx[torch.randperm(idx.numel(), generator=g)].tolist()
-        k = 0 if val_fraction == 0 or len(idx) < 2 else max(1, round(len(idx) * val_fraction))
+        k = held_out_count(len(idx), val_fraction)
         val += idx[:k]
         train += idx[k:]
     return sorted(train), sorted(val)
@@ -62,16 +62,10 @@ def usable_split(targets: int | Sequence[int], val_fraction: float, where: str) 
     either part is empty: training then stops far later, with a message about an empty dataset
     that names neither the folder nor the cause."""
     train, held = split_indices(targets, val_fraction=val_fraction, seed=0)
-    n = targets if isinstance(targets, int) else len(targets)
-    if not held:
-        if val_fraction == 0:
-            raise ValueError(f"{where}: a validation fraction of 0 holds out no image to calibrate and check the "
-                             "exits on; give a fraction above 0.")
-        raise ValueError(f"{where} has too few readable images ({n}) to hold any out for calibrating and checking "
-                         "the exits: a class gives one only from 2 images; add images.")
-    if not train:
-        raise ValueError(f"{where}: a validation fraction of {val_fraction:g} holds out all {n} readable images and "
-                         "leaves none to train on; add images or lower the validation fraction.")
+    if not train or not held:
+        counts = [targets] if isinstance(targets, int) else torch.bincount(torch.as_tensor(targets)).tolist()
+        raise ValueError(split_problem(where, [n for n in counts if n], val_fraction)
+                         or f"{where} cannot be split into images to train on and images held out")
     return train, held
 
 

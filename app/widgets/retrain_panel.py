@@ -29,9 +29,10 @@ from .theme import NORMAL, Theme
 # -- what the folder's check says ------------------------------------------------------------------------
 def _labelled_summary(report, info: ModelInfo | None) -> tuple[list[str], str | None]:
     """The lines of a FolderReport, and why it cannot be trained on (None: it can)."""
+    from engine.train.retrain import RETRAIN_VAL_FRACTION
     lines = list(report.summary())
     try:
-        report.raise_if_unusable()
+        report.raise_if_unusable(RETRAIN_VAL_FRACTION)  # as training will split it: "Ready" must mean it
     except ValueError as e:
         return lines, str(e)
     ready = f"\nReady: new exits for {len(report.classes)} classes will be trained on the frozen backbone."
@@ -293,11 +294,13 @@ class RetrainPanel(QWidget):
 
     def _phases(self, epochs: int) -> list[tuple[str, float]]:
         """The stages training reports, sized by the checked folder (see tasks.training_phases)."""
+        from engine.train.retrain import RETRAIN_VAL_FRACTION
         report, info = self._checked, self.session.info
         if self.mode is LABELLED:
             images = report.total if report is not None else 1
             same = report is not None and list(report.classes) == list(info.class_names)
-            return tasks.training_phases(images, epochs, val_fraction=0.2, checks_images=False, old_curve=same)
+            return tasks.training_phases(images, epochs, val_fraction=RETRAIN_VAL_FRACTION, checks_images=False,
+                                         old_curve=same)
         images = report.count if report is not None else 1
         return tasks.training_phases(images, epochs, val_fraction=0.1, checks_images=True, old_curve=True)
 

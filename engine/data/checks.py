@@ -17,6 +17,29 @@ from .zips import read_member, zip_entry, zip_members
 
 
 # -- checking a folder --------------------------------------------------------------------------
+def held_out_count(n: int, val_fraction: float) -> int:
+    """How many of a class's `n` images a split holds out (`engine.splits.split_indices`): none from
+    a class of fewer than 2, else round(n · val_fraction), at least one."""
+    return 0 if val_fraction == 0 or n < 2 else max(1, round(n * val_fraction))
+
+
+def split_problem(where: str, counts, val_fraction: float) -> str | None:
+    """Why images of these per-class `counts` cannot be split into a part to train on and a part
+    held out (one sentence naming `where`), else None."""
+    total = sum(counts)
+    held = sum(held_out_count(n, val_fraction) for n in counts)
+    if held == 0:
+        if val_fraction == 0:
+            return (f"{where}: a validation fraction of 0 holds out no image to calibrate and check the exits on; "
+                    "give a fraction above 0.")
+        return (f"{where} has too few readable images ({total}) to hold any out for calibrating and checking the "
+                "exits: a class gives one only from 2 images; add images.")
+    if held == total:
+        return (f"{where}: a validation fraction of {val_fraction:g} holds out all {total} readable images and leaves "
+                "none to train on; add images or lower the validation fraction.")
+    return None
+
+
 @dataclass
 class FolderReport:
     """What `check_folder` found. `classes` is the label order a dataset opened with this report
@@ -36,8 +59,10 @@ class FolderReport:
     def total(self) -> int:
         return sum(self.counts.values())
 
-    def raise_if_unusable(self) -> None:
-        """Raise ValueError (one sentence naming the path) when this data cannot train a classifier."""
+    def raise_if_unusable(self, val_fraction: float | None = None) -> None:
+        """Raise ValueError (one sentence naming the path) when this data cannot train a classifier;
+        with `val_fraction`, also when that fraction held out would leave no image to train on or
+        none to check on (`split_problem`)."""
         if not self.counts:
             extra = f" ({self.loose} images sit directly in it)" if self.loose else ""
             raise ValueError(f"{self.path} has no class sub-folders{extra}; put each class's images in its own "
@@ -52,6 +77,9 @@ class FolderReport:
         if len(usable) < 2:
             raise ValueError(f"{self.path} has images of only one class ({usable[0]!r}); a classifier needs at "
                              "least two class folders with images.")
+        problem = split_problem(self.path, list(self.counts.values()), val_fraction) if val_fraction is not None else None
+        if problem:
+            raise ValueError(problem)
 
     def summary(self) -> list[str]:
         """Human-readable lines: totals, per class counts, then every problem found."""

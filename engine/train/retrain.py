@@ -160,8 +160,11 @@ def distil_exits(model: MultiExitNet, images, *, val_fraction: float = 0.1, epoc
     return bundle, rep
 
 
+RETRAIN_VAL_FRACTION = 0.2  # held out by `retrain_on_folder`: a folder's check tells whether it can be split so
+
+
 def retrain_on_folder(bundle: Bundle, folder: str | Path, *, head: str = "linear", epochs: int = 30,
-                      val_fraction: float = 0.2, progress: ProgressFn | None = None,
+                      val_fraction: float = RETRAIN_VAL_FRACTION, progress: ProgressFn | None = None,
                       cancel: CancelFlag | None = None) -> tuple[Bundle, dict]:
     """New exits for the classes of `folder` on `bundle`'s frozen backbone; `bundle` is untouched.
 
@@ -172,7 +175,7 @@ def retrain_on_folder(bundle: Bundle, folder: str | Path, *, head: str = "linear
     (left out of the classes). Raises ValueError for an unusable folder, Cancelled when cancelled."""
     report(progress, cancel, "checking folder", 0, 1)
     check = check_folder(folder)
-    check.raise_if_unusable()
+    check.raise_if_unusable(val_fraction)
     report(progress, cancel, "checking folder", 1, 1)
     backbone = copy.deepcopy(bundle.model.backbone)
     same_classes = set(check.classes) == set(bundle.model.class_names)  # by name: the order may differ
