@@ -25,7 +25,7 @@ from .presentation import NormalLayout
 from .remember import WindowMemory, load_policy, remembered_bundle, save_policy
 from .session import Session
 from .sources import Frame, SourceSpec
-from .state import ModelInfo, PolicyState
+from .state import ModelInfo, PolicyState, counted
 from .widgets import (EMPTY_TEXT, NORMAL, PRESENTATION, CapturePanel, ComputePanel, ConfidencePlot, ErrorBanner,
                       ExitDiagram, LiveView, OfferBanner, PolicyPanel, RetrainPanel, Theme, TransportBar,
                       VideoView)
@@ -47,6 +47,8 @@ class MainWindow(QMainWindow):
         self._base_font = QFont(QApplication.font())
         self.fallback_to_builtin = True  # a load that leaves no model at all brings in the built-in one
         self._falling_back = False  # … which is loading now
+        self._load_said: set[str] = set()  # errors shown since the last load began (a fallback repeats none)
+        self._fallback_reason = ""  # why the bundle the built-in model replaces did not load
         self._pending = None  # (result, frame) waiting to be drawn
         self.shown_frame = None  # the Frame on screen (what Capture saves)
         self._next_error_origin = "model"  # "source" errors clear when another source opens
@@ -253,7 +255,7 @@ class MainWindow(QMainWindow):
                                 "using its default")
 
     def _show_model(self, info: ModelInfo | None) -> None:
-        self.model_label.setText(f"model: {info.name} ({info.backbone}, {len(info.class_names)} classes)"
+        self.model_label.setText(f"model: {info.name} ({info.backbone}, {counted(len(info.class_names), 'class')})"
                                  if info is not None else "no model")
 
     def _warm_up(self) -> None:
@@ -272,6 +274,8 @@ class MainWindow(QMainWindow):
         self.video.set_message(self._source_problem or EMPTY_TEXT)
 
     def _on_loading(self, what: str) -> None:
+        if not self._falling_back:
+            self._load_said.clear()
         if self.banner.origin == "model" and not self._falling_back:  # an earlier load's error; this load reports its own
             self.banner.hide()
         self.model_label.setText(f"model: loading {what} …")
@@ -285,7 +289,7 @@ class MainWindow(QMainWindow):
         if self.session.info is None and self.fallback_to_builtin and not self._falling_back:
             # no model at all (e.g. started on a damaged bundle): the window must still classify, so the
             # built-in model comes in, and the error about the other one stays on screen
-            self._falling_back = True
+            self._falling_back, self._fallback_reason = True, message
             self.session.load_bundle(None)
             return
         self._falling_back = False
@@ -295,7 +299,8 @@ class MainWindow(QMainWindow):
     def _on_fallback_loaded(self, info: ModelInfo) -> None:
         if self._falling_back:
             self._falling_back = False
-            self.statusBar().showMessage(f"the built-in model {info.name} is loaded instead", 15000)
+            self.statusBar().showMessage(f"{self._fallback_reason} — the built-in model {info.name} is loaded "
+                                         "instead", 15000)
 
     def _on_policy_changed(self, state: PolicyState) -> None:
         ts = state.thresholds
@@ -331,13 +336,28 @@ class MainWindow(QMainWindow):
             self.settings.setValue("last_source", spec.to_text())
 
     def _on_source_failed(self, message: str) -> None:
+        """A path refused before anything closed leaves what plays playing; a source that failed to open
+        (or stopped) leaves none: its last frame goes from every view, and from what Capture saves, and
+        why stays in the view until another source opens."""
         self._next_error_origin = "source"
+        if self.session.source_open:
+            return
         self._source_problem = message
-        if not self.video.has_frame:  # nothing shown yet: say why in the view too, until another source opens
-            self.video.set_message(message)
+        self._pending = self.shown_frame = self._shown = None
+        self._stats_due = False
+        for view in self.live_views:
+            view.clear()
+        self.fps_label.setText("")
+        self.video.set_message(message)
 
     def show_error(self, message: str) -> None:
         """Every error the user can cause ends here: the banner and the status bar; never a crash."""
+        if self._falling_back and message in self._load_said:
+            # e.g. a remembered device this machine lacks, said again by the built-in model's load: the
+            # banner keeps why the bundle failed
+            log.debug("not shown again: %s", message)
+            return
+        self._load_said.add(message)
         log.info("shown: %s", message)  # a failure's traceback, if any, was logged where it was caught
         self.banner.show_error(message, self._next_error_origin)
         self._next_error_origin = "model"

@@ -11,7 +11,7 @@ from typing import Any, Callable
 from PySide6.QtCore import QObject, QThread, Signal
 
 from .sources import SourceError, SourceSpec
-from .state import ModelInfo, PolicyState
+from .state import ModelInfo, PolicyState, counted
 from .stats import shown_totals
 from .workers import CaptureWorker, FrameSlot, FrameWriter, InferenceWorker, TaskWorker, start_worker, stop_worker
 
@@ -101,8 +101,8 @@ class Session(QObject):
         self.policy = PolicyState(info)
         self.stats.reset(info.num_exits)
         # said first: what the window says about the model (e.g. its remembered policy) then stays
-        self.status.emit(f"model {info.name} loaded on {info.device}: {len(info.class_names)} classes, "
-                         f"{info.num_exits} exits")
+        self.status.emit(f"model {info.name} loaded on {info.device}: {counted(len(info.class_names), 'class')}, "
+                         f"{counted(info.num_exits, 'exit')}")
         self.model_loaded.emit(info)
         self.policy_changed.emit(self.policy)
         self._inference.rerun()
@@ -230,6 +230,11 @@ class Session(QObject):
         self.source_opened.emit(spec)
         self.status.emit(f"opening {spec.display} …")
 
+    @property
+    def source_open(self) -> bool:
+        """A source is open: it plays, or is paused (False before the first, and after one failed)."""
+        return self._capture is not None
+
     def close_source(self) -> None:
         """Stop the capture worker without waiting for it: a camera read can block for a while, and
         the window must not. After this returns the old worker puts no more frames in the slot."""
@@ -268,6 +273,7 @@ class Session(QObject):
     def _on_source_error(self, message: str) -> None:
         if self._capture is None or self.sender() is not self._capture[0]:
             return  # a worker already replaced by another source: its fate no longer matters
+        self.close_source()  # its worker has ended: no source is open now, and nothing can play
         self.source_failed.emit(message)
         self.error.emit(message)
 
@@ -276,8 +282,11 @@ class Session(QObject):
         self.paused_changed.emit(paused)
 
     def set_paused(self, paused: bool) -> None:
-        if self._capture is not None:
-            self._capture[0].set_paused(paused)
+        """Pause or play the open source; with none open (or the last one failed), say so instead."""
+        if self._capture is None:
+            self.status.emit("nothing to play: open an image, a folder, a video or a camera from the File menu")
+            return
+        self._capture[0].set_paused(paused)
         self._set_paused(paused)
 
     def toggle_pause(self) -> None:

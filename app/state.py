@@ -14,8 +14,8 @@ from engine.budget import check_budget, cost_fraction, fits, within_budget
 
 from .stats import LatenessMeter, RunningTotals
 
-__all__ = ["LatenessMeter", "ModelInfo", "PolicyState", "RunningTotals", "budget_text", "curve_xy", "format_flops",
-           "front_label", "own_front", "percent", "signed_percent"]
+__all__ = ["LatenessMeter", "ModelInfo", "PolicyState", "RunningTotals", "budget_text", "counted", "curve_xy",
+           "format_flops", "front_label", "own_front", "percent", "signed_percent"]
 
 # A learned policy's settings that change its trade-off without new weights: a point of its front
 # that differs from the bundle's policy in these alone can run on the weights the bundle holds.
@@ -112,6 +112,14 @@ def format_flops(flops: float) -> str:
         if abs(flops) >= scale:
             return f"{flops / scale:.2f} {unit}"
     return f"{flops:.0f} FLOPs"
+
+
+def counted(n: int, noun: str) -> str:
+    """3, "class" -> "3 classes"; 1, "new early exit" -> "1 new early exit": a count as words say it
+    (the last word takes "es" after s, x, ch, sh, else "s")."""
+    if n == 1:
+        return f"{n} {noun}"
+    return f"{n} {noun}{'es' if noun.endswith(('s', 'x', 'ch', 'sh')) else 's'}"
 
 
 def percent(fraction: float, digits: int = 0) -> str:

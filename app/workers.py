@@ -344,9 +344,14 @@ class InferenceWorker(QObject):
                     log.exception("the %s runtime cannot run %s", runtime, shown)
                     self.error.emit(f"{e} (running torch)")
             info = ModelInfo.from_engine(engine, path)
-        except Exception as e:  # noqa: BLE001 - BundleError, anything: the old model stays
+        except (BundleError, FileNotFoundError) as e:  # the user's to fix (a damaged or missing file): no traceback
+            log.info("%s", _load_message(shown, e))
+            log.debug("loading %s failed", shown, exc_info=True)
+            self._load_failed(_load_message(shown, e))
+            return
+        except Exception as e:  # noqa: BLE001 - anything else: the old model stays
             log.exception("could not load %s", shown)
-            self._load_failed(f"could not load {shown}: {e}")
+            self._load_failed(_load_message(shown, e))
             return
         self.engine, self._path = engine, path
         self.model_loaded.emit(info)
@@ -379,6 +384,11 @@ class InferenceWorker(QObject):
                 self.error.emit(f"cannot build the policy {policy}: {e}")
                 return
         self._guard("changing the policy", lambda e: e.set_policy(policy))
+
+
+def _load_message(shown: str, e: Exception) -> str:
+    """Why `shown` did not load, in one sentence that names it once (a BundleError names it itself)."""
+    return f"could not load the bundle: {e}" if shown in str(e) else f"could not load {shown}: {e}"
 
 
 class TaskWorker(QObject):

@@ -162,6 +162,7 @@ class Engine:
         has_flops = _has_flops(bundle.cost, self.model)
         self._cost = bundle.cost if has_flops else measure_costs(self.model, self._policy)
         self._flops_of: weakref.WeakKeyDictionary[Policy, list[float]] = weakref.WeakKeyDictionary()
+        self._flops_at: tuple | None = None  # (cost table, active exits, FLOPs to reach each exit): `_results`
         self._totals = RunningTotals(self.model.num_exits, history=0)
         self._prepared: PreparedModel | None = None  # the form that runs (engine.prepared); made per device
         self._runtime = "torch"  # the runtime chosen (RUNTIMES)
@@ -496,7 +497,11 @@ class Engine:
     def _results(self, out: StagedOutput, policy: Policy, cost: CostTable, ms: float,
                  novelty: list[NoveltyReading | None], warm: bool = False) -> list[InferenceResult]:
         model, n_exits = self.model, self.model.num_exits
-        flops_at = cost.cumulative_flops(policy.active_exits(n_exits))
+        active = tuple(policy.active_exits(n_exits))
+        cached = self._flops_at
+        if cached is None or cached[0] is not cost or cached[1] != active:  # per frame it is the same
+            cached = self._flops_at = (cost, active, cost.cumulative_flops(list(active)))
+        flops_at = cached[2]
         full_flops = cost.full_flops
         full_ms, full_ms_live = self._full_ms(cost)
         measure = getattr(policy, "measure", "max_prob")
@@ -507,7 +512,7 @@ class Engine:
         top_p, top_i = probs.topk(min(3, model.num_classes), dim=-1)
         top_p, top_i = top_p.tolist(), top_i.tolist()
         ran, fired_at, stages = out.ran.cpu().tolist(), out.exit_index.cpu().tolist(), out.stages_run.cpu().tolist()
-        names = model.class_names
+        names, exit_stages = model.class_names, model.exit_stages  # a property that makes a list: once a frame
         results = []
         broken = next((f for i, f in enumerate(fired_at) if not math.isfinite(top_p[i][f][0])), None)
         if broken is not None:  # e.g. weights that overflow: "ship (nan %)" would mislead; nothing is counted
@@ -515,7 +520,7 @@ class Engine:
                              f"E{broken} (NaN or infinite logits); its weights are broken: retrain it or load "
                              "another bundle.")
         for i, fired in enumerate(fired_at):
-            readings = [ExitReading(e, model.exit_stages[e], conf[i][e],
+            readings = [ExitReading(e, exit_stages[e], conf[i][e],
                                     [(names[c], p) for c, p in zip(top_i[i][e], top_p[i][e])],
                                     limits[e] if e < n_exits - 1 else None, e == fired)
                         for e in range(n_exits) if ran[i][e]]

@@ -141,7 +141,7 @@ def open_splits(data: str | Path, preset: InputPreset, *, val_fraction: float = 
         for path, reason in check.skipped:
             if on_skipped is not None:
                 on_skipped(path, reason)
-        check.raise_if_unusable()
+        check.raise_if_unusable(val_fraction)
         for cls in check.empty_classes:
             if on_warning is not None:
                 what = "it is not scored" if classes is not None else "the model will not have this class"

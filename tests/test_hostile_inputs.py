@@ -403,3 +403,15 @@ def test_non_finite_logits_are_an_error_not_an_answer(world):
     engine = Engine(bundle, device="cpu", latency_repeats=1)
     with pytest.raises(ValueError, match="no finite answer"):
         engine.infer(np.zeros((32, 32, 3), dtype=np.uint8))
+
+
+def test_a_folders_check_refuses_what_training_could_not_split(tmp_path):
+    """The retraining panel says "Ready" only when the check passed: with the fraction training holds
+    out, a folder of one image a class must fail the check, not the training after it."""
+    from engine.data.checks import check_folder
+    one_each = make_image_folder(tmp_path / "one-each", SYNTH_CLASSES, per_class=1, seed=7)
+    report = check_folder(one_each)
+    report.raise_if_unusable()  # usable as data: every class has an image
+    with pytest.raises(ValueError, match="too few readable images"):
+        report.raise_if_unusable(0.2)
+    check_folder(make_image_folder(tmp_path / "three-each", SYNTH_CLASSES, per_class=3, seed=7)).raise_if_unusable(0.2)

@@ -16,6 +16,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QFileDialog, QFormL
 
 from ..dataset import FORMATS, DatasetError, check_class_name, class_counts, writable_problem
 from ..session import Session
+from ..state import counted
 
 
 class CapturePanel(QWidget):
@@ -181,8 +182,8 @@ class CapturePanel(QWidget):
             self.table.setItem(row, 0, name)
             self.table.setItem(row, 1, count)
         total = sum(self.counts.values())
-        self.total_label.setText(f"{total} images in {len(self.counts)} classes" if self.counts else
-                                 "no class folders yet" if self.folder else "")
+        self.total_label.setText(f"{counted(total, 'image')} in {counted(len(self.counts), 'class')}"
+                                 if self.counts else "no class folders yet" if self.folder else "")
         self._update_buttons()
 
     def _update_buttons(self) -> None:
@@ -275,12 +276,12 @@ class CapturePanel(QWidget):
         if not self._burst_ending or self.pending:
             return
         self._burst_ending = False
-        skipped = f"; {self._skipped} frames skipped, the disk was behind" if self._skipped else ""
+        skipped = f"; {counted(self._skipped, 'frame')} skipped, the disk was behind" if self._skipped else ""
         failed = self._queued - self._burst_saved
         failed = f"; {failed} could not be saved" if failed else ""
         cls = self.class_name.strip()
-        self._say(f"recording stopped: {self._burst_saved} frames saved into {cls} ({self.counts.get(cls, 0)} "
-                  f"images now){skipped}{failed}")
+        self._say(f"recording stopped: {counted(self._burst_saved, 'frame')} saved into {cls} "
+                  f"({counted(self.counts.get(cls, 0), 'image')} now){skipped}{failed}")
 
     def _on_result(self, result, frame) -> None:
         if not self.recording or frame is None or frame is self._last_frame:
@@ -309,7 +310,7 @@ class CapturePanel(QWidget):
         self._show_counts()
         if self.recording or self._burst_ending:
             self._burst_saved += 1
-        self._say(f"saved {p.parent.name}/{p.name} — {self.counts.get(cls, 0)} images of {cls}")
+        self._say(f"saved {p.parent.name}/{p.name} — {counted(self.counts.get(cls, 0), 'image')} of {cls}")
         self.session.status.emit(f"saved {path}")
         self._end_burst()
         self._maybe_retrain()
@@ -350,7 +351,7 @@ class CapturePanel(QWidget):
         self._retrain_waiting = True
         self._update_buttons()
         if self.pending:
-            self._say(f"waiting for {self.pending} frames to be written …")
+            self._say(f"waiting for {counted(self.pending, 'frame')} to be written …")
         self._maybe_retrain()
 
     def _maybe_retrain(self) -> None:

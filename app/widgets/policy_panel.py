@@ -13,14 +13,15 @@ import logging
 from pathlib import Path
 
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGridLayout, QGroupBox, QHBoxLayout,
-                               QLabel, QPushButton, QSlider, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QGridLayout, QGroupBox, QHBoxLayout, QLabel,
+                               QPushButton, QSlider, QVBoxLayout, QWidget)
 
 from engine.budget import check_budget
 
 from .. import tasks
 from ..session import Session
 from ..state import ModelInfo, PolicyState, budget_text, front_label
+from .dialogs import ask_save_path
 
 log = logging.getLogger(__name__)
 
@@ -208,10 +209,9 @@ class PolicyPanel(QWidget):
     def _on_save_clicked(self) -> None:
         info = self.session.info
         start = str(Path(info.path).with_name(Path(info.path).stem + "-edited.offramp")) if info.path else "edited.offramp"
-        path, _ = QFileDialog.getSaveFileName(self, "Save configuration into a bundle", start,
-                                              "Offramp bundles (*.offramp)")
+        path = ask_save_path(self, "Save configuration into a bundle", start)
         if path:
-            self.save_to(path if path.endswith(".offramp") else path + ".offramp")
+            self.save_to(path)
 
     def save_to(self, path: str) -> None:
         """Save the loaded bundle with the active configuration as its default policy, in a worker."""

@@ -22,7 +22,8 @@ from PySide6.QtWidgets import (QButtonGroup, QFileDialog, QGroupBox, QHBoxLayout
 
 from .. import tasks
 from ..session import Session
-from ..state import ModelInfo, curve_xy, percent
+from ..state import ModelInfo, counted, curve_xy, percent
+from .dialogs import ask_save_path
 from .theme import NORMAL, Theme
 
 
@@ -35,7 +36,7 @@ def _labelled_summary(report, info: ModelInfo | None) -> tuple[list[str], str | 
         report.raise_if_unusable(RETRAIN_VAL_FRACTION)  # as training will split it: "Ready" must mean it
     except ValueError as e:
         return lines, str(e)
-    ready = f"\nReady: new exits for {len(report.classes)} classes will be trained on the frozen backbone."
+    ready = f"\nReady: new exits for {counted(len(report.classes), 'class')} will be trained on the frozen backbone."
     return lines + [ready], None
 
 
@@ -50,8 +51,9 @@ def _unlabelled_summary(report, info: ModelInfo | None) -> tuple[list[str], str 
         return lines, f"{info.name} has a single exit, so it has no early exit to distil: load a model with early exits"
     if info is None:
         return lines + ["\nReady: load a model, then distil its early exits on these images."], None
-    return lines + [f"\nReady: {info.num_exits - 1} new early exits will learn what the last exit answers on these "
-                    f"images; the {len(info.class_names)} classes and the last exit stay as they are."], None
+    return lines + [f"\nReady: {counted(info.num_exits - 1, 'new early exit')} will learn what the last exit answers "
+                    f"on these images; the {counted(len(info.class_names), 'class')} and the last exit stay as they "
+                    "are."], None
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ def result_text(report: dict, mode: Mode, held_out: int | None) -> str:
     if mode is UNLABELLED and "images" in report:
         skipped = len(report.get("skipped") or [])
         lines.append(f"Distilled on {report['images'] - (held_out or 0)} of {report['images']} readable images"
-                     + (f"; {_files(skipped)} skipped." if skipped else "."))
+                     + (f"; {counted(skipped, 'file')} skipped." if skipped else "."))
     return "\n".join(lines)
 
 
@@ -118,6 +120,7 @@ class RetrainPanel(QWidget):
         self.new_bundle: Any = None
         self.new_report: dict | None = None
         self.result_mode: Mode = LABELLED  # the mode that made new_bundle
+        self.result_folder: str | None = None  # the folder it was trained on (a later check may name another)
         self._checked = None  # the last check's report (its image count sizes the progress plan)
         self._overall = tasks.OverallProgress([], 0.0)
         mode_box = QGroupBox("The folder holds")
@@ -259,7 +262,14 @@ class RetrainPanel(QWidget):
 
     def check(self, folder: str, train_when_ready: bool = False, mode: str | None = None) -> None:
         """Check `folder` (in `mode`, default the chosen one) in a worker and show the report;
-        training is possible once it is usable, and with `train_when_ready` starts by itself then."""
+        training is possible once it is usable, and with `train_when_ready` starts by itself then.
+        A result on hand goes: it was trained on another folder, or the folder changed since. Refused
+        (with an error) while a task runs."""
+        if self.task is not None:
+            self.session.error.emit("the Retraining panel is busy: wait for it or cancel it, then check the folder "
+                                    "again")
+            return
+        self._clear_result()
         if mode is not None:
             self.set_mode(mode, recheck=False)
         self.folder, self.report_ok, self._train_when_ready = folder, False, train_when_ready
@@ -284,10 +294,8 @@ class RetrainPanel(QWidget):
         info, folder, epochs, mode = self.session.info, self.folder, self.epochs.value(), self.mode
         if info is None or folder is None:
             return
-        self.new_bundle = self.new_report = None
-        self.result_mode = mode
-        self._clear_curves()  # an older run's curve is not this run's: nothing is "new" until it ends
-        self.progress.setValue(0)
+        self._clear_result()  # an older run's curve is not this run's: nothing is "new" until it ends
+        self.result_mode, self.result_folder = mode, folder
         self.session.status.emit(f"{mode.doing} on {folder} …")
         self._start(functools.partial(mode.train, info.bundle, folder, epochs), mode.doing, self._phases(epochs),
                     result=self._on_trained, cancelled=self._on_cancelled)
@@ -343,6 +351,10 @@ class RetrainPanel(QWidget):
         self.session.status.emit(f"{self.result_mode.doing} cancelled; the current model is unchanged")
 
     def _on_failed(self, message: str) -> None:
+        """The bar shows how far the result on hand got: a failed check or training leaves none (a failed
+        save leaves the result, done); the buttons follow when the task has finished."""
+        if self.new_bundle is None:
+            self.progress.setValue(0)
         self.stage_label.setText(message)
         if self.task is not None and self.task.what == "checking folder":
             self.report.setPlainText(message)
@@ -354,6 +366,14 @@ class RetrainPanel(QWidget):
         self._update_buttons()
         if train:  # after the check's worker is done: one task at a time
             self.train()
+
+    def _clear_result(self) -> None:
+        """No trained model on hand: its curves, words and progress go (the buttons follow in _start)."""
+        self.new_bundle = self.new_report = None
+        self._clear_curves()
+        self.plot.setLabel("left", f"{self.mode.score} %")
+        self.progress.setValue(0)
+        self.stage_label.setText("")
 
     def _clear_curves(self) -> None:
         self.plot.clear()
@@ -388,11 +408,11 @@ class RetrainPanel(QWidget):
             self.session.load_bundle(self.new_bundle)
 
     def _on_save_clicked(self) -> None:
-        name = Path(self.folder or "retrained").name + ("-distilled" if self.result_mode is UNLABELLED else "")
-        path, _ = QFileDialog.getSaveFileName(self, "Save the new bundle", f"{name}.offramp",
-                                              "Offramp bundles (*.offramp)")
+        # named after the folder the model learned, not one checked since
+        name = Path(self.result_folder or "retrained").name + ("-distilled" if self.result_mode is UNLABELLED else "")
+        path = ask_save_path(self, "Save the new bundle", f"{name}.offramp")
         if path:
-            self.save_to(path if path.endswith(".offramp") else path + ".offramp")
+            self.save_to(path)
 
     def save_to(self, path: str) -> None:
         self._start(functools.partial(tasks.save, self.new_bundle, path), "saving bundle", result=self._on_saved)
@@ -400,9 +420,6 @@ class RetrainPanel(QWidget):
     def _on_saved(self, path) -> None:
         self.session.status.emit(f"saved the new bundle to {path}")
 
-
-def _files(n: int) -> str:
-    return f"{n} file" if n == 1 else f"{n} files"
 
 
 def _duration(seconds: float) -> str:

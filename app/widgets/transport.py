@@ -42,6 +42,7 @@ class TransportBar(QWidget):
         session.source_info.connect(self._on_source_info)
         session.source_position.connect(self._on_position)
         session.paused_changed.connect(self._on_paused)
+        session.source_failed.connect(self._on_source_failed)
         self.set_pace(session.pace)
         self._enable(False, False)
 
@@ -59,6 +60,15 @@ class TransportBar(QWidget):
         self.seek.setRange(0, max(0, count - 1))
         self._enable(bool(info.get("seekable")), True)
         self.set_pace(self.session.pace)
+
+    def _on_source_failed(self, message: str) -> None:
+        """No source open any more (a path refused before anything closed leaves the bar as it is)."""
+        if self.session.source_open:
+            return
+        self._enable(False, False)
+        self.seek.setRange(0, 0)
+        self.position.setText("no source")
+        self.position.setToolTip("")
 
     def _on_position(self, index: int, count: int, name: str) -> None:
         if not self.seek.isSliderDown():

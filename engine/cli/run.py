@@ -86,7 +86,7 @@ def cmd_run(args) -> int:
                   f"{r.flops / 1e6:.2f} of {r.full_flops / 1e6:.2f} MFLOPs ({pct(r.saved)} saved), {r.ms:.2f} ms")
     t = engine.totals
     if t.frames and not args.json:
-        print(f"{t.frames} frames: {pct(t.saved)} of FLOPs saved, exits taken {t.exit_counts}", file=sys.stderr)
+        print(f"{t.frames} frame{'s' if t.frames != 1 else ''}: {pct(t.saved)} of FLOPs saved, exits taken {t.exit_counts}", file=sys.stderr)
     if not classified:
         print(f"offramp run: nothing was classified: every input was missing or unreadable ({listing(paths)})",
               file=sys.stderr)
