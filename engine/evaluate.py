@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .budget import within_budget
-from .cost import CostTable
+from .cost import CostTable, with_policy_flops
 from .model import MultiExitNet
 from .policies import OraclePolicy, Policy, ThresholdPolicy, confidence, simulate
 from .files import finite, write_json
@@ -203,12 +203,34 @@ def _exit_confidence(records: Records, measure: str) -> torch.Tensor:
 
 def default_thresholds(conf: torch.Tensor, n: int = 100) -> list[float]:
     """About `n` shared thresholds: quantiles of the early exits' confidences (dense where the
-    confidences are, i.e. near 1 for a trained model) plus fixed values from 0 to 1."""
+    confidences are, i.e. near 1 for a trained model) plus fixed values from 0 to 1. A quantile
+    becomes the point halfway down to the next lower confidence (`below_each`): it lets the same
+    samples exit, and a run that computes a confidence a rounding step apart still agrees."""
     fixed = [0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999, 1.0]
     values = conf[torch.isfinite(conf)].numpy()
+    values = values[(values >= 0.0) & (values <= 1.0)]
     quant = np.quantile(values, np.linspace(0.0, 1.0, max(n - len(fixed), 2)), method="lower") if values.size else []
-    # float32 values exactly: a threshold equal to a confidence lets exactly that sample exit
+    quant = below_each(np.unique(values.astype(np.float32)), np.asarray(quant, dtype=np.float32)) if values.size else []
     return sorted({float(np.float32(t)) for t in [*fixed, *quant] if 0.0 <= t <= 1.0})
+
+
+def below_each(distinct: np.ndarray, picks: np.ndarray) -> list[float]:
+    """For each of `picks` (values among `distinct`, float32, ascending and distinct): a threshold
+    that lets exactly the confidences >= it pass, halfway between it and the next lower distinct
+    value (0 below the lowest), as float64 values that are distinct as float32.
+
+    A threshold equal to a recorded confidence sits on a knife's edge: the staged run computes that
+    confidence another way (BatchNorm folded, graphs, Python floats) and may land one rounding step
+    below, so that sample would not exit where the records said (seen: 22 of 47 such cases on the
+    built-in model's front). Halfway, both ways agree. Where the two values are adjacent float32
+    numbers nothing lies between them, and the value itself is kept."""
+    idx = np.searchsorted(distinct, picks)
+    below = np.where(idx > 0, distinct[np.maximum(idx - 1, 0)], np.float32(0.0)).astype(np.float64)
+    mid = np.float32((below + picks.astype(np.float64)) / 2.0)
+    keep = (mid > below.astype(np.float32)) & (mid <= picks) & (picks > 0)
+    out = np.where(keep, mid, picks).astype(np.float64)
+    _, first = np.unique(out.astype(np.float32), return_index=True)
+    return out[np.sort(first)].tolist()
 
 
 def threshold_curve(records: Records, cost: CostTable, measure: str = "max_prob",
@@ -307,12 +329,22 @@ def evaluation_report(records: Records, cost: CostTable, policies: dict[str, Pol
         "ece_per_exit": [expected_calibration_error(records.logits[:, e], records.labels)
                          for e in range(records.num_exits)],
         "full": full,
-        "policies": {name: evaluate_policy(records, p, cost) for name, p in (policies or {}).items()},
+        "policies": {name: evaluate_policy(records, p, _priced(cost, p)) for name, p in (policies or {}).items()},
         "default_policy": default,
         "oracle": oracle(records, cost),
         "threshold_curve": curve,
         "front": pareto([*curve, full_model_point(records, cost, measure)]),
     }
+
+
+def _priced(cost: CostTable, policy: Policy) -> CostTable:
+    """`cost` with `policy`'s own decision FLOPs (a bundle's table holds none: its policies differ),
+    as `bench` and `Engine` count them; `cost` as it is for a policy whose decisions only a model
+    can count (`engine.cost.with_policy_flops`)."""
+    try:
+        return with_policy_flops(cost, policy)
+    except ValueError:
+        return cost
 
 
 def save_report(report: dict, json_path: str | Path, png_path: str | Path | None = None) -> None:

@@ -10,6 +10,7 @@ budget: a fraction of the full model's FLOPs, `engine.budget`) picks the point a
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import replace
 from typing import Sequence
@@ -86,7 +87,7 @@ def target_index(points: Sequence[dict], full_accuracy: float, *, max_loss: floa
 def search_bundle(bundle: Bundle, records: Records, *, max_loss: float = 0.005, budget: float | None = None,
                   measure: str = "max_prob", split: dict | None = None,
                   test_records: Records | None = None, exit_cost_ms: float = 0.0,
-                  progress: ProgressFn | None = None, cancel: CancelFlag | None = None) -> tuple[Bundle, dict]:
+                  exit_cost_flops: float | None = None, progress: ProgressFn | None = None, cancel: CancelFlag | None = None) -> tuple[Bundle, dict]:
     """DyCE search on calibration `records`: a copy of `bundle` whose meta["front"] is the circular
     search's front, each point's figures out of fold (`crossfit_dyce_front`: what the search does
     on images it did not see; what the app's budget slider walks and shows), meta["default_point"]
@@ -99,14 +100,21 @@ def search_bundle(bundle: Bundle, records: Records, *, max_loss: float = 0.005, 
     `exit_cost_ms` > 0: the search charges every active early exit that many milliseconds more (its
     graph call and decision, which cost most when frames come paced:
     tests/benchmarks/paced_time_saved.py), as FLOPs at the full model's rate (`full_model_ms`);
-    the front's FLOPs are still those that run.
+    the front's FLOPs are still those that run. `exit_cost_flops` gives that charge in FLOPs
+    instead: the full model's milliseconds differ between machines, so a search to repeat
+    elsewhere names the FLOPs a charge came to (meta["search"]["exit_cost_flops"]).
     Returns (bundle, summary). Raises ValueError for empty records or a budget outside (0, 1];
     Cancelled when `cancel` is set during the cross-fitting (`progress` hears of it)."""
     if budget is not None:
         budget = check_budget(budget)
     t0 = time.perf_counter()
     cost = model_cost(bundle)
-    step_flops = exit_cost_ms * cost.full_flops / full_model_ms(bundle) if exit_cost_ms > 0 else 0.0
+    if exit_cost_flops is not None:
+        if not (math.isfinite(exit_cost_flops) and exit_cost_flops >= 0):
+            raise ValueError(f"exit_cost_flops must be a number of FLOPs of 0 or more, not {exit_cost_flops}")
+        step_flops = float(exit_cost_flops)
+    else:
+        step_flops = exit_cost_ms * cost.full_flops / full_model_ms(bundle) if exit_cost_ms > 0 else 0.0
     fronts = {"circular": crossfit_dyce_front(records, cost, measure=measure, step_flops=step_flops,
                                               progress=progress, cancel=cancel),
               **{m: search_front(records, cost, m, measure=measure) for m in ("one_pass", "shared")}}

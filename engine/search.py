@@ -30,7 +30,7 @@ import torch
 
 from .budget import TOLERANCE, cost_fraction, within_budget
 from .cost import CostTable
-from .evaluate import (_check_cost, _correct, _exit_confidence, _summary, default_thresholds, full_model_point,
+from .evaluate import (_check_cost, _correct, _exit_confidence, _summary, below_each, default_thresholds, full_model_point,
                        operating_front, pareto, pick_point, threshold_curve)
 from .policies import MEASURES, ThresholdPolicy
 from .records import Records
@@ -153,11 +153,14 @@ class _Tables:
 
 
 def _candidates(conf: torch.Tensor, candidates: int | Sequence[float] | None) -> np.ndarray:
-    """Ascending thresholds for one exit, distinct as float32 (how `decide` compares them): every
-    distinct confidence (None), about n quantiles of them (int), or the given values."""
+    """Ascending thresholds for one exit, distinct as float32 (how `decide` compares them): one
+    for every distinct confidence, halfway down to the next lower one (None; `below_each`: the same
+    samples exit as at the confidence itself, and a staged run whose confidence is a rounding step
+    off agrees), about n quantiles of them (int), or the given values."""
     if candidates is None:
         values = conf[torch.isfinite(conf)].numpy()
-        values = values[(values >= 0.0) & (values <= 1.0)]
+        values = np.unique(values[(values >= 0.0) & (values <= 1.0)].astype(np.float32))
+        values = np.asarray(below_each(values, values), dtype=np.float64)
     elif isinstance(candidates, (int, np.integer)):
         if candidates < 1:
             raise ValueError(f"candidates must be a positive number of thresholds, not {candidates}")

@@ -350,3 +350,24 @@ def test_the_promise_goal_reads_the_worst_calibration_choice_on_test():
     rep["methods"]["b"]["calibration_choice"]["loss"] = 0.005
     assert promise_goal(rep)["hit"] is True
     assert promise_goal({"methods": {}})["hit"] is None
+
+
+def test_a_time_charged_search_repeats_by_its_mflops(bundle, synthetic_folder, tmp_path, capsys):
+    """--exit-cost-ms is turned into FLOPs at this machine's speed, so the search prints the MFLOPs
+    it came to; --exit-cost-mflops with that figure gives the same front on any machine."""
+    import re
+    by_ms, by_flops = tmp_path / "ms.offramp", tmp_path / "mflops.offramp"
+    assert main(["search", str(bundle), "--data", str(synthetic_folder), "--exit-cost-ms", "0.05",
+                 "--out", str(by_ms)]) == 0
+    said = re.search(r"--exit-cost-mflops (\S+) repeats it", capsys.readouterr().out)
+    assert said, "the search did not say the MFLOPs its charge came to"
+    charge = load_bundle(by_ms).meta["search"]["exit_cost_flops"]
+    assert charge > 0 and float(said.group(1)) == pytest.approx(charge / 1e6, abs=0.005)
+    assert main(["search", str(bundle), "--data", str(synthetic_folder), "--exit-cost-mflops", repr(charge / 1e6),
+                 "--out", str(by_flops)]) == 0
+    again = load_bundle(by_flops).meta
+    assert again["search"]["exit_cost_flops"] == pytest.approx(charge)
+    assert [p["policy"] for p in again["front"]] == [p["policy"] for p in load_bundle(by_ms).meta["front"]]
+    with pytest.raises(SystemExit) as stop:  # one charge or the other
+        main(["search", str(bundle), "--data", str(synthetic_folder), "--exit-cost-ms", "0.1", "--exit-cost-mflops", "1"])
+    assert stop.value.code == 2

@@ -406,3 +406,19 @@ def test_every_front_point_carries_its_loss_standard_error():
     assert full_model_point(records, cost)["loss_se"] == 0.0  # the full model against itself
     assert evaluate_policy(records, full_model_policy(records.num_exits), cost)["loss_se"] == 0.0
     assert any(p["loss_se"] > 0 for p in front[:-1])
+
+
+def test_the_report_counts_each_policys_own_decision_flops(hand_records, hand_cost):
+    """A bundle's cost table holds no decision FLOPs (its policies differ); the report prices each
+    policy with its own, as `bench` and `Engine` do: a decision that costs 100 FLOPs at every early
+    exit adds 100 for each early exit a sample's path decides at."""
+    class Priced(ThresholdPolicy):
+        def decision_flops(self):
+            return [100.0] * (len(self.thresholds) - 1) + [0.0]
+
+    plain, priced = ThresholdPolicy.uniform(3, 0.9), Priced.uniform(3, 0.9)
+    report = evaluation_report(hand_records, hand_cost, {"plain": plain, "priced": priced})
+    a, b = report["policies"]["plain"], report["policies"]["priced"]
+    assert a["accuracy"] == b["accuracy"]
+    # sample 0 leaves at exit 0 (one decision); samples 1-3 pass exits 0 and 1 (two each): 7 / 4 decisions
+    assert b["mean_flops"] - a["mean_flops"] == pytest.approx(100.0 * 7 / 4)

@@ -7,6 +7,7 @@ import math
 import time
 
 import pytest
+import numpy as np
 import torch
 
 from engine.cost import CostTable
@@ -352,3 +353,18 @@ def test_charging_each_active_exit_switches_seldom_firing_ones_off():
                 records, ThresholdPolicy(p["policy"]["thresholds"], p["policy"]["measure"]), cost)["mean_flops"])
     table = charged(cost, 3.0)
     assert table.policy_flops == [3.5, 3.5, 3.5, 3.5, 0.5] and charged(cost, 0.0) is cost
+
+
+def test_candidate_thresholds_sit_between_confidences_not_on_them():
+    """A threshold equal to a recorded confidence is a knife's edge: the staged run computes that
+    confidence another way and may land a rounding step below it. Each candidate lets the same
+    samples pass as the confidence it stands for, and that confidence one float32 step lower too."""
+    from engine.search import _candidates
+    conf = torch.tensor([0.31, 0.5, 0.5, 0.77, 0.9, 0.95], dtype=torch.float32)
+    got = _candidates(conf, None)
+    distinct = sorted(set(conf.tolist()))
+    assert len(got) == len(distinct)
+    for t, c in zip(got, distinct):
+        t32 = np.float32(t)
+        assert t32 < np.float32(c) and np.nextafter(np.float32(c), np.float32(0)) >= t32
+        assert [bool(x >= t32) for x in conf.numpy()] == [bool(x >= np.float32(c)) for x in conf.numpy()]

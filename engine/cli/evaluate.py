@@ -116,11 +116,15 @@ def add_search(sub) -> None:
                         "model's (0 < F <= 1, e.g. 0.6), checked on calibration and on the test split")
     s.add_argument("--measure", default="max_prob", choices=["max_prob", "entropy", "margin"],
                    help="the confidence every threshold is compared with (default: max_prob)")
-    s.add_argument("--exit-cost-ms", type=num.real(0.0, 1000.0), default=0.0, metavar="MS",
+    charge = s.add_mutually_exclusive_group()
+    charge.add_argument("--exit-cost-ms", type=num.real(0.0, 1000.0), default=0.0, metavar="MS",
                    help="charge every active early exit this many ms more in the search, for the graph call and "
                         "decision it adds to each frame that passes it (about 0.1 ms when frames come paced, as "
                         "from a camera: tests/benchmarks/paced_time_saved.py), so exits that seldom fire are "
                         "switched off; converted into FLOPs at the full model's rate (default 0: FLOPs only)")
+    charge.add_argument("--exit-cost-mflops", type=num.real(0.0, 1e9), metavar="M",
+                        help="the same charge given in MFLOPs: the full model's ms differ between machines, so "
+                             "this repeats a search elsewhere (the search prints the MFLOPs --exit-cost-ms came to)")
     s.add_argument("--out", help="write the searched bundle here instead of over BUNDLE (.offramp)")
     s.add_argument("--json", help="also write a report here: the target, the chosen configuration's accuracy, FLOPs "
                    "fraction and budget_met on calibration and on test, and the front")
@@ -143,15 +147,20 @@ def _search(args) -> int:
         return 0
     searched, rep = search_bundle(bundle, records, max_loss=args.max_loss / 100, budget=args.budget,
                                   measure=args.measure, split=splits.describe(), test_records=test,
-                                  exit_cost_ms=args.exit_cost_ms, progress=progress)
+                                  exit_cost_ms=args.exit_cost_ms, progress=progress,
+                                  exit_cost_flops=None if args.exit_cost_mflops is None else args.exit_cost_mflops * 1e6)
     full, flops = rep["full_accuracy"], rep["full_flops"]
     print(f"DyCE front on {records.num_samples} calibration images ({len(rep['front'])} configurations; "
           f"last exit {pct(full)}), scored out of fold (each image decided by the search run without it); "
           "* = the default configuration:")
+    charge = searched.meta["search"]["exit_cost_flops"]
     if args.exit_cost_ms:
-        charge = searched.meta["search"]["exit_cost_flops"]
         print(f"(the search charged every active early exit {args.exit_cost_ms:g} ms more, as {charge / 1e6:.2f} "
-              "MFLOPs; the figures are the FLOPs that run)")
+              f"MFLOPs here: --exit-cost-mflops {charge / 1e6:.2f} repeats it on any machine; the figures are the "
+              "FLOPs that run)")
+    elif charge:
+        print(f"(the search charged every active early exit {charge / 1e6:g} MFLOPs more; the figures are the FLOPs "
+              "that run)")
     print("\n".join(front_table(rep["front"], rep["index"], flops, full)))
     target = (f"≤ {pct(args.budget)} of the full model's FLOPs" if args.budget is not None
               else f"≤ {args.max_loss:g}-point loss")
