@@ -349,6 +349,7 @@ class MainWindow(QMainWindow):
             view.clear()
         self.fps_label.setText("")
         self.video.set_message(message)
+        self.setWindowTitle("Offramp — no source")  # not the name of what failed: nothing of it is shown
 
     def show_error(self, message: str) -> None:
         """Every error the user can cause ends here: the banner and the status bar; never a crash."""

@@ -145,6 +145,7 @@ def test_a_source_that_fails_leaves_no_frame_on_screen_and_nothing_to_play(qtbot
     assert not any(w.isEnabled() for w in (transport.play_button, transport.prev_button, transport.next_button,
                                            transport.seek, transport.pace))
     assert transport.position.text() == "no source" and not window.capture_panel.capture()
+    assert "bad.jpg" not in window.windowTitle()  # the title names no source that shows nothing
     with qtbot.waitSignal(session.status, timeout=WAIT, check_params_cb=lambda m: "nothing to play" in m):
         session.toggle_pause()  # Space, with nothing open
     assert not session.paused
