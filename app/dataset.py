@@ -122,6 +122,10 @@ class FolderWriter:
         data = encode(image, suffix)
         try:
             target.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:  # mkdir's "File exists" would not say which is in the way, or why it matters
+            blocker = target if target.exists() else next((p for p in target.parents if p.exists() and not p.is_dir()), target)
+            raise DatasetError(f"{blocker} is a file, not a folder, so the class folder {target} cannot be made; "
+                               "move that file or choose another folder") from None
         except OSError as e:
             raise DatasetError(f"cannot create {target}: {e.strerror or e}; choose a folder you can write to") from None
         n = self._next.get(target) or _first_number(target, cls)

@@ -215,6 +215,8 @@ class ImageListSource(FrameSource):
                     self.skipped.append((path, str(e)))
                 continue
             return Frame(image, index, len(self.files), Path(path).name, time.perf_counter())
+        if self.spec.kind != "image" and not Path(self.spec.target).is_dir():  # e.g. deleted while it played
+            raise SourceError(f"the folder {self.spec.target} is gone (removed or renamed while it played)")
         raise SourceError(f"none of the {len(self.files)} images in {self.spec.target} could be read")
 
     def seek(self, index: int) -> None:

@@ -9,6 +9,8 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 import logging  # noqa: E402
 
+import pytest  # noqa: E402
+
 from PySide6.QtCore import QSettings  # noqa: E402
 from PySide6.QtWidgets import QFileDialog, QMessageBox  # noqa: E402
 
@@ -187,3 +189,27 @@ def test_the_status_bar_names_a_one_class_model_in_the_singular(qtbot, window):
     import dataclasses
     window._show_model(dataclasses.replace(window.session.info, class_names=["only"]))
     assert window.model_label.text().endswith(", 1 class)")
+
+
+# -- messages that say what is in the way ---------------------------------------------------------------
+def test_a_folder_removed_while_it_plays_is_said_so(tmp_path):
+    import shutil
+
+    from app.sources import SourceError, SourceSpec, open_source
+    folder = make_image_folder(tmp_path / "slides", ["a"], per_class=3, size=16, seed=1) / "a"
+    source = open_source(SourceSpec.from_text(str(folder)), loop=True)
+    assert source.read() is not None
+    shutil.rmtree(folder)
+    with pytest.raises(SourceError, match="is gone"):
+        for _ in range(4):
+            source.read()
+
+
+def test_capturing_where_a_file_holds_the_class_folders_name_names_that_file(tmp_path):
+    import numpy as np
+
+    from app.dataset import DatasetError, FolderWriter
+    (tmp_path / "cat").write_text("not a folder")
+    with pytest.raises(DatasetError, match="is a file, not a folder") as err:
+        FolderWriter().write(np.zeros((8, 8, 3), dtype=np.uint8), tmp_path, "cat")
+    assert str(tmp_path / "cat") in str(err.value)
