@@ -37,8 +37,8 @@ from .cost import CostTable
 from .export import OPSET, CalibratedExit, onnx_graph
 from .model import MultiExitNet, StagedOutput
 from .policies import Policy
-from .prepared import (PlanCache, PreparedModel, _EvidenceDecider, fold_batchnorm, folded_linear_heads,
-                       one_image_output)
+from .prepared import (OneImageOutput, PlanCache, PreparedModel, _EvidenceDecider, fold_batchnorm,
+                       folded_linear_heads)
 
 log = logging.getLogger(__name__)
 INSTALL = "pip install 'offramp[export]'"
@@ -196,7 +196,7 @@ class OrtPreparedModel:
             if e == last or decide(e, row, more, distance, tensor):
                 break
             value = tap
-        return one_image_output(plan.nan_rows, rows, fired, self.exit_stages[fired], s)
+        return OneImageOutput(plan.nan_rows, rows, fired, self.exit_stages[fired], s)
 
     def run_to(self, x: torch.Tensor, exit_index: int = -1, *, with_tap: bool = False):
         """Calibrated logits of exit `exit_index` (default the last: the full model) and nothing

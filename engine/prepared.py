@@ -442,7 +442,7 @@ class PreparedModel:
             if taps is not None and e != last:
                 taps[e] = tap
             if e == last or decide(e, row, more, distance, tap):
-                return one_image_output(plan.nan_rows, rows, e, s, s)
+                return OneImageOutput(plan.nan_rows, rows, e, s, s)
             x = tap
         raise AssertionError("a plan ends with the last exit")  # pragma: no cover
 
@@ -501,9 +501,11 @@ class PreparedModel:
 
 
 class OneImageOutput(StagedOutput):
-    """A batch-1 staged run's `StagedOutput`, its tensors made from the exits' logit rows when first
-    read. The run ends when the answer is known, as the full model's `run_to` does, which returns
-    its logits as they come: the five small tensors of a StagedOutput (measured 9 µs alone, 32–38 µs
+    """A batch-1 staged run's `StagedOutput` from its exits' logit rows (None where an exit did not
+    run), `nan_rows` (1, exits, classes) all NaN, the exit that fired, the stage it read and the last
+    stage that ran; its tensors are made when first read, through numpy (a few array writes cost
+    less than one torch.tensor call). The run ends when the answer is known, as the full model's
+    `run_to` does, which returns its logits as they come: the five small tensors of a StagedOutput (measured 9 µs alone, 32–38 µs
     after a run's graphs: `tests/benchmarks/loop_parts.py`) are bookkeeping for whoever reads them,
     not the model's compute, so they are made outside the time of the run."""
 
@@ -543,14 +545,6 @@ class OneImageOutput(StagedOutput):
     @functools.cached_property
     def stage_calls(self) -> list[int]:
         return [1] * (self._parts[4] + 1)
-
-
-def one_image_output(nan_rows: np.ndarray, rows: list, fired: int, fired_stage: int, last_stage: int) -> StagedOutput:
-    """A batch-1 staged run's StagedOutput from its exits' logit rows (None where an exit did not
-    run): `nan_rows` (1, exits, classes) all NaN, the exit that fired, the stage it read and the last
-    stage that ran. Its tensors are made when first read (`OneImageOutput`), through numpy: a few
-    array writes cost less than one torch.tensor call."""
-    return OneImageOutput(nan_rows, rows, fired, fired_stage, last_stage)
 
 
 def prepare(model: MultiExitNet, **kw) -> PreparedModel:

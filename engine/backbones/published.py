@@ -27,6 +27,14 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: unreadable, unsafe, of another network, or damaged."""
 
 
+def load_plain(path: str | Path, map_location: str | torch.device = "cpu"):
+    """`torch.load` with `weights_only=True`: tensors and plain containers, nothing unpickled that
+    could run code. torch's warnings about foreign pickles are silenced: the caller turns a failure
+    into its own one sentence."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(str(path), map_location=map_location, weights_only=True)
+
 def sha256_of(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -50,9 +58,7 @@ def read_state_dict(path: str | Path, *, sha256: str | None = None) -> dict[str,
             raise CheckpointError(f"checkpoint {path} has SHA-256 {got[:16]}…, not the expected {sha256[:16]}…: "
                                   "it is another or a damaged file")
     try:
-        with warnings.catch_warnings():  # torch's notes on foreign pickles would only add lines to the one error
-            warnings.simplefilter("ignore")
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        obj = load_plain(path)
     except Exception:  # noqa: BLE001 - UnpicklingError, zip errors, EOF: all mean "not usable"
         # torch's own text is not shown: it suggests weights_only=False, which would run the file's code
         log.info("reading checkpoint %s", path, exc_info=True)

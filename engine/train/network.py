@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones import build_backbone
+from ..backbones.published import load_plain
 from ..data.folders import SKIPPED
 from ..files import json_text, replacing
 from ..model import MultiExitNet
@@ -118,9 +118,7 @@ def read_checkpoint(path: str | Path, cfg: NetworkConfig, device: str = "cpu") -
     if path.stat().st_size == 0:
         raise ValueError(f"checkpoint {path} is empty (an interrupted write?); {fix}")
     try:
-        with warnings.catch_warnings():  # torch's notes on foreign pickles would only add lines to the one error
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location=device, weights_only=True)
+        state = load_plain(path, device)
     except Exception as err:  # noqa: BLE001 - torch raises many types for damaged or hostile files
         logger.debug("cannot load checkpoint %s", path, exc_info=True)
         if path.suffix == ".offramp" or _looks_like_safetensors(path):  # never advise deleting a bundle
